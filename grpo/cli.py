@@ -1,0 +1,58 @@
+"""The `grpo` command line: a thin dispatcher over `grpo.commands.*`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from grpo import __version__
+from grpo.errors import UserError
+
+# command name -> (module under grpo.commands, one-line help). Modules are imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("data", "validate Bedrock RFT JSONL, or build it from GSM8K"),
+    "reward": ("reward", "the reward lab: run a Lambda-contract handler over data and report"),
+    "train": ("train", "run a GRPO job from a Bedrock-shaped YAML config"),
+    "eval": ("evaluate", "sample and grade a model (base or adapter) on a data file"),
+    "plot": ("plot", "draw a run's metrics as the walkthrough's six panels"),
+    "quickstart": ("quickstart", "make the tiny model, train it with GRPO on arithmetic, plot the curve"),
+}
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grpo",
+        description="A local GRPO engine that mirrors Amazon Bedrock reinforcement fine-tuning.",
+    )
+    parser.add_argument("--version", action="version", version=f"grpo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == load:
+            importlib.import_module(f"grpo.commands.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only the chosen command's module is imported (and so only it pays for torch).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(load=chosen if chosen in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(f"grpo.commands.{COMMANDS[args.command][0]}")
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
