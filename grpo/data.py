@@ -1,0 +1,460 @@
+"""Bedrock RFT training data: read, validate and write JSONL, and build it from GSM8K.
+
+The rules are those of BEDROCK_RFT.md section 1. Every problem in a file is reported (not only the
+first) as ``FILE:LINE: field: message``; nothing a user can put in a file raises a traceback.
+
+Choices where the spec is silent (one place, with the reason):
+
+- ``id``: a non-empty string or an integer (not a bool); integers are kept as their decimal string,
+  so ``3`` and ``"3"`` are the same id and collide. A record without an id gets the derived id
+  ``line-<LINE>`` (its 1-based line number in the file). An explicit id equal to another record's
+  derived id is reported, so every record's id is unique.
+- UTF-8 byte order mark on line 1: accepted with a warning (Windows editors add it invisibly);
+  anywhere else it is an error.
+- Blank lines (empty or whitespace only) are errors naming the line: Bedrock's parser is not
+  published and a strict reading keeps an upload from failing remotely. The newline ending the last
+  line is fine.
+- ``tools: null`` reads as no tools; ``NaN``/``Infinity`` are rejected (not standard JSON).
+- Contents and string references that are only whitespace count as empty.
+- Any top-level field other than messages/reference_answer/id/tools is metadata, kept as it is
+  (a field literally named ``metadata`` becomes ``metadata["metadata"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from grpo.errors import UserError
+
+MIN_RECORDS = 100
+MAX_RECORDS = 20_000
+MAX_SHOWN = 50  # problems printed before "... and N more"
+ROLES = ("system", "user", "assistant")
+KNOWN_FIELDS = ("messages", "reference_answer", "id", "tools")
+GSM8K_SUFFIX = " Let's think step by step and output the final answer after '####'."
+BOM = "\ufeff"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding; ``line`` is None for a file-level finding (e.g. the record count)."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One valid prompt. ``id`` is the record's own id as a string, or ``line-<LINE>`` if absent."""
+
+    line: int
+    id: str
+    messages: list[dict]
+    reference_answer: str | dict
+    metadata: dict
+    tools: list | None = None
+
+    def to_json_dict(self) -> dict:
+        """The record as a JSONL object (id always written; metadata back at top level)."""
+        out: dict[str, Any] = {"id": self.id, "messages": self.messages,
+                               "reference_answer": self.reference_answer}
+        if self.tools is not None:
+            out["tools"] = self.tools
+        out.update(self.metadata)
+        return out
+
+
+@dataclass
+class ValidationReport:
+    """What ``validate_file`` found. ``records`` holds the records that passed every rule."""
+
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem_lines(self, limit: int = MAX_SHOWN) -> list[str]:
+        """The problems as lines, the first ``limit`` then "... and N more", then the count line."""
+        w = len(self.warnings)
+        tail = f" in {self.path}" + (f" ({w} warning{'s' * (w != 1)})" if w else "")
+        return _capped([str(p) for p in self.problems], tail, limit)
+
+
+def _capped(lines: list[str], tail: str = "", limit: int = MAX_SHOWN) -> list[str]:
+    """The first ``limit`` lines, "... and N more", then "N problems<tail>"."""
+    more = [f"... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return lines[:limit] + more + [f"{len(lines)} problem{'s' * (len(lines) != 1)}{tail}"]
+
+
+def _kind(value: Any) -> str:
+    """JSON type name of a parsed value, for messages."""
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+            list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def _parse_line(raw: bytes, lineno: int) -> tuple[Any, tuple[str, str] | None, bool]:
+    """Decode and parse one line: (value, (field, message) or None, had_bom)."""
+    try:
+        text = raw.rstrip(b"\r\n").decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, ("encoding", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                  f"{e.start + 1})"), False
+    had_bom = text.startswith(BOM)
+    if had_bom:
+        if lineno != 1:
+            return None, ("encoding", "UTF-8 byte order mark in the middle of the file"), True
+        text = text[1:]
+    try:
+        return json.loads(text, parse_constant=_reject_constant), None, had_bom
+    except json.JSONDecodeError as e:
+        ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
+        hint = " (the line ends early: truncated?)" if ends else ""
+        at = "" if e.msg.endswith(" at") else " at"
+        return None, ("json", f"invalid JSON: {e.msg}{at} column {e.colno}{hint}"), had_bom
+    except RecursionError:
+        return None, ("json", "invalid JSON: nested too deeply"), had_bom
+    except ValueError as e:  # NaN/Infinity, integers over Python's digit limit
+        return None, ("json", f"invalid JSON: {e}"), had_bom
+
+
+def _check_messages(messages: Any) -> list[tuple[str, str]]:
+    if not isinstance(messages, list):
+        return [("messages", f"expected a non-empty list of messages, got {_kind(messages)}")]
+    if not messages:
+        return [("messages", "is empty; need at least one user message")]
+    out, users = [], 0
+    for i, m in enumerate(messages):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict):
+            out.append((f, f"expected an object with role and content, got {_kind(m)}"))
+            continue
+        role = m.get("role")
+        if "role" not in m:
+            out.append((f"{f}.role", "missing"))
+        elif role not in ROLES:
+            shown = json.dumps(role)[:60] if isinstance(role, str) else _kind(role)
+            out.append((f"{f}.role", f"{shown} is not one of system, user, assistant"))
+        elif role == "system" and i > 0:
+            out.append((f"{f}.role", "a system message is only allowed first"))
+        users += role == "user"
+        content = m.get("content")
+        if "content" not in m:
+            out.append((f"{f}.content", "missing"))
+        elif not isinstance(content, str):
+            out.append((f"{f}.content", f"expected a non-empty string, got {_kind(content)}"))
+        elif not content.strip():
+            out.append((f"{f}.content", "is empty"))
+    if not users:
+        out.append(("messages", "no user message; need at least one"))
+    return out
+
+
+def _check_reference(obj: dict) -> list[tuple[str, str]]:
+    if "reference_answer" not in obj:
+        return [("reference_answer", "missing; give a non-empty string or object")]
+    ref = obj["reference_answer"]
+    if isinstance(ref, str):
+        return [] if ref.strip() else [("reference_answer", "is an empty string")]
+    if isinstance(ref, dict):
+        return [] if ref else [("reference_answer", "is an empty object")]
+    return [("reference_answer", f"expected a non-empty string or object, got {_kind(ref)}")]
+
+
+def _check_id(obj: dict) -> list[tuple[str, str]]:
+    if "id" not in obj:
+        return []
+    v = obj["id"]
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        return [("id", f"expected a non-empty string (or an integer), got {_kind(v)}")]
+    if isinstance(v, str) and not v.strip():
+        return [("id", "is empty")]
+    return []
+
+
+def _check_tools(tools: Any) -> list[tuple[str, str]]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        return [("tools", f"expected a list of function definitions, got {_kind(tools)}")]
+    out, seen = [], {}
+    for i, t in enumerate(tools):
+        f = f"tools[{i}]"
+        if not isinstance(t, dict):
+            out.append((f, f"expected an object, got {_kind(t)}"))
+            continue
+        if t.get("type") != "function":
+            out.append((f"{f}.type", f"expected \"function\", got {json.dumps(t.get('type'))[:60]}"))
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            out.append((f"{f}.function", "missing" if "function" not in t
+                        else f"expected an object, got {_kind(fn)}"))
+            continue
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            out.append((f"{f}.function.name", f"expected a non-empty string, got {_kind(name)}"
+                        if not isinstance(name, str) else "is empty"))
+        elif name in seen:
+            out.append((f"{f}.function.name", f"duplicate tool name {json.dumps(name)} "
+                                              f"(also tools[{seen[name]}])"))
+        else:
+            seen[name] = i
+        for key, typ, want in (("parameters", dict, "an object"), ("description", str, "a string")):
+            if key in fn and not isinstance(fn[key], typ):
+                out.append((f"{f}.function.{key}", f"expected {want}, got {_kind(fn[key])}"))
+    return out
+
+
+def _open_lines(path: Path) -> Iterable[bytes]:
+    """Yield the file's raw lines; a missing path or a directory is a UserError."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a JSONL file")
+    try:
+        with open(path, "rb") as f:
+            yield from f
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def validate_file(path: str | os.PathLike, allow_small: bool = False,
+                  min_records: int = MIN_RECORDS, max_records: int = MAX_RECORDS) -> ValidationReport:
+    """Check every rule of spec section 1; report every problem. Raises UserError only when the
+    path cannot be read at all (missing, a directory, no permission)."""
+    name = str(path)
+    rep = ValidationReport(path=name)
+    add = lambda line, fld, msg: rep.problems.append(Problem(name, line, fld, msg))  # noqa: E731
+    explicit: dict[str, int] = {}  # id -> first line that uses it
+    missing_id: list[int] = []
+    n_lines = 0
+    for lineno, raw in enumerate(_open_lines(Path(path)), start=1):
+        n_lines += 1
+        if not raw.strip():
+            add(lineno, "line", "blank line; remove it (one JSON object per line)")
+            continue
+        obj, err, had_bom = _parse_line(raw, lineno)
+        if had_bom and lineno == 1:
+            rep.warnings.append(Problem(name, 1, "encoding", "UTF-8 byte order mark at the start "
+                                        "of the file; accepted here, strip it before uploading"))
+        if err:
+            add(lineno, *err)
+            continue
+        if not isinstance(obj, dict):
+            add(lineno, "record", f"expected a JSON object, got {_kind(obj)}")
+            continue
+        found = (_check_messages(obj.get("messages")) if "messages" in obj
+                 else [("messages", "missing; need a list with at least one user message")])
+        found += _check_reference(obj) + _check_id(obj) + _check_tools(obj.get("tools"))
+        for fld, msg in found:
+            add(lineno, fld, msg)
+        id_ok = "id" in obj and not any(f == "id" for f, _ in found)
+        if id_ok:
+            rid = str(obj["id"])
+            if rid in explicit:
+                add(lineno, "id", f"duplicate id {json.dumps(rid)[:80]} (first used on line "
+                                  f"{explicit[rid]})")
+            else:
+                explicit[rid] = lineno
+        elif "id" not in obj:
+            missing_id.append(lineno)
+        if not found:
+            rep.records.append(Record(
+                line=lineno, id=str(obj["id"]) if id_ok else f"line-{lineno}",
+                messages=obj["messages"], reference_answer=obj["reference_answer"],
+                metadata={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
+                tools=obj.get("tools")))
+    for lineno in missing_id:  # derived ids must not collide with explicit ones
+        derived = f"line-{lineno}"
+        if derived in explicit:
+            add(explicit[derived], "id", f"\"{derived}\" is also the id derived for line {lineno}"
+                                         f" (which has no id); rename one of them")
+    n = n_lines - sum(1 for p in rep.problems if p.field == "line")
+    if n == 0:
+        add(None, "records", "no records in the file")
+    elif n < min_records:
+        msg = f"{n} record{'s' * (n != 1)}; Bedrock needs at least {min_records}"
+        if allow_small:
+            rep.warnings.append(Problem(name, None, "records", msg + " (allowed by --allow-small)"))
+        else:
+            add(None, "records", msg + " (--allow-small accepts fewer for local prototyping)")
+    elif n > max_records:
+        add(None, "records", f"{n:,} records; Bedrock accepts at most {max_records:,}")
+    rep.problems.sort(key=lambda p: (p.line is None, p.line or 0))
+    rep.summary = _summarize(rep.records, n)
+    no_id = set(missing_id)
+    rep.summary["derived_ids"] = sum(1 for r in rep.records if r.line in no_id)
+    return rep
+
+
+def _summarize(records: list[Record], n_records: int) -> dict:
+    """Counts over valid records: roles, message shapes, reference types, metadata fields."""
+    roles: Counter = Counter()
+    shapes: Counter = Counter()
+    refs: Counter = Counter()
+    meta: Counter = Counter()
+    chars = []
+    for r in records:
+        seq = [m["role"] for m in r.messages]
+        roles.update(seq)
+        shapes[",".join(seq)] += 1
+        refs["string" if isinstance(r.reference_answer, str) else "object"] += 1
+        meta.update(r.metadata.keys())
+        chars.append(sum(len(m["content"]) for m in r.messages))
+    return {
+        "records": n_records,
+        "valid_records": len(records),
+        "roles": dict(roles), "message_shapes": dict(shapes.most_common()),
+        "reference_types": dict(refs), "metadata_fields": dict(meta.most_common()),
+        "with_tools": sum(1 for r in records if r.tools),
+        "prompt_chars": ({"min": min(chars), "mean": round(sum(chars) / len(chars), 1),
+                          "max": max(chars)} if chars else {}),
+    }
+
+
+def load_records(path: str | os.PathLike, allow_small: bool = False, *,
+                 min_records: int = MIN_RECORDS, max_records: int = MAX_RECORDS) -> list[Record]:
+    """Read a data file for training or reward runs; UserError listing the problems if invalid."""
+    rep = validate_file(path, allow_small=allow_small, min_records=min_records,
+                        max_records=max_records)
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if rep.problems:
+        raise UserError(f"{path} is not valid Bedrock RFT data:\n" + "\n".join(rep.problem_lines()))
+    return rep.records
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping | Record]) -> int:
+    """Write rows (dicts or Records) as UTF-8 JSONL atomically (temp file + rename); return count."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                obj = row.to_json_dict() if isinstance(row, Record) else row
+                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException as e:  # leave no temp file behind, and the old file as it was
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, (TypeError, ValueError)):  # not JSON-serializable, a lone surrogate
+            raise UserError(f"cannot write {path}: row {n + 1}: {e}") from None
+        raise
+    return n
+
+
+# ---------------------------------------------------------------- GSM8K -> Bedrock RFT records
+
+def gsm8k_to_records(rows: Iterable[Any], tag: str = "train", source: str = "gsm8k",
+                     start_line: int = 1) -> list[dict]:
+    """GSM8K rows {"question", "answer"} -> Bedrock records (dicts), ids ``gsm8k-<tag>-<index>``
+    (0-based position, so stable across runs). ``source`` and row numbers (from ``start_line``)
+    name malformed rows in the UserError, which lists every bad row (capped)."""
+    out, bad = [], []
+    for i, row in enumerate(rows):
+        where, errs = f"{source}:{start_line + i}", []
+        if not isinstance(row, Mapping):
+            bad.append(f"{where}: row: expected an object with question and answer, got {_kind(row)}")
+            continue
+        q, a = row.get("question"), row.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            errs.append("question: " + ("missing" if "question" not in row else "is empty"
+                        if isinstance(q, str) else f"expected a string, got {_kind(q)}"))
+        final = a.rsplit("####", 1)[1].strip() if isinstance(a, str) and "####" in a else ""
+        if not isinstance(a, str):
+            errs.append("answer: " + ("missing" if "answer" not in row
+                                      else f"expected a string, got {_kind(a)}"))
+        elif not final or "\n" in final:
+            errs.append("answer: the last line must be '#### <answer>'")
+        if errs:
+            bad += [f"{where}: {e}" for e in errs]
+            continue
+        out.append({"id": f"gsm8k-{tag}-{i}",
+                    "messages": [{"role": "user", "content": q.strip() + GSM8K_SUFFIX}],
+                    "reference_answer": f"#### {final}"})
+    if bad:
+        raise UserError(f"malformed GSM8K rows in {source}:\n" + "\n".join(_capped(bad)))
+    return out
+
+
+def read_gsm8k_file(path: str | os.PathLike) -> list[Any]:
+    """Parse a local GSM8K JSONL file (one object per line); UserError naming FILE:LINE on bad JSON."""
+    rows, bad = [], []
+    for lineno, raw in enumerate(_open_lines(Path(path)), start=1):
+        obj, err, _ = _parse_line(raw, lineno) if raw.strip() else (None, ("line", "blank line"), 0)
+        if err:
+            bad.append(f"{path}:{lineno}: {err[0]}: {err[1]}")
+        rows.append(obj)
+    if bad:
+        raise UserError(f"{path} is not GSM8K JSONL:\n" + "\n".join(_capped(bad)))
+    return rows
+
+
+def load_gsm8k_hub(hub_id: str, split: str = "train", config: str = "main") -> list[Any]:
+    """Rows of a hub dataset (e.g. ``openai/gsm8k``) through the optional ``datasets`` package."""
+    try:
+        import datasets  # optional: pip install datasets
+    except ImportError:
+        raise UserError(f"loading {hub_id} from the hub needs the `datasets` package: "
+                        "pip install datasets (or pip install 'grpo[datasets]'), or pass a local "
+                        "GSM8K JSONL file, e.g. --input /path/to/gsm8k/train.jsonl") from None
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as e:  # network, auth, unknown split: all user-fixable, say which
+        raise UserError(f"could not load {hub_id} ({config}, split {split}) from the hub: {e}; "
+                        "offline? pass a local GSM8K JSONL file with --input") from None
+    return [dict(r) for r in ds]
+
+
+def convert_gsm8k(source: str | os.PathLike, out_path: str | os.PathLike, split: str = "train",
+                  limit: int | None = None, config: str = "main") -> int:
+    """GSM8K (a local JSONL file, a directory holding ``<split>.jsonl``, or a hub id) -> Bedrock
+    JSONL at ``out_path``, written atomically. Ids use the file stem (local) or split (hub)."""
+    p = Path(source)
+    if p.is_dir() and (p / f"{split}.jsonl").is_file():
+        p = p / f"{split}.jsonl"
+    if p.exists():
+        rows, tag, name = read_gsm8k_file(p), p.stem, str(p)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).endswith((".jsonl", ".json")):
+        rows, tag, name = load_gsm8k_hub(str(source), split, config), split, f"{source}[{split}]"
+    else:
+        raise UserError(f"{source}: no such file (give a GSM8K JSONL file or a hub id like openai/gsm8k)")
+    if limit is not None:
+        rows = rows[:limit]
+    return write_jsonl(out_path, gsm8k_to_records(rows, tag=tag, source=name))
