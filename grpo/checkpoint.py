@@ -1,0 +1,95 @@
+"""Checkpoints: the LoRA adapter in peft's format, plus everything needed to resume bit for bit.
+
+Layout: `<run>/checkpoints/step-000010/` with `adapter/` (loadable with `PeftModel.from_pretrained`),
+`trainer_state.pt` (optimizer and scheduler), `rng_<rank>.pt` (each process's RNG states) and
+`state.json` (step, epoch position, early-stopping state). A checkpoint is written into a temporary
+directory and renamed into place, so a crash mid-write never leaves a half checkpoint that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, *, accelerator, model, optimizer, scheduler, state: dict) -> Path:
+    """Collective: every process calls it (each saves its RNG); the main process writes the rest."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore adapter weights, optimizer, scheduler and this process's RNG; returns state.json."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = ckpt / "adapter"
+    weights = adapter / "adapter_model.safetensors"
+    set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(weights)))
+    trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))

@@ -1,0 +1,45 @@
+"""`grpo quickstart`: make the tiny model and the arithmetic data, then train configs/quickstart.yaml."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+HELP = "make the tiny model, train it with GRPO on arithmetic, plot the curve"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def add_arguments(p):
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="job YAML (default configs/quickstart.yaml)")
+    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default runs/quickstart-<time>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as in `grpo train`")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from grpo.config import load_config, print_warnings
+    from grpo.tiny_data import write_quickstart_data
+
+    t0 = time.time()
+    cfg = load_config(args.config, args.overrides)
+    print_warnings(cfg)
+    train, val = Path(cfg.training_file), Path(cfg.validation_file)
+    if not (train.is_file() and val.is_file()):
+        written = write_quickstart_data(train.parent)
+        print(f"wrote the quickstart data: {', '.join(str(p) for p in written)}")
+    from grpo.models import resolve_model_path
+
+    print(f"model: {resolve_model_path(cfg.local_model, progress=not args.no_progress)}")
+    run_dir = args.output_dir or Path("runs") / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
+    from grpo.plot import plot_run
+    from grpo.trainer import Trainer
+
+    summary = Trainer(cfg, run_dir, progress=not args.no_progress).train()
+    png = plot_run(run_dir)
+    final = summary["final"]
+    print(f"validation reward {summary['baseline_val_score_rewards_mean']:.3f} -> {final.get('val_score_rewards_mean', float('nan')):.3f}, "
+          f"critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f} after {summary['steps']} steps "
+          f"({time.time() - t0:.0f} s in all)")
+    print(f"run: {run_dir}  metrics: {run_dir / 'metrics.jsonl'}  plot: {png}  adapter: {summary['adapter']}")
+    return 0

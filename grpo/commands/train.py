@@ -1,0 +1,53 @@
+"""`grpo train CONFIG.yaml [--set key=value ...] [--output-dir DIR] [--resume]`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+HELP = "run a GRPO job from a Bedrock-shaped YAML config"
+
+
+def add_arguments(p):
+    p.description = ("Run a GRPO job. CONFIG is the body of Bedrock's fine_tuning.jobs.create (model, training_file, "
+                     "validation_file, method.reinforcement.grader/hyperparameters) plus a local-only `engine:` section. "
+                     "Works the same under `accelerate launch -m grpo train ...`.")
+    p.add_argument("config", type=Path, help="job YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted path, e.g. --set method.reinforcement.hyperparameters.batch_size=8")
+    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default runs/<config>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir "
+                   "(default: the newest runs/<config>-* directory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def default_run_dir(config: Path, resume: bool) -> Path:
+    if resume:
+        found = sorted(Path("runs").glob(f"{config.stem}-*"))
+        if found:
+            return found[-1]
+    return Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(args) -> int:
+    from grpo.config import load_config, print_warnings
+    from grpo.errors import UserError
+
+    cfg = load_config(args.config, args.overrides)
+    print_warnings(cfg)
+    run_dir = args.output_dir or default_run_dir(args.config, args.resume)
+    if not args.resume and (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --output-dir")
+    from grpo.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    summary = trainer.train()
+    if trainer.is_main:
+        from grpo.plot import plot_run
+
+        png = plot_run(run_dir)
+        final = summary["final"]
+        print(f"done: {summary['steps']} steps, critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f}, "
+              f"validation {summary['baseline_val_score_rewards_mean']} -> {final.get('val_score_rewards_mean')}")
+        print(f"run: {run_dir}  metrics: {run_dir / 'metrics.jsonl'}  plot: {png}  adapter: {summary['adapter']}")
+    return 0

@@ -1,0 +1,281 @@
+"""The job config: the body of Bedrock's `fine_tuning.jobs.create` plus a local-only `engine:` section.
+
+One YAML file runs locally as it is (`grpo train job.yaml`) and is submitted to Bedrock with `engine`
+stripped. Relative paths in the file are taken relative to the current directory, as a command line
+tool would. Every default that Bedrock does not publish lives in `EngineConfig` below, with its reason
+beside it; README.md's defaults table is the same list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from grpo.errors import UserError
+
+# Bedrock model ids on the OpenAI-compatible path -> the open-weights checkpoints they serve.
+BEDROCK_MODEL_IDS = {
+    "openai.gpt-oss-20b": "openai/gpt-oss-20b",
+    "qwen.qwen3-32b": "Qwen/Qwen3-32B",
+}
+# The embedded default: a tiny Qwen3-architecture model the project pretrains itself (grpo.tiny).
+TINY_MODEL = "grpo:tiny-arith"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Hyperparameters(_Strict):
+    """Bedrock's names: the OpenAI-compatible three, and the native API's in snake case."""
+
+    n_epochs: int = Field(1, ge=1, le=50, description="passes over the training data (native epochCount 1-50)")
+    batch_size: int = Field(16, ge=1, description="prompts per step (native batchSize 16-512)")
+    learning_rate_multiplier: float = Field(1.0, gt=0, description="scales engine.base_learning_rate")
+    learning_rate: float | None = Field(None, ge=1e-7, le=1e-3, description="native learningRate; overrides base x multiplier")
+    training_sample_per_prompt: int = Field(8, ge=2, le=16, description="group size (native 2-16)")
+    max_prompt_length: int = Field(4096, ge=1, description="prompts longer than this (tokens) are filtered out")
+    inference_max_tokens: int = Field(1024, ge=1, description="max tokens sampled per response")
+    reasoning_effort: Literal["low", "medium", "high"] = "low"
+    eval_interval: int | None = Field(None, ge=1, le=100, description="steps between validations; auto: min(10, records/batch)")
+    early_stopping: bool = Field(True, description="on by default, as on Bedrock; rule in engine.early_stopping_*")
+
+
+class LambdaGrader(_Strict):
+    function: str = Field(..., description="a Lambda ARN, or locally a handler path (file.py or file.py:function)")
+
+
+class Grader(_Strict):
+    type: Literal["lambda"] = "lambda"
+    lambda_: LambdaGrader = Field(..., alias="lambda")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Reinforcement(_Strict):
+    grader: Grader
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(_Strict):
+    type: Literal["reinforcement"] = "reinforcement"
+    reinforcement: Reinforcement
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(32, ge=1, description="AWS: rank 32")
+    alpha: int = Field(64, ge=1, description="2 x rank, the common choice; Bedrock does not publish it")
+    dropout: float = Field(0.0, ge=0, lt=1, description="0: dropout would make old and new log-probs differ on-policy")
+    target_modules: list[str] | str = Field("all-linear", description="attention and MLP projections")
+
+
+class RewardRunnerConfig(_Strict):
+    batch_size: int = Field(64, ge=1, description="trajectories per handler call")
+    concurrency: int = Field(2, ge=1, description="handler calls in flight at once")
+    timeout_s: float = Field(300.0, gt=0, description="per call, like the AWS sample Lambdas")
+    on_failure: Literal["fail", "skip"] = Field("fail", description="fail the step, or drop failed trajectories")
+    endpoint_url: str | None = Field(None, description="Lambda endpoint for ARN graders (emulators, LocalStack)")
+
+
+class EngineConfig(_Strict):
+    """Local-only settings. Each default is one Bedrock does not publish; the reason is beside it."""
+
+    model: str | None = Field(None, description="local model path or hub id, overriding the Bedrock id mapping")
+    handler: str | None = Field(None, description="local handler run in place of the grader's ARN")
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    base_learning_rate: float = Field(1e-4, gt=0, description="AWS best practice for LoRA: 1e-4")
+    lr_warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0, description="verl's rollout default; the policy's own distribution")
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_temperature: float | None = Field(None, description="validation sampling; default: the training temperature")
+    clip_ratio_low: float = Field(0.2, ge=0, description="verl default")
+    clip_ratio_high: float = Field(0.2, ge=0, description="verl default (DAPO uses 0.28)")
+    clip_ratio_c: float = Field(3.0, gt=1, description="dual clip, verl default")
+    kl_coef: float = Field(0.001, ge=0, description="verl's GRPO recipes; 0 skips the reference pass")
+    kl_penalty: str = Field("low_var_kl", description="k3, verl's GRPO recipes")
+    entropy_coef: float = Field(0.0, description="verl default")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    norm_adv_by_std: bool = True
+    ppo_epochs: int = Field(1, ge=1, description="one pass: each step's data is used once, on-policy")
+    mini_batch_size: int | None = Field(None, ge=1, description="prompts per optimizer step; default batch_size (one update per step)")
+    micro_batch_size: int = Field(16, ge=1, description="sequences per forward/backward (memory only; the math does not change)")
+    max_grad_norm: float = Field(1.0, gt=0, description="verl default")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    checkpoint_interval: int = Field(50, ge=1, description="steps between checkpoints (and one at the end)")
+    eval_max_records: int | None = Field(None, ge=1, description="cap on validation prompts per evaluation")
+    early_stopping_patience: int = Field(5, ge=1, description="evaluations without improvement before stopping")
+    early_stopping_min_delta: float = Field(0.01, ge=0, description="improvement of val reward that counts")
+    reward: RewardRunnerConfig = Field(default_factory=RewardRunnerConfig)
+    log_with: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers")
+
+
+class JobConfig(_Strict):
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    method: Method
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    seed: int | None = Field(None, description="OpenAI's job field; same as engine.seed")
+
+    @field_validator("model")
+    @classmethod
+    def _model_non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty model id or path")
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "JobConfig":
+        e, h = self.engine, self.hyperparameters
+        if e.mini_batch_size is not None and h.batch_size % e.mini_batch_size:
+            raise ValueError(f"engine.mini_batch_size ({e.mini_batch_size}) must divide hyperparameters.batch_size ({h.batch_size})")
+        return self
+
+    # -- convenient views ------------------------------------------------------------------
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        return self.method.reinforcement.hyperparameters
+
+    @property
+    def grader_function(self) -> str:
+        return self.method.reinforcement.grader.lambda_.function
+
+    @property
+    def handler(self) -> str:
+        """What scores locally: engine.handler if set, else the grader's function (ARN or path)."""
+        return self.engine.handler or self.grader_function
+
+    @property
+    def local_model(self) -> str:
+        return self.engine.model or BEDROCK_MODEL_IDS.get(self.model, self.model)
+
+    @property
+    def learning_rate(self) -> float:
+        h = self.hyperparameters
+        return h.learning_rate if h.learning_rate is not None else self.engine.base_learning_rate * h.learning_rate_multiplier
+
+    @property
+    def run_seed(self) -> int:
+        return self.seed if self.seed is not None else self.engine.seed
+
+    def mini_batch_prompts(self) -> int:
+        return self.engine.mini_batch_size or self.hyperparameters.batch_size
+
+    def eval_interval(self, n_records: int) -> int:
+        h = self.hyperparameters
+        return h.eval_interval or max(1, min(10, n_records // h.batch_size))
+
+    def total_steps(self, n_records: int) -> int:
+        h = self.hyperparameters
+        return math.ceil(n_records / h.batch_size) * h.n_epochs
+
+    def bedrock_body(self) -> dict[str, Any]:
+        """The body sent to Bedrock: everything but `engine`."""
+        return self.model_dump(by_alias=True, exclude={"engine"}, exclude_none=True)
+
+    def warnings(self) -> list[str]:
+        """Values Bedrock may reject, where AWS's own sources disagree (so not errors)."""
+        h, out = self.hyperparameters, []
+        if not 16 <= h.batch_size <= 512:
+            out.append(f"hyperparameters.batch_size={h.batch_size} is outside the native API's 16-512 "
+                       "(AWS's own GSM8K example uses 4 on the OpenAI-compatible path)")
+        if h.learning_rate_multiplier > 1.0:
+            out.append(f"hyperparameters.learning_rate_multiplier={h.learning_rate_multiplier}: AWS recommends below 1.0 for stability")
+        if self.local_model == TINY_MODEL and self.model in BEDROCK_MODEL_IDS:
+            pass  # the quickstart: Bedrock trains the real model, locally the tiny one stands in
+        return out
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {key}: '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set a.b.c=value`: the value is read as YAML (numbers, booleans, lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set method.reinforcement.hyperparameters.batch_size=8")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.strip(), value)
+    return raw
+
+
+def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return []
+        field = cur.model_fields.get(part) or next(
+            (f for f in cur.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return []
+        cur = field.annotation
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return [f.alias or n for n, f in cur.model_fields.items()]
+    return []
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            known = _known_fields(JobConfig, tuple(e["loc"]))
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            msg = "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
+            if known:
+                msg += f"; known: {', '.join(known)}"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "invalid job config:\n" + "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "<config>") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the config must be a mapping (model, training_file, method, engine)")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(source, e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or []) if overrides else raw
+    return parse_config(raw, str(path))
+
+
+def print_warnings(cfg: JobConfig, stream=sys.stderr) -> None:
+    for w in cfg.warnings():
+        print(f"warning: {w}", file=stream)

@@ -1,0 +1,119 @@
+"""Step metrics with Bedrock's names (verl's keys, `/` -> `_`) and where they go.
+
+Sinks: `<run>/metrics.jsonl` (one line per step), `<run>/events.jsonl` (OpenAI
+`fine_tuning.job.event` objects, as Bedrock's `list_events` returns them), and TensorBoard through
+accelerate's trackers. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+# The six the OpenAI-compatible path reports per step (spec section 3), in the walkthrough's order.
+BEDROCK_STEP_METRICS = ("critic_rewards_mean", "actor_pg_loss", "actor_entropy", "actor_grad_norm",
+                        "critic_advantages_mean", "response_length_mean")
+# Fields that differ run to run even with the same seed (wall-clock), left out of equality checks.
+VOLATILE_PREFIXES = ("timing_s_", "perf_")
+
+
+def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
+    x = x.float()
+    return {f"{prefix}_mean": float(x.mean()), f"{prefix}_max": float(x.max()), f"{prefix}_min": float(x.min())}
+
+
+def data_metrics(*, scores: torch.Tensor, token_advantages: torch.Tensor, response_lengths: torch.Tensor,
+                 prompt_lengths: torch.Tensor, truncated: torch.Tensor, frac_zero_std: float) -> dict:
+    """verl's `compute_data_metrics` for one step: sequence scores, token-level advantages, lengths.
+
+    `critic_rewards_*` equals `critic_score_*` here, since no KL is folded into the reward (KL is a loss).
+    `token_advantages` holds the advantage of every response token (1-D), so `critic_advantages_*` are
+    over tokens: with unequal lengths their mean is not exactly 0.
+    `response_length_clip_ratio` is the share of responses that hit `inference_max_tokens`.
+    `critic_frac_reward_zero_std` is the share of groups whose rewards are all equal (no gradient from them).
+    """
+    m = {}
+    m.update(_stats("critic_score", scores))
+    m.update(_stats("critic_rewards", scores))
+    if token_advantages.numel():
+        m.update(_stats("critic_advantages", token_advantages))
+    m["critic_frac_reward_zero_std"] = frac_zero_std
+    m.update(_stats("response_length", response_lengths))
+    m["response_length_clip_ratio"] = float(truncated.float().mean())
+    m.update(_stats("prompt_length", prompt_lengths))
+    return m
+
+
+def reward_metrics(summary: dict) -> dict:
+    """The handler's own `metrics_list` means, as `reward_<name>_mean`, plus the failure count."""
+    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+
+
+def make_event(message: str, *, type: str = "message", level: str = "info", data: dict | None = None) -> dict:
+    ev = {"object": "fine_tuning.job.event", "id": f"ftevent-{uuid.uuid4().hex[:24]}", "created_at": int(time.time()),
+          "level": level, "type": type, "message": message}
+    if data is not None:
+        ev["data"] = data
+    return ev
+
+
+def _append_lines(path: Path, rows: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash mid-write: drop it
+                continue
+    return rows
+
+
+class RunLog:
+    """metrics.jsonl + events.jsonl (+ TensorBoard via the accelerator), main process only."""
+
+    def __init__(self, run_dir: Path, accelerator=None, *, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.events_path = self.run_dir / "events.jsonl"
+        self.accelerator = accelerator
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: keep exactly the lines of steps up to the checkpoint (one line per step)."""
+        if not self.enabled:
+            return
+        for path, get in ((self.metrics_path, lambda r: r.get("step")),
+                          (self.events_path, lambda r: (r.get("data") or {}).get("step"))):
+            rows = [r for r in read_jsonl(path) if get(r) is None or get(r) <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, path)
+
+    def event(self, message: str, **kw) -> None:
+        if self.enabled:
+            _append_lines(self.events_path, [make_event(message, **kw)])
+
+    def step(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        step, total = metrics["step"], metrics["total_steps"]
+        _append_lines(self.metrics_path, [metrics])
+        _append_lines(self.events_path, [make_event(f"Step {step}/{total}: training metrics", type="metrics", data=metrics)])
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
