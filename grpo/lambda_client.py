@@ -1,0 +1,117 @@
+"""Invoking a deployed reward Lambda by ARN with boto3, with our own retry policy.
+
+botocore's retries are switched off (``total_max_attempts=1``) so that one documented policy applies:
+throttling (HTTP 429 / ``TooManyRequestsException``) and transient errors (HTTP 5xx, connection
+errors) are retried up to ``max_retries`` times with exponential backoff and full jitter
+(``sleep = uniform(0, min(retry_max_s, retry_base_s * 2**attempt))``); anything else (403, 404, a
+4xx validation error) fails at once. A ``FunctionError`` answer is the handler's own failure and is
+reported with its payload's ``errorType``, ``errorMessage`` and ``stackTrace``; it is not retried
+(the handler would fail the same way). boto3 is imported only when an ARN is used.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+
+from grpo.errors import UserError
+from grpo.reward_workers import CallOutcome, format_lambda_error
+
+ARN_RE = re.compile(
+    r"arn:(aws[a-zA-Z-]*):lambda:([a-z]{2}(?:-[a-z]+)+-\d+):(\d{12}):function:([A-Za-z0-9_-]{1,64})"
+    r"(?::(\$LATEST|[A-Za-z0-9_-]{1,128}))?"
+)
+RETRYABLE_CODES = {
+    "TooManyRequestsException", "ThrottlingException", "Throttling", "ServiceException",
+    "ResourceNotReadyException", "EC2ThrottledException", "ENILimitReachedException",
+    "SubnetIPAddressLimitReachedException", "RequestTimeoutException", "ServiceUnavailable",
+}
+
+
+@dataclass(frozen=True)
+class LambdaArn:
+    arn: str
+    region: str
+    account: str
+    name: str
+    qualifier: str | None
+
+
+def parse_arn(text: str) -> LambdaArn:
+    """``arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER]`` or a UserError saying what is wrong."""
+    m = ARN_RE.fullmatch(text.strip())
+    if not m:
+        raise UserError(
+            f"handler {text!r} is not a Lambda function ARN; expected "
+            "arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER] (ACCOUNT is 12 digits)")
+    return LambdaArn(text.strip(), m.group(2), m.group(3), m.group(4), m.group(5))
+
+
+class LambdaInvoker:
+    """Calls one Lambda synchronously; thread-safe (one botocore client shared by the caller's threads)."""
+
+    def __init__(self, arn: LambdaArn, *, region: str | None = None, endpoint_url: str | None = None,
+                 timeout_s: float = 300.0, max_retries: int = 8, retry_base_s: float = 0.25,
+                 retry_max_s: float = 20.0, max_pool_connections: int = 10):
+        import boto3
+        from botocore.config import Config
+
+        self.arn, self.max_retries = arn, max_retries
+        self.retry_base_s, self.retry_max_s = retry_base_s, retry_max_s
+        config = Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            read_timeout=timeout_s + 10, connect_timeout=10,
+            max_pool_connections=max(10, max_pool_connections),
+        )
+        self.client = boto3.session.Session().client(
+            "lambda", region_name=region or arn.region, endpoint_url=endpoint_url, config=config)
+        self.timeout_s = timeout_s
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.retry_max_s, self.retry_base_s * 2 ** attempt))
+
+    def call(self, payload: bytes) -> CallOutcome:
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError,
+                                         EndpointConnectionError, ReadTimeoutError)
+
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self._backoff(attempt - 1))
+            try:
+                resp = self.client.invoke(FunctionName=self.arn.arn, InvocationType="RequestResponse",
+                                          Payload=payload)
+            except ClientError as exc:
+                err = exc.response.get("Error", {})
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                last = f"{err.get('Code', 'Error')} (HTTP {status}): {err.get('Message', '')}"
+                if status == 429 or status >= 500 or err.get("Code") in RETRYABLE_CODES:
+                    continue
+                return CallOutcome(kind="invoke", message=f"invoking {self.arn.arn} failed: {last}")
+            except ReadTimeoutError:
+                return CallOutcome(kind="timeout", message=(
+                    f"no answer from {self.arn.arn} within {self.timeout_s + 10:g} s (read timeout)"))
+            except (EndpointConnectionError, ConnectionClosedError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            except BotoCoreError as exc:  # credentials, bad endpoint URL, ...: not transient
+                return CallOutcome(kind="invoke", message=f"invoking {self.arn.arn} failed: "
+                                                          f"{type(exc).__name__}: {exc}")
+            body = resp["Payload"].read()
+            if resp.get("FunctionError"):
+                try:
+                    err = json.loads(body)
+                    message = format_lambda_error(err) if isinstance(err, dict) else repr(err)
+                except ValueError:
+                    message = body.decode("utf-8", "replace")[:2000]
+                return CallOutcome(kind="error", message=f"FunctionError ({resp['FunctionError']}): {message}")
+            return CallOutcome(answer=body)
+        return CallOutcome(kind="invoke", message=(
+            f"invoking {self.arn.arn} failed after {self.max_retries + 1} tries (throttled or transient "
+            f"errors, exponential backoff); last: {last}"))
+
+    def close(self) -> None:
+        self.client.close()
