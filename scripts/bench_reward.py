@@ -1,0 +1,84 @@
+"""Benchmark the reward runner end to end with the GSM8K handler over the 5,276 example solutions.
+
+Each trajectory is a real event entry (GSM8K question as the user message, a labelled model solution
+as the assistant message, the ``#### <n>`` reference of the same question), scored through
+``RewardRunner``: JSON encoding, batching, the worker processes' pipes, the handler, the answer checks.
+The runner is started once (its start-up is printed separately, since the trainer pays it once per
+run), then ``score()`` runs ``--repeats`` times; the figure is the median. It also checks the scores
+against the ``is_correct`` labels (flexible mode), so a fast but wrong runner does not pass.
+
+    .venv/bin/python scripts/bench_reward.py [--workers 2] [--batch-size 64] [--repeats 5]
+
+The last line is ``trajectories_per_second: N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from grpo.reward import RewardRunner, make_trajectory  # noqa: E402
+
+KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+
+
+def find_shared() -> Path:
+    for candidate in (ROOT / "shared", ROOT.parent / "shared"):
+        if (candidate / "data" / "gsm8k" / "example_model_solutions.jsonl").is_file():
+            return candidate / "data" / "gsm8k"
+    raise SystemExit("shared/data/gsm8k/example_model_solutions.jsonl not found next to the repository")
+
+
+def build(data: Path) -> tuple[list[dict], list[bool]]:
+    solutions = [json.loads(line) for line in open(data / "example_model_solutions.jsonl")]
+    tests = [json.loads(line) for line in open(data / "test.jsonl")]
+    trajectories, labels = [], []
+    for n, (sol, test) in enumerate(zip(solutions, tests)):
+        reference = "#### " + re.findall(r"#### (.*)", test["answer"])[-1].strip()
+        prompt = [{"role": "user", "content": test["question"] + " Let's think step by step and output "
+                                                                 "the final answer after '####'."}]
+        for i, key in enumerate(KEYS):
+            trajectories.append(make_trajectory(f"test-{n}", i, prompt, sol[key]["solution"], reference))
+            labels.append(bool(sol[key]["is_correct"]))
+    return trajectories, labels
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (the machine has 2 cores)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    trajectories, labels = build(find_shared())
+    os.environ["GSM8K_REWARD_MODE"] = "flexible"  # workers inherit it; the labels are checked below
+    start = time.perf_counter()
+    with RewardRunner(str(ROOT / "rewards" / "gsm8k.py"), batch_size=args.batch_size,
+                      max_concurrency=args.workers) as runner:
+        startup = time.perf_counter() - start
+        times = []
+        for _ in range(args.repeats):
+            result = runner.score(trajectories)
+            times.append(result.seconds)
+    agree = sum((s == 1.0) == label for s, label in zip(result.scores, labels))
+    median = statistics.median(times)
+    print(f"trajectories: {len(trajectories)}  workers: {args.workers}  batch_size: {args.batch_size}  "
+          f"calls per score(): {result.n_calls}")
+    print(f"runner start-up (workers spawned, handler imported): {startup:.3f} s")
+    print(f"score() seconds: {' '.join(f'{t:.3f}' for t in times)} (median {median:.3f})")
+    print(f"first score() including start-up: {len(trajectories) / (startup + times[0]):,.0f} trajectories/s")
+    print(f"scores agreeing with is_correct: {agree} / {len(labels)}; failures: {result.n_failed}")
+    print(f"trajectories_per_second: {len(trajectories) / median:.0f}")
+    return 0 if agree == len(labels) and not result.failures else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
