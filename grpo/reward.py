@@ -81,8 +81,9 @@ def make_trajectory(record_id: str, sample_index: int, prompt_messages: list[dic
         "messages": [dict(m) for m in prompt_messages] + [assistant],
         "reference_answer": ({"text": reference_answer} if isinstance(reference_answer, str)
                              else reference_answer),
-        # the record's own reference wins over an extra field of the same name
-        "metadata": {**(metadata or {}), "reference_answer": reference_answer},
+        # as the spec's example: reference_answer first, then the extras (it wins over a namesake)
+        "metadata": {"reference_answer": reference_answer,
+                     **{k: v for k, v in (metadata or {}).items() if k != "reference_answer"}},
     }
 
 

@@ -205,7 +205,8 @@ class _Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "grpo.reward_workers", path, function, repr(timeout_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, close_fds=True,
-        )
+            start_new_session=True,  # its own process group: Ctrl-C goes to the trainer, which closes
+        )                            # us; kill() takes the handler's own subprocesses down with it
         self.ready = False
 
     def tail(self, lines: int = TAIL_LINES) -> str:
@@ -266,8 +267,10 @@ class _Worker:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker leads its group (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.proc.wait()
         self._close_files()
 

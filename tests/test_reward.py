@@ -42,6 +42,7 @@ def test_event_shape_string_and_object_reference():
         "metadata": {"difficulty": "easy", "reference_answer": "#### 18"},
     }
     assert list(t) == ["id", "messages", "reference_answer", "metadata"]
+    assert list(t["metadata"]) == ["reference_answer", "difficulty"]  # the spec example's order
     obj = make_trajectory("rec-2", 0, PROMPT, "72", {"answer": "72"}, None, reasoning_content="6 times 12")
     assert obj["reference_answer"] == {"answer": "72"}
     assert obj["metadata"] == {"reference_answer": {"answer": "72"}}
@@ -169,6 +170,7 @@ MALFORMED = {
     "metrics_not_list": "metrics_list is object, not a list",
     "dict": "expected a JSON list of 3 entries, got object",
     "not_serializable": "Runtime.MarshalError: Unable to marshal response",
+    "sys_exit": "Runtime.ExitError: RequestId: ",
 }
 
 
@@ -177,10 +179,14 @@ def test_malformed_answers_are_counted_failures():
         for mode, text in MALFORMED.items():
             res = runner.score(trajs(["a", "b", "c"], metadata={"mode": mode}))
             assert res.failures and text in res.failures[0].message, (mode, res.failures)
-            whole = mode in ("short", "wrong_ids", "reversed", "dict", "not_serializable")
+            whole = mode in ("short", "wrong_ids", "reversed", "dict", "not_serializable", "sys_exit")
             assert res.scores == ([None] * 3 if whole else [None, 1.0, 1.0]), mode
             assert res.summary()["reward_failures"] == (3 if whole else 1)
         assert runner.score(trajs(["a"], metadata={"mode": "ok"})).scores == [1.0]
+        assert "exit status 3" in runner.score(trajs(["a"], metadata={"mode": "sys_exit"})).failures[0].message
+        runner.max_payload_bytes = 4000  # the answer (3 x 5 kB) is over Lambda's limit, scaled down
+        res = runner.score(trajs(["a", "b", "c"], metadata={"mode": "huge"}))
+        assert res.scores == [None] * 3 and "Function.ResponseSizeTooLarge" in res.failures[0].message
 
 
 def test_check_answer_accepts_ints_and_missing_metrics():

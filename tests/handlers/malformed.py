@@ -31,6 +31,12 @@ def lambda_handler(event, context):
         return good
     if mode == "dict":
         return {"statusCode": 200, "body": good}
+    if mode == "huge":
+        return [dict(e, note="x" * 5000) for e in good]
+    if mode == "sys_exit":
+        import sys
+
+        sys.exit(3)
     if mode == "not_serializable":
         return [{"id": t["id"], "aggregate_reward_score": {1.0}} for t in event]
     return good
