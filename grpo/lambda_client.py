@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
+import threading
 from dataclasses import dataclass
 
 from grpo.errors import UserError
@@ -69,6 +69,7 @@ class LambdaInvoker:
         self.client = boto3.session.Session().client(
             "lambda", region_name=region or arn.region, endpoint_url=endpoint_url, config=config)
         self.timeout_s = timeout_s
+        self._closed = threading.Event()  # wakes retry back-offs when the runner closes
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0.0, min(self.retry_max_s, self.retry_base_s * 2 ** attempt))
@@ -79,8 +80,9 @@ class LambdaInvoker:
 
         last = ""
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self._backoff(attempt - 1))
+            if attempt and self._closed.wait(self._backoff(attempt - 1)):
+                return CallOutcome(kind="invoke", message=f"the reward runner was closed while retrying "
+                                                          f"{self.arn.arn}; last: {last}")
             try:
                 resp = self.client.invoke(FunctionName=self.arn.arn, InvocationType="RequestResponse",
                                           Payload=payload)
@@ -114,4 +116,5 @@ class LambdaInvoker:
             f"errors, exponential backoff); last: {last}"))
 
     def close(self) -> None:
+        self._closed.set()
         self.client.close()

@@ -385,7 +385,7 @@ class RewardRunner:
 
 
 def _shutdown(backend: Any, executor: ThreadPoolExecutor, log_dir: str | None) -> None:
+    backend.close()  # first: calls in flight end now (their workers are killed), then the threads
     executor.shutdown(wait=True, cancel_futures=True)
-    backend.close()
     if log_dir:
         shutil.rmtree(log_dir, ignore_errors=True)

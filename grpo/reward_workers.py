@@ -274,14 +274,6 @@ class _Worker:
         self.proc.wait()
         self._close_files()
 
-    def stop(self, grace_s: float = 2.0) -> None:
-        try:
-            self.proc.stdin.close()  # EOF: the worker returns from its loop
-            self.proc.wait(grace_s)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self.kill()
-
     def _close_files(self) -> None:
         for f in (self.proc.stdin, self.proc.stdout, self.log):
             try:
@@ -302,7 +294,7 @@ class WorkerPool:
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
-        self._serial = 0
+        self._serial, self._closed = 0, False
         self.env = {**_worker_env(Path(path)), **(env or {})}
         workers = [self._spawn() for _ in range(n)]
         try:
@@ -332,9 +324,10 @@ class WorkerPool:
             worker.kill()
             raise
         finally:
-            if not worker.alive():
+            if not worker.alive() and not self._closed:
                 with self._lock:
-                    self._all.remove(worker)
+                    if worker in self._all:
+                        self._all.remove(worker)
                 worker.kill()
                 worker = self._spawn()
                 try:
@@ -342,13 +335,28 @@ class WorkerPool:
                 except HandlerLoadError:
                     pass  # its next call reports the dead worker, with the reason in its log
             self._idle.put(worker)
+        if self._closed and outcome.kind is not None:
+            outcome.message = "the reward runner was closed during the call; " + outcome.message
         return outcome
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 2.0) -> None:
+        """EOF to every worker, a shared grace period to finish, then kill what is left (a busy or
+        hung handler does not hold up a Ctrl-C for its whole timeout)."""
         with self._lock:
+            self._closed = True
             workers, self._all = list(self._all), []
         for w in workers:
-            w.stop()
+            try:
+                w.proc.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for w in workers:
+            try:
+                w.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            w.kill()
 
 
 def _worker_env(handler: Path) -> dict:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +157,22 @@ def test_hanging_handler_times_out_and_is_replaced():
             runner.on_failure = "fail"
             runner.score(trajs(["hang"]))
         assert runner.score(trajs(["fine", "fine"])).scores == [1.0, 1.0]
+
+
+def test_close_during_a_hung_call_returns_promptly():
+    runner = RewardRunner(str(H / "hangs.py"), max_concurrency=1, timeout_s=60, on_failure="skip")
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(res=runner.score(trajs(["hang"]))))
+    thread.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    runner.close()  # what the trainer does on Ctrl-C
+    thread.join(10)
+    assert time.monotonic() - start < 5 and not thread.is_alive()
+    (f,) = out["res"].failures
+    assert f.kind == "crash" and f.message.startswith("the reward runner was closed during the call")
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.score(trajs(["fine"]))
 
 
 MALFORMED = {
