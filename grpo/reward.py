@@ -353,8 +353,11 @@ class RewardRunner:
         failures = [RewardFailure([ids[i]], "too_large", (
             f"trajectory is {len(encoded[i])} bytes as JSON, over the {self.max_payload_bytes} byte "
             "synchronous Lambda payload limit; it fits in no batch")) for i in oversized]
-        futures = {self._executor.submit(self._call, b"[" + b",".join(encoded[i] for i in batch) + b"]",
-                                         [ids[i] for i in batch]): batch for batch in batches}
+        try:
+            futures = {self._executor.submit(self._call, b"[" + b",".join(encoded[i] for i in batch) + b"]",
+                                             [ids[i] for i in batch]): batch for batch in batches}
+        except RuntimeError:  # the executor was shut down: close() ran in another thread
+            raise RuntimeError("RewardRunner is closed") from None
         for future in as_completed(futures):
             batch = futures[future]
             got, failed = future.result()

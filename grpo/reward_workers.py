@@ -247,7 +247,7 @@ class _Worker:
             return CallOutcome(kind="timeout", message=(
                 f"handler did not answer within {timeout_s:g} s; worker killed and replaced"
                 + (f"\nits output and stack when killed:\n{where}" if where else "")))
-        except (BrokenPipeError, ConnectionResetError):
+        except (OSError, ValueError):  # broken pipe, or its file closed by WorkerPool.close()
             frame = None
         if frame is None:
             code = self.proc.wait()
@@ -317,6 +317,8 @@ class WorkerPool:
         return w
 
     def call(self, payload: bytes) -> CallOutcome:
+        if self._closed:
+            return CallOutcome(kind="crash", message="the reward runner was closed before the call")
         worker = self._idle.get()
         try:
             outcome = worker.call(payload, self.timeout_s)

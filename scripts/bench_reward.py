@@ -39,8 +39,8 @@ def find_shared() -> Path:
 
 
 def build(data: Path) -> tuple[list[dict], list[bool]]:
-    solutions = [json.loads(line) for line in open(data / "example_model_solutions.jsonl")]
-    tests = [json.loads(line) for line in open(data / "test.jsonl")]
+    solutions = [json.loads(line) for line in (data / "example_model_solutions.jsonl").read_text().splitlines()]
+    tests = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
     trajectories, labels = [], []
     for n, (sol, test) in enumerate(zip(solutions, tests)):
         reference = "#### " + re.findall(r"#### (.*)", test["answer"])[-1].strip()

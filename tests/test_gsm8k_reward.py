@@ -109,8 +109,8 @@ def test_odd_inputs(monkeypatch):
 def _labelled():
     if not (DATA / "example_model_solutions.jsonl").is_file():
         pytest.skip(f"{DATA} not present")
-    solutions = [json.loads(line) for line in open(DATA / "example_model_solutions.jsonl")]
-    tests = [json.loads(line) for line in open(DATA / "test.jsonl")]
+    solutions = [json.loads(line) for line in (DATA / "example_model_solutions.jsonl").read_text().splitlines()]
+    tests = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()]
     assert len(solutions) == len(tests) == 1319
     rows = []
     for n, (sol, test) in enumerate(zip(solutions, tests)):

@@ -159,12 +159,18 @@ def test_hanging_handler_times_out_and_is_replaced():
         assert runner.score(trajs(["fine", "fine"])).scores == [1.0, 1.0]
 
 
-def test_close_during_a_hung_call_returns_promptly():
+def test_close_during_a_hung_call_returns_promptly(tmp_path, monkeypatch):
+    marker = tmp_path / "hanging"
+    monkeypatch.setenv("HANG_MARKER", str(marker))
     runner = RewardRunner(str(H / "hangs.py"), max_concurrency=1, timeout_s=60, on_failure="skip")
     out = {}
     thread = threading.Thread(target=lambda: out.update(res=runner.score(trajs(["hang"]))))
     thread.start()
-    time.sleep(0.5)
+    for _ in range(200):
+        if marker.exists():
+            break
+        time.sleep(0.05)
+    assert marker.exists()
     start = time.monotonic()
     runner.close()  # what the trainer does on Ctrl-C
     thread.join(10)

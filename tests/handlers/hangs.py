@@ -1,8 +1,11 @@
 """Test handler: sleeps (far past any test timeout) when a response says 'hang'."""
+import os
 import time
 
 
 def wait_forever():
+    if os.environ.get("HANG_MARKER"):  # lets a test know the call is in flight
+        open(os.environ["HANG_MARKER"], "w").close()
     time.sleep(3600)
 
 
