@@ -51,7 +51,8 @@ def data_metrics(*, scores: torch.Tensor, token_advantages: torch.Tensor, respon
 
 def reward_metrics(summary: dict) -> dict:
     """The handler's own `metrics_list` means, as `reward_<name>_mean`, plus the failure count."""
-    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    return {k: float(v) for k, v in summary.items()
+            if isinstance(v, (int, float)) and k != "reward_seconds"}  # wall-clock: timing_s_reward has it
 
 
 def make_event(message: str, *, type: str = "message", level: str = "info", data: dict | None = None) -> dict:

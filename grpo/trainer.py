@@ -21,6 +21,7 @@ from grpo.config import JobConfig
 from grpo.errors import UserError
 from grpo.evaluation import baseline_advice, build_trajectories, sample_and_score
 from grpo.metrics import RunLog, data_metrics, reward_metrics
+from grpo.reward import RewardError
 from grpo.rollout import encode_prompt, generate, pack
 
 
@@ -252,7 +253,13 @@ class Trainer:
         step = self.start_step
         for step in range(self.start_step + 1, self.total_steps + 1):
             m = {"step": step, "total_steps": self.total_steps, "epoch": (step - 1) // self.steps_per_epoch + 1}
-            m.update(self.step(step - 1))
+            try:
+                m.update(self.step(step - 1))
+            except RewardError as err:  # on_failure=fail: the job fails, saying the handler's own words
+                bar.close()
+                self._fail(step, f"Step {step}: the reward function failed on {err.result.n_failed} "
+                                 f"trajectories: {err}")
+                raise
             if step % self.eval_interval == 0 or step == self.total_steps:
                 m["val_score_rewards_mean"] = self.validate()
                 stopped_early = self._early_stop(m["val_score_rewards_mean"])
@@ -274,6 +281,13 @@ class Trainer:
         self.runner.close()
         self.acc.end_training()
         return summary
+
+    def _fail(self, step: int, message: str) -> None:
+        self.log.event(message, type="error", level="error", data={"step": step})
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(
+                {"status": "failed", "steps": step - 1, "total_steps": self.total_steps, "error": message}, indent=2))
+        self.runner.close()
 
     def _finish(self, step: int, last: dict | None, stopped_early: bool) -> dict:
         from grpo.checkpoint import latest_checkpoint as latest

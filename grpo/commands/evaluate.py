@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HELP = "sample and grade a model (base or adapter) on a data file"
@@ -41,7 +42,7 @@ def run(args) -> int:
     path = resolve_model_path(BEDROCK_MODEL_IDS.get(args.model, args.model))
     tok = load_tokenizer(path)
     model = load_for_inference(path, args.adapter)
-    with RewardRunner(args.handler) as runner:
+    with RewardRunner(args.handler, on_failure="skip") as runner:
         res = sample_and_score(model, tok, records, runner, temperature=args.temperature, top_p=args.top_p,
                                n=args.samples, max_new_tokens=args.max_tokens, reasoning_effort=args.reasoning_effort,
                                keep_samples=args.out is not None)
@@ -60,4 +61,7 @@ def run(args) -> int:
             print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
         if advice:
             print(f"advice: {advice}")
+    for f in res.failures[:5]:
+        print(f"handler failure ({f.kind}) on {len(f.trajectory_ids)} trajectories: {f.message.splitlines()[0] if f.message else ''}",
+              file=sys.stderr)
     return 1 if res.failures else 0

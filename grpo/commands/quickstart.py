@@ -32,14 +32,8 @@ def run(args) -> int:
 
     print(f"model: {resolve_model_path(cfg.local_model, progress=not args.no_progress)}")
     run_dir = args.output_dir or Path("runs") / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
-    from grpo.plot import plot_run
-    from grpo.trainer import Trainer
+    from grpo.commands.train import train_and_report
 
-    summary = Trainer(cfg, run_dir, progress=not args.no_progress).train()
-    png = plot_run(run_dir)
-    final = summary["final"]
-    print(f"validation reward {summary['baseline_val_score_rewards_mean']:.3f} -> {final.get('val_score_rewards_mean', float('nan')):.3f}, "
-          f"critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f} after {summary['steps']} steps "
-          f"({time.time() - t0:.0f} s in all)")
-    print(f"run: {run_dir}  metrics: {run_dir / 'metrics.jsonl'}  plot: {png}  adapter: {summary['adapter']}")
-    return 0
+    code = train_and_report(cfg, run_dir, progress=not args.no_progress)
+    print(f"quickstart finished in {time.time() - t0:.0f} s (model and data included)", flush=True)
+    return code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,32 @@ def default_run_dir(config: Path, resume: bool) -> Path:
     return Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool = True) -> int:
+    """Run the job; print where the run, metrics, plot and adapter are (the last line). Exit status."""
+    from grpo.reward import RewardError
+    from grpo.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+    try:
+        summary = trainer.train()
+    except RewardError as err:
+        print(f"error: {err}\nthe job failed; the run so far is in {run_dir} (--resume continues from its last "
+              "checkpoint once the handler is fixed)", file=sys.stderr)
+        return 1
+    if trainer.is_main:
+        from grpo.plot import plot_run
+
+        png = plot_run(run_dir)
+        final = summary["final"]
+        base, val = summary["baseline_val_score_rewards_mean"], final.get("val_score_rewards_mean")
+        line = f"done: {summary['steps']} steps, critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f}"
+        if base is not None and val is not None:
+            line += f", validation reward {base:.3f} -> {val:.3f}"
+        print(line + (" (stopped early)" if summary["stopped_early"] else ""))
+        print(f"run: {run_dir}  metrics: {run_dir / 'metrics.jsonl'}  plot: {png}  adapter: {summary['adapter']}")
+    return 0
+
+
 def run(args) -> int:
     from grpo.config import load_config, print_warnings
     from grpo.errors import UserError
@@ -38,16 +65,4 @@ def run(args) -> int:
     run_dir = args.output_dir or default_run_dir(args.config, args.resume)
     if not args.resume and (run_dir / "metrics.jsonl").exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --output-dir")
-    from grpo.trainer import Trainer
-
-    trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    summary = trainer.train()
-    if trainer.is_main:
-        from grpo.plot import plot_run
-
-        png = plot_run(run_dir)
-        final = summary["final"]
-        print(f"done: {summary['steps']} steps, critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f}, "
-              f"validation {summary['baseline_val_score_rewards_mean']} -> {final.get('val_score_rewards_mean')}")
-        print(f"run: {run_dir}  metrics: {run_dir / 'metrics.jsonl'}  plot: {png}  adapter: {summary['adapter']}")
-    return 0
+    return train_and_report(cfg, run_dir, resume=args.resume, progress=not args.no_progress)

@@ -1,0 +1,111 @@
+"""`grpo train` end to end on a tiny random Qwen3: Bedrock's metric names, the events, checkpoints in
+peft's format, the plot, and `grpo eval` on the trained adapter."""
+
+import json
+
+import pytest
+
+from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_job, write_varied_handler
+
+REQUIRED = [
+    "step", "total_steps", "critic_rewards_mean", "critic_rewards_max", "critic_rewards_min", "critic_score_mean",
+    "critic_score_max", "critic_score_min", "critic_advantages_mean", "critic_advantages_max",
+    "critic_advantages_min", "actor_pg_loss", "actor_pg_clipfrac", "actor_pg_clipfrac_lower", "actor_ppo_kl",
+    "actor_kl_loss", "actor_entropy", "actor_grad_norm", "actor_lr", "response_length_mean", "response_length_max",
+    "response_length_min", "response_length_clip_ratio", "prompt_length_mean", "prompt_length_max",
+    "prompt_length_min", "timing_s_gen", "timing_s_reward", "timing_s_update_actor", "timing_s_step",
+    "perf_throughput", "perf_time_per_step", "reward_length_mod3_mean",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    model = build_model_dir(tmp / "model")
+    train, val = write_data(tmp / "data", n_train=8, n_val=4)
+    handler = write_varied_handler(tmp / "varied.py")
+    job = write_job(tmp / "job.yaml", model, train, val, handler=handler,
+                    hyper={"eval_interval": 2, "batch_size": 2}, engine={"checkpoint_interval": 3})
+    res = run_grpo("train", job, "--output-dir", tmp / "run", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    return tmp, res
+
+
+def test_every_step_logs_bedrock_metric_names(trained):
+    tmp, _ = trained
+    rows = read_jsonl(tmp / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["total_steps"] == 4 for r in rows)
+    for r in rows:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+    # validation every eval_interval=2 steps (and at the end)
+    assert [r["step"] for r in rows if "val_score_rewards_mean" in r] == [2, 4]
+    # the varied handler spreads scores inside groups, so the update did something
+    assert any(r["actor_grad_norm"] > 0 for r in rows)
+    assert all(0 <= r["response_length_clip_ratio"] <= 1 for r in rows)
+
+
+def test_events_are_openai_fine_tuning_events(trained):
+    tmp, _ = trained
+    events = read_jsonl(tmp / "run" / "events.jsonl")
+    assert all(e["object"] == "fine_tuning.job.event" and e["id"].startswith("ftevent-") for e in events)
+    metrics = [e for e in events if e["type"] == "metrics"]
+    assert [e["message"] for e in metrics] == [f"Step {i}/4: training metrics" for i in range(1, 5)]
+    assert metrics[0]["data"]["step"] == 1 and "critic_rewards_mean" in metrics[0]["data"]
+    kinds = [e["message"] for e in events if e["type"] != "metrics"]
+    assert kinds[0] == "Fine-tuning job started" and kinds[-1] == "The job has successfully completed"
+    assert sum(e["type"] == "checkpoint" for e in events) == 2  # step 3 (interval) and step 4 (end)
+
+
+def test_checkpoint_is_a_peft_adapter_and_eval_runs_on_it(trained):
+    tmp, res = trained
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp / "run" / "checkpoints" / "step-000004" / "adapter"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp / "model"), adapter)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    assert summary["adapter"] == str(adapter) and summary["steps"] == 4
+    assert (tmp / "run" / "metrics.png").stat().st_size > 10_000
+    assert "adapter:" in res.stdout.splitlines()[-1]
+
+    out = run_grpo("eval", "--model", tmp / "model", "--adapter", adapter, "--data", tmp / "data" / "validation.jsonl",
+                   "--handler", tmp / "varied.py", "--max-tokens", "8", "--json", "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["records"] == 4 and result["samples"] == 4 and result["failures"] == 0
+    assert 0.0 <= result["reward_mean"] <= 1.0
+
+
+def test_plot_command_redraws_and_rejects_a_non_run(trained, tmp_path):
+    tmp, _ = trained
+    out = run_grpo("plot", tmp / "run", "--out", tmp_path / "p.png")
+    assert out.returncode == 0 and (tmp_path / "p.png").is_file()
+    bad = run_grpo("plot", tmp_path)
+    assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_existing_run_is_not_overwritten(trained):
+    tmp, _ = trained
+    res = run_grpo("train", tmp / "job.yaml", "--output-dir", tmp / "run")
+    assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_a_failing_handler_fails_the_job_with_its_own_message(tmp_path):
+    model = build_model_dir(tmp_path / "model")
+    train, _ = write_data(tmp_path / "data", n_train=4, n_val=2)
+    handler = tmp_path / "broken.py"
+    handler.write_text("def lambda_handler(event, context):\n"
+                       "    raise KeyError('reference_answer missing from metadata')\n")
+    job = write_job(tmp_path / "job.yaml", model, train, None, handler=handler)
+    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress")
+    assert res.returncode == 1
+    assert "reference_answer missing from metadata" in res.stderr and "--resume" in res.stderr
+    assert "grpo/trainer.py" not in res.stderr  # the handler's traceback is quoted; ours is not printed
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "KeyError" in summary["error"]
+    errors = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["level"] == "error"]
+    assert len(errors) == 1 and errors[0]["message"].startswith("Step 1: the reward function failed on 8 trajectories")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was logged as if it had scored
