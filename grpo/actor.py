@@ -114,8 +114,9 @@ def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: t
                 tok_total += tokens
                 sums["pg_loss"] += float(out.pg_loss.detach()) * world
                 sums["entropy"] += float(ent_loss.detach()) * world
-                for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
-                    sums[k] += float(getattr(out, k)) * tokens
+                if tokens:  # a micro-batch without response tokens has NaN statistics and weight 0
+                    for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
+                        sums[k] += float(getattr(out, k)) * tokens
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
             sums["grad_norm"] += float(grad_norm)
             optimizer.step()
@@ -124,7 +125,12 @@ def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: t
             n_updates += 1
     metrics = {f"actor_{k}": v / max(n_updates, 1) for k, v in sums.items()
                if k in ("pg_loss", "kl_loss", "entropy", "grad_norm")}
-    for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
-        metrics[f"actor_{k}"] = sums[k] / max(tok_total, 1.0)
+    # Token shares over every process's tokens (not a mean of per-process shares, which would weigh a
+    # process's tokens by how few it had): the same value on every process, whatever the world size.
+    token_stats = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+    totals = torch.tensor([sums[k] for k in token_stats] + [tok_total], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(totals, reduction="sum").tolist()
+    for k, v in zip(token_stats, totals):
+        metrics[f"actor_{k}"] = v / totals[-1] if totals[-1] else float("nan")
     metrics["actor_lr"] = scheduler.get_last_lr()[0]
     return metrics

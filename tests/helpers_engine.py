@@ -24,7 +24,9 @@ VOLATILE_EXTRA = ("reward_seconds",)
 
 VARIED_HANDLER = '''\
 """Test reward: a deterministic function of the response text with spread inside every group.
-TEST_REWARD_SLEEP_S (environment) makes each call that slow, to pace a run a test wants to interrupt."""
+Environment: TEST_REWARD_SLEEP_S makes each call that slow (to pace a run a test interrupts);
+TEST_REWARD_LOG names a file that gets one line per call: this worker's pid and the trajectory ids."""
+import json
 import os
 import time
 
@@ -33,6 +35,9 @@ def lambda_handler(event, context):
     time.sleep(float(os.environ.get("TEST_REWARD_SLEEP_S", "0")))
     if isinstance(event, dict):
         event = event["trajectories"]
+    if os.environ.get("TEST_REWARD_LOG"):
+        with open(os.environ["TEST_REWARD_LOG"], "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "ids": [t["id"] for t in event]}) + "\\n")
     out = []
     for t in event:
         text = t["messages"][-1]["content"]
