@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpo.errors import UserError
+from grpo.health import HealthThresholds
 
 # Bedrock model ids on the OpenAI-compatible path -> the open-weights checkpoints they serve.
 BEDROCK_MODEL_IDS = {
@@ -115,6 +116,7 @@ class EngineConfig(_Strict):
     early_stopping_min_delta: float = Field(0.01, ge=0, description="improvement of val reward that counts")
     reward: RewardRunnerConfig = Field(default_factory=RewardRunnerConfig)
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers")
+    health: HealthThresholds = Field(default_factory=HealthThresholds, description="training-health alarms: docs/health.md")
 
 
 class JobConfig(_Strict):

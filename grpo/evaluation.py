@@ -59,13 +59,3 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
     return EvalResult(scores=list(result.scores), response_lengths=[len(r) for r in rollout.response_ids],
                       truncated=list(rollout.truncated), failures=list(result.failures), metrics=result.summary(),
                       samples=samples)
-
-
-def baseline_advice(mean: float) -> str | None:
-    """AWS's best practice (spec section 7): reward 0 means SFT first; above 0.95 RFT is unnecessary."""
-    if mean == 0.0:
-        return ("the base model scores 0: GRPO has no signal to learn from. Check the prompts match the grader's "
-                "parser, or do supervised fine-tuning first (AWS best practice).")
-    if mean > 0.95:
-        return "the base model already scores above 0.95: RFT is unlikely to help (AWS best practice)."
-    return None

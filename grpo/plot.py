@@ -3,6 +3,7 @@ advantages, response length), with the validation reward on the reward panel."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from grpo.errors import UserError
@@ -18,7 +19,9 @@ TITLES = {
 }
 
 
-def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, *, title: str | None = None) -> Path:
+def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, *, title: str | None = None,
+              alarms: dict[str, list] | None = None) -> Path:
+    """Six panels; `alarms` (run label -> health alarms) draws a dotted line where each one fired."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +37,12 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, *, title: str | Non
                 val = [(r["step"], r["val_score_rewards_mean"]) for r in rows if r.get("val_score_rewards_mean") is not None]
                 if val:
                     ax.plot(*zip(*val), "o--", ms=3, label=f"{label} validation" if len(runs) > 1 else "validation")
+        for i, (label, _) in enumerate(runs):
+            for a in (alarms or {}).get(label, []):
+                ax.axvline(a.step, color=f"C{i}", ls=":", lw=1, alpha=0.8)
+                if key == "critic_rewards_mean":
+                    ax.annotate(a.name, (a.step, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
+                                va="top", ha="right", color=f"C{i}")
         ax.set_title(TITLES[key], fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -49,9 +58,26 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, *, title: str | Non
     return out
 
 
+def _run_thresholds(run_dir: Path):
+    """The health thresholds the run was configured with (config.json), else the defaults."""
+    from grpo.health import HealthThresholds
+
+    cfg = run_dir / "config.json"
+    if cfg.is_file():
+        health = json.loads(cfg.read_text()).get("engine", {}).get("health")
+        if isinstance(health, dict):
+            return HealthThresholds(**health)
+    return HealthThresholds()
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if not rows:
         raise UserError(f"{run_dir}: no metrics.jsonl with any step in it (is this a run directory?)")
-    return plot_runs([(run_dir.name, rows)], out or run_dir / "metrics.png", title=run_dir.name)
+    from grpo.health import scan
+
+    summary = run_dir / "summary.json"
+    baseline = json.loads(summary.read_text()).get("baseline_val_score_rewards_mean") if summary.is_file() else None
+    fired = {run_dir.name: scan(rows, baseline_val=baseline, thresholds=_run_thresholds(run_dir))}
+    return plot_runs([(run_dir.name, rows)], out or run_dir / "metrics.png", title=run_dir.name, alarms=fired)

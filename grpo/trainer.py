@@ -19,7 +19,8 @@ from grpo.actor import UpdateSettings, adapter_disabled, compute_logprobs, updat
 from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo.config import JobConfig
 from grpo.errors import UserError
-from grpo.evaluation import baseline_advice, build_trajectories, sample_and_score
+from grpo.evaluation import build_trajectories, sample_and_score
+from grpo.health import HealthMonitor
 from grpo.metrics import RunLog, data_metrics, reward_metrics
 from grpo.reward import RewardError
 from grpo.rollout import encode_prompt, generate, pack
@@ -85,6 +86,7 @@ class Trainer:
             mini_batch_seqs=cfg.mini_batch_prompts() // self.world * G, micro_batch_seqs=e.micro_batch_size,
             loss_scale_factor=float(h.inference_max_tokens))
         self.on_policy = e.ppo_epochs == 1 and cfg.mini_batch_prompts() == h.batch_size
+        self.health = HealthMonitor(e.health)
         self.start_step, self.state = 0, {"best_val": None, "evals_without_improvement": 0, "baseline_val": None}
         if resume:
             self._resume()
@@ -113,6 +115,12 @@ class Trainer:
         self.start_step = state.pop("step")
         self.state.update(state)
         self.log.truncate_after(self.start_step)
+        from grpo.metrics import read_jsonl
+
+        if self.state.get("baseline_val") is not None:
+            self.health.check_baseline(self.state["baseline_val"])
+        for row in read_jsonl(self.run_dir / "metrics.jsonl"):  # the alarms so far fire again silently
+            self.health.update(row)
         self.log.event(f"Resumed from checkpoint at step {self.start_step}")
 
     def _step_prompts(self, step: int) -> list[int]:
@@ -243,10 +251,8 @@ class Trainer:
             if base is not None:
                 self.state["baseline_val"] = base
                 self.log.event(f"Baseline validation reward {base:.4f}", data={"step": 0, "val_score_rewards_mean": base})
-                advice = baseline_advice(base)
-                if advice and self.is_main:
-                    print(f"warning: {advice}")
-                    self.log.event(advice, level="warning")
+                for alarm in self.health.check_baseline(base):
+                    self._alarm(alarm)
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="grpo", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         last, stopped_early = None, False
@@ -264,23 +270,38 @@ class Trainer:
                 m["val_score_rewards_mean"] = self.validate()
                 stopped_early = self._early_stop(m["val_score_rewards_mean"])
             self.log.step(m)
+            for alarm in self.health.update(m):
+                self._alarm(alarm, bar)
             last = m
             post = {"reward": f"{m['critic_rewards_mean']:.3f}", "len": f"{m['response_length_mean']:.0f}"}
             if "val_score_rewards_mean" in m:
                 post["val"] = f"{m['val_score_rewards_mean']:.3f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-            if step % cfg.engine.checkpoint_interval == 0 or step == self.total_steps or stopped_early:
+            stop_alarm = self.health.stop_alarm if self.health.should_stop else None
+            if step % cfg.engine.checkpoint_interval == 0 or step == self.total_steps or stopped_early or stop_alarm:
                 self._checkpoint(step)
             if stopped_early:
                 self.log.event(f"Early stopping at step {step}: validation reward has not improved for "
                                f"{cfg.engine.early_stopping_patience} evaluations")
+                break
+            if stop_alarm:
+                self.log.event(f"Stopping at step {step}: alarm {stop_alarm.name} is in engine.health.stop_on",
+                               level="warning")
+                stopped_early = True
                 break
         bar.close()
         summary = self._finish(step, last, stopped_early)
         self.runner.close()
         self.acc.end_training()
         return summary
+
+    def _alarm(self, alarm, bar=None) -> None:
+        """A health alarm, once when it starts: on the console (above the bar), in events.jsonl."""
+        if self.is_main:
+            text = f"warning: [{alarm.name}] step {alarm.step}: {alarm.message}"
+            (bar.write(text) if bar is not None else print(text))
+        self.log.event(alarm.message, level=alarm.level, data={"alarm": alarm.name, "step": alarm.step, **alarm.data})
 
     def _fail(self, step: int, message: str) -> None:
         self.log.event(message, type="error", level="error", data={"step": step})
@@ -297,7 +318,8 @@ class Trainer:
                    "baseline_val_score_rewards_mean": self.state.get("baseline_val"),
                    "best_val_score_rewards_mean": self.state.get("best_val"),
                    "final": {k: v for k, v in (last or {}).items() if not k.startswith(("timing_", "perf_"))},
-                   "adapter": str(ckpt / "adapter") if ckpt else None, "model": self.model_path}
+                   "adapter": str(ckpt / "adapter") if ckpt else None, "model": self.model_path,
+                   "health": self.health.summary()}
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log.event("The job has successfully completed", data={"step": step})

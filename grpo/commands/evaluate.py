@@ -33,7 +33,8 @@ def run(args) -> int:
 
     from grpo.config import BEDROCK_MODEL_IDS
     from grpo.data import load_records
-    from grpo.evaluation import baseline_advice, sample_and_score
+    from grpo.evaluation import sample_and_score
+    from grpo.health import HealthMonitor
     from grpo.models import load_for_inference, load_tokenizer, resolve_model_path
     from grpo.reward import RewardRunner
 
@@ -53,7 +54,8 @@ def run(args) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("".join(json.dumps(s) + "\n" for s in res.samples), encoding="utf-8")
-    advice = baseline_advice(res.mean) if args.adapter is None else None
+    alarms = HealthMonitor().check_baseline(res.mean) if args.adapter is None else []
+    advice = alarms[0].message if alarms else None
     if args.json:
         print(json.dumps({**out, "advice": advice}))
     else:
