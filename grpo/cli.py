@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "sample and grade a model (base or adapter) on a data file"),
     "plot": ("plot", "draw a run's metrics as the walkthrough's six panels"),
     "quickstart": ("quickstart", "make the tiny model, train it with GRPO on arithmetic, plot the curve"),
+    "serve": ("serve", "a local OpenAI-compatible server: files, fine-tuning jobs, chat completions"),
+    "submit": ("submit", "upload the files and create the job on Bedrock (or any OpenAI-compatible server)"),
+    "status": ("status", "show a fine-tuning job's status and latest metrics"),
+    "pull": ("pull", "turn a job's events into a local run directory (metrics.jsonl, checkpoints)"),
+    "compare": ("compare", "the parity check: compare two runs' metrics, with a verdict and a picture"),
 }
 
 
