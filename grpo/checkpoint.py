@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo.errors import UserError
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -84,6 +86,10 @@ def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    saved = len(list(ckpt.glob("rng_*.pt")))
+    if saved != accelerator.num_processes:
+        raise UserError(f"{ckpt}: written by {saved} process(es) but resumed with {accelerator.num_processes}; "
+                        f"resume with the same number of processes (each process's RNG state is restored)")
     adapter = ckpt / "adapter"
     weights = adapter / "adapter_model.safetensors"
     set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(weights)))

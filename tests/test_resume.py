@@ -128,12 +128,19 @@ def test_sigkill_and_resume_is_bitwise_identical(job, tmp_path):
     assert ckpt_events == [2, 4, 6, 8]
 
 
-def test_resume_without_checkpoint_starts_fresh(job, tmp_path):
-    """--resume on an empty directory is a plain start (with a note), not an error."""
+def test_resume_without_checkpoint_starts_fresh_and_another_world_size_is_refused(job, tmp_path):
+    """--resume on an empty directory is a plain start (with a note), not an error. Resuming a checkpoint
+    written by another number of processes is a clear error (each process's RNG state is restored)."""
     out = tmp_path / "fresh"
-    r = run_grpo("train", job, "--resume", "--output-dir", out, "--no-progress",
-                 "--set", "method.reinforcement.hyperparameters.n_epochs=1",
-                 "--set", "engine.checkpoint_interval=4", "--set", "method.reinforcement.hyperparameters.eval_interval=4")
+    short = ["--set", "method.reinforcement.hyperparameters.n_epochs=1", "--set", "engine.checkpoint_interval=4",
+             "--set", "method.reinforcement.hyperparameters.eval_interval=4"]
+    r = run_grpo("train", job, "--resume", "--output-dir", out, "--no-progress", *short)
     assert r.returncode == 0, r.stderr
     assert "no checkpoint" in r.stdout
     assert [row["step"] for row in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    ckpt = out / "checkpoints" / "step-000004"
+    (ckpt / "rng_1.pt").write_bytes((ckpt / "rng_0.pt").read_bytes())  # as a 2-process run leaves it
+    r = run_grpo("train", job, "--resume", "--output-dir", out, "--no-progress", *short)
+    assert r.returncode == 2
+    assert f"error: {ckpt}: written by 2 process(es) but resumed with 1" in r.stderr
+    assert "Traceback" not in r.stderr
