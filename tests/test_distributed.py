@@ -64,13 +64,24 @@ mask = full.response_mask
 advantages = torch.randn(N, generator=g)[:, None] * mask
 noise_old = torch.randn(mask.shape, generator=g) * 0.3 * mask
 noise_ref = torch.randn(mask.shape, generator=g) * 0.3 * mask
-# This rank's rows: global mini-batch k is rows [k*M, (k+1)*M); each rank takes every world-th of them.
-local = torch.tensor([k * M + j for k in range(N // M) for j in range(rank, M, world)])
-batch = PackedBatch(full.input_ids[local], full.attention_mask[local], full.response_mask[local])
 
-rank_tokens = acc.gather(batch.response_mask.sum().reshape(1)).tolist()
+
+def local_rows(keep, M):
+    """This rank's rows: global mini-batch k is keep[k*M:(k+1)*M]; each rank takes every world-th of them."""
+    return torch.tensor([keep[k * M + j] for k in range(len(keep) // M) for j in range(rank, M, world)])
+
+
+local = local_rows(list(range(N)), M)
+rank_tokens = acc.gather(mask[local].sum().reshape(1)).tolist()
 results = {"distributed_type": str(acc.distributed_type), "rank_tokens": rank_tokens, "runs": {}}
 for name, run in plan["runs"].items():
+    # "dropped": rows left out of the batch; "masked": rows kept with an empty response mask (a skipped
+    # reward failure); "mini": global sequences per optimizer step for this run.
+    run_mini = run.get("mini", M)
+    local = local_rows([i for i in range(N) if i not in run.get("dropped", [])], run_mini)
+    rmask = mask.clone()
+    rmask[run.get("masked", [])] = 0.0
+    batch = PackedBatch(full.input_ids[local], full.attention_mask[local], rmask[local])
     torch.manual_seed(0)
     policy = load_policy(model_dir, LoraConfig(rank=4, alpha=8), dtype=torch.float32)
     gb = torch.Generator().manual_seed(1)
@@ -87,9 +98,10 @@ for name, run in plan["runs"].items():
     model, opt = acc.prepare(policy, opt)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                        loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,
-                       max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=M // world,
+                       max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=run_mini // world,
                        loss_scale_factor=12.0, micro_batch_seqs=run["micro"])
-    m = update_policy(model, opt, sched, batch, advantages[local], s, accelerator=acc, old_logp=old, ref_logp=ref)
+    adv = advantages[local] * batch.response_mask
+    m = update_policy(model, opt, sched, batch, adv, s, accelerator=acc, old_logp=old, ref_logp=ref)
     vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
     m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))  # as the trainer reports them
     after = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
@@ -101,6 +113,7 @@ acc.wait_for_everyone()
 '''
 
 MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+MASK_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
 # SGD learning rates that move the adapter by about 0.1 in every mode (the sum modes have larger losses).
@@ -111,6 +124,11 @@ def _runs(micro: int) -> dict:
     runs = {mode: {"mode": mode, "micro": micro, "ppo_epochs": 2, "max_grad_norm": 1e4, "lr": LR[mode]} for mode in MODES}
     # A binding grad-norm clip: the norm must be the global one for the clipped update to agree.
     runs["token-mean-clipped"] = {"mode": "token-mean", "micro": micro, "ppo_epochs": 1, "max_grad_norm": 0.05, "lr": 2.0}
+    # Rows 3 and 12 fully masked (as skipped reward failures are) vs left out: the same update.
+    for mode in MASK_MODES:
+        one = {"mode": mode, "micro": micro, "ppo_epochs": 1, "max_grad_norm": 1e4, "lr": LR[mode]}
+        runs[f"masked-{mode}"] = {**one, "masked": [3, 12], "mini": ROWS}
+        runs[f"dropped-{mode}"] = {**one, "dropped": [3, 12], "mini": ROWS - 2}
     return runs
 
 
@@ -155,7 +173,7 @@ def test_two_processes_really_ran_ddp(updates):
     assert updates[2]["distributed_type"] == "DistributedType.MULTI_CPU"
 
 
-@pytest.mark.parametrize("name", [*MODES, "token-mean-clipped"])
+@pytest.mark.parametrize("name", [*MODES, "token-mean-clipped", *(f"masked-{m}" for m in MASK_MODES)])
 def test_same_update_with_one_or_two_processes(updates, name):
     one, two = updates[1]["runs"][name], updates[2]["runs"][name]
     moved = max(float((one["after"][k] - one["before"][k]).abs().max()) for k in one["after"])
@@ -170,6 +188,19 @@ def test_same_update_with_one_or_two_processes(updates, name):
     if name == "token-mean-clipped":
         assert m1["actor_grad_norm"] > 0.1, "the clip did not bind"
     assert m1["actor_pg_clipfrac"] > 0.05, "no token was clipped: the clip statistics went untested"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_a_fully_masked_row_changes_nothing(updates, world, mode):
+    """A row with no response token (how the trainer keeps a skipped reward failure, so that every process
+    keeps the same mini-batch layout) counts as no token and no sequence: the update equals the one
+    without the row."""
+    masked, dropped = updates[world]["runs"][f"masked-{mode}"], updates[world]["runs"][f"dropped-{mode}"]
+    for k in masked["after"]:
+        torch.testing.assert_close(masked["after"][k], dropped["after"][k], rtol=1e-5, atol=1e-6, msg=f"{mode}: {k}")
+    for key in ("actor_pg_loss", "actor_kl_loss", "actor_entropy", "actor_grad_norm", "actor_pg_clipfrac"):
+        assert masked["metrics"][key] == pytest.approx(dropped["metrics"][key], rel=1e-5, abs=1e-7), key
 
 
 def test_modes_differ_by_far_more_than_the_tolerance(updates):
