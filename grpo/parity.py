@@ -238,7 +238,7 @@ def _overlap_text(a: Run, b: Run, mode: str) -> str:
     return text + (f"; {'; '.join(early)}, so only the overlap is compared" if early else "")
 
 
-def _fmt(v, kind: str = ABS) -> str:  # noqa: D103
+def _fmt(v, kind: str = ABS) -> str:
     if v is None:
         return "n/a"
     if kind == REL:
