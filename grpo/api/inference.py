@@ -1,0 +1,171 @@
+"""Inference for the server: a small LRU cache of loaded models (base + optional peft adapter) and
+token-by-token generation with the text split into final content and reasoning as it grows.
+
+Generation runs in a thread (transformers' `generate` with a streamer); one generation at a time over
+the whole server (a lock), so concurrent requests queue instead of thrashing the CPU or GPU. A stream
+the client abandons stops its generation at the next token. torch is imported on first use only, so
+the server starts fast and jobs-only use never loads it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    specials: list[str]
+    ends: list[int]
+
+
+class ModelCache:
+    def __init__(self, max_models: int = 2):
+        self.max_models = max(1, max_models)
+        self._models: OrderedDict[tuple, Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+        self.generate_lock = threading.Lock()
+
+    def get(self, base: str, adapter: str | None) -> Loaded:
+        key = (base, adapter)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            import torch
+
+            from grpo.models import load_for_inference, load_tokenizer, pick_dtype
+            from grpo.rollout import end_token_ids
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            tok = load_tokenizer(base)
+            model = load_for_inference(base, adapter, dtype=pick_dtype("auto", device)).to(device)
+            loaded = Loaded(model, tok, [t for t in tok.all_special_tokens if t], end_token_ids(tok, model))
+            self._models[key] = loaded
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return loaded
+
+
+def encode(loaded: Loaded, messages: list[dict], effort: str) -> list[int]:
+    from grpo.rollout import encode_prompt
+
+    return encode_prompt(loaded.tokenizer, messages, reasoning_effort=effort)
+
+
+class _Streamer:
+    """transformers streamer: the first `put` is the prompt (skipped), then one call per new token."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.q.put(("token", t))
+
+    def end(self) -> None:
+        self.q.put(("end", None))
+
+
+def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, max_new_tokens: int,
+                  temperature: float, top_p: float, seed: int | None = None) -> Iterator[int]:
+    """Yield each sampled token id (the end token included when it comes). temperature 0 is greedy."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    stop = threading.Event()
+
+    class _Abandoned(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return stop.is_set()
+
+    sample = temperature > 0
+    gen_cfg = GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
+                               top_p=top_p if sample else None, top_k=0 if sample else None,
+                               max_new_tokens=max_new_tokens, eos_token_id=loaded.ends,
+                               pad_token_id=loaded.tokenizer.pad_token_id or loaded.ends[0])
+    streamer = _Streamer()
+    device = next(loaded.model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg,
+                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_Abandoned()]))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            streamer.q.put(("error", e))
+            streamer.end()
+
+    with cache.generate_lock:
+        if seed is not None:
+            torch.manual_seed(seed)
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = streamer.q.get()
+                if kind == "end":
+                    break
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            thread.join()
+
+
+class TextSplitter:
+    """Tokens in, (content delta, reasoning delta) out: the decoded text so far is split with
+    `grpo.rollout.split_reasoning` (Qwen3 `<think>`, harmony channels). A delta is given only while
+    the new text extends what was already sent (text ending in an incomplete character waits)."""
+
+    def __init__(self, loaded: Loaded):
+        self.loaded = loaded
+        self.ids: list[int] = []
+        self.content, self.reasoning = "", ""  # what has been handed out
+        self.hit_end = False
+
+    def _split(self) -> tuple[str, str]:
+        from grpo.rollout import split_reasoning
+
+        text = self.loaded.tokenizer.decode(self.ids, skip_special_tokens=False)
+        content, reasoning = split_reasoning(text, self.loaded.specials)
+        return content, reasoning or ""
+
+    def push(self, token: int) -> tuple[str, str]:
+        if token in self.loaded.ends:
+            self.hit_end = True
+        self.ids.append(token)
+        content, reasoning = self._split()
+        return self._delta(content, reasoning, final=False)
+
+    def _delta(self, content: str, reasoning: str, final: bool) -> tuple[str, str]:
+        out = []
+        for name, new in (("reasoning", reasoning), ("content", content)):
+            old = getattr(self, name)
+            if new.startswith(old) and (final or not new.endswith("\ufffd")):
+                out.append(new[len(old):])
+                setattr(self, name, new)
+            else:
+                out.append("")
+        return out[1], out[0]
+
+    def finish(self) -> tuple[str, str]:
+        """Last deltas; afterwards `final_content`/`final_reasoning` are the whole split texts."""
+        content, reasoning = self._split() if self.ids else ("", "")
+        self.final_content, self.final_reasoning = content, reasoning
+        return self._delta(content, reasoning, final=True)
+
+    def reasoning_tokens(self) -> int:
+        text = getattr(self, "final_reasoning", self.reasoning)
+        return len(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
