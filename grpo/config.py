@@ -118,6 +118,28 @@ class EngineConfig(_Strict):
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers")
     health: HealthThresholds = Field(default_factory=HealthThresholds, description="training-health alarms: docs/health.md")
 
+    @field_validator("kl_penalty")
+    @classmethod
+    def _known_kl_penalty(cls, v: str) -> str:
+        from grpo.algorithms import KL_PENALTIES  # imports torch: only when the field is given
+
+        if v not in KL_PENALTIES:
+            close = difflib.get_close_matches(v, list(KL_PENALTIES), n=1)
+            raise ValueError(f"unknown KL penalty {v!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; known: {', '.join(KL_PENALTIES)}")
+        return v
+
+    @field_validator("log_with")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        from accelerate.utils import LoggerType  # imports torch: only when the field is given
+
+        known = ["none", *LoggerType.list()]
+        bad = [t for t in v if t not in known]
+        if bad:
+            raise ValueError(f"unknown tracker {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+        return v
+
 
 class JobConfig(_Strict):
     model: str
@@ -238,28 +260,55 @@ def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return []
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
+def yaml_key_lines(text: str) -> dict[tuple, int]:
+    """The 1-based line of every mapping key and list item of a YAML document, by path (for errors)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    out: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    out[path + (k.value,)] = k.start_mark.line + 1
+                    walk(v, path + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    walk(root, ())
+    return out
+
+
+def format_validation_error(source: str, err: ValidationError, key_lines: dict[tuple, int | str] | None = None) -> str:
+    """One `FILE:LINE: dotted.field: problem` line per error (`--set` for values given on the command line)."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
+        path = tuple(e["loc"])
+        line = next((key_lines[path[:i]] for i in range(len(path), 0, -1) if key_lines and path[:i] in key_lines), None)
+        where = f"{source}:{line}" if isinstance(line, int) else (line or source)
+        loc = ".".join(str(p) for p in path) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             known = _known_fields(JobConfig, tuple(e["loc"]))
             close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             msg = "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
             if known:
                 msg += f"; known: {', '.join(known)}"
-        lines.append(f"{source}: {loc}: {msg}")
+        lines.append(f"{where}: {loc}: {msg}")
     return "invalid job config:\n" + "\n".join(lines)
 
 
-def parse_config(raw: Any, source: str = "<config>") -> JobConfig:
+def parse_config(raw: Any, source: str = "<config>", key_lines: dict[tuple, int | str] | None = None) -> JobConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the config must be a mapping (model, training_file, method, engine)")
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(source, e)) from None
+        raise UserError(format_validation_error(source, e, key_lines)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
@@ -267,7 +316,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -275,7 +325,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         where = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or []) if overrides else raw
-    return parse_config(raw, str(path))
+    key_lines: dict[tuple, int | str] = yaml_key_lines(text)
+    for item in overrides or []:
+        key_lines[tuple(item.partition("=")[0].strip().split("."))] = "--set"
+    return parse_config(raw, str(path), key_lines)
 
 
 def print_warnings(cfg: JobConfig, stream=sys.stderr) -> None:

@@ -19,11 +19,13 @@ import torch
 BEDROCK_STEP_METRICS = ("critic_rewards_mean", "actor_pg_loss", "actor_entropy", "actor_grad_norm",
                         "critic_advantages_mean", "response_length_mean")
 # Fields that differ run to run even with the same seed (wall-clock), left out of equality checks.
-VOLATILE_PREFIXES = ("timing_s_", "perf_")
+VOLATILE_PREFIXES = ("timing_s_", "perf_", "reward_seconds")
 
 
 def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
     x = x.float()
+    if not x.numel():  # nothing graded this step (every trajectory failed under on_failure=skip)
+        return {f"{prefix}_{k}": float("nan") for k in ("mean", "max", "min")}
     return {f"{prefix}_mean": float(x.mean()), f"{prefix}_max": float(x.max()), f"{prefix}_min": float(x.min())}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -45,12 +46,24 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         e, h = cfg.engine, cfg.hyperparameters
         trackers = [t for t in e.log_with if t != "none"]
-        self.acc = Accelerator(log_with=trackers or None, project_dir=str(self.run_dir))
+        # Without GPUs, `accelerate launch --multi_gpu --num_processes N` starts N processes that each see a
+        # world of one (N independent runs writing one run dir) unless the Accelerator is told to use the
+        # CPU: then it is DDP over gloo.
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        self.acc = Accelerator(cpu=launched > 1 and not torch.cuda.is_available(), log_with=trackers or None,
+                               project_dir=str(self.run_dir))
+        if self.acc.num_processes != launched:
+            raise UserError(f"{launched} processes were launched but accelerate sees {self.acc.num_processes} "
+                            f"({self.acc.distributed_type}); check the accelerate config")
         self.is_main = self.acc.is_main_process
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if h.batch_size % self.world:
             raise UserError(f"hyperparameters.batch_size={h.batch_size} must be a multiple of the number of processes ({self.world})")
+        if cfg.mini_batch_prompts() % self.world:
+            raise UserError(f"engine.mini_batch_size={cfg.mini_batch_prompts()} must be a multiple of the number of processes ({self.world})")
         set_seed(cfg.run_seed + self.rank)
+        if self.is_main:  # before anything logs (the max_prompt_length filter's warning event does)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.run_dir, self.acc, enabled=self.is_main)
 
         # Data: the prompts, encoded once; too-long prompts are filtered out, not truncated (as Bedrock).
@@ -157,14 +170,20 @@ class Trainer:
         t = time.perf_counter()
         result = self.runner.score(build_trajectories(records, rollout))
         timing["reward"] = time.perf_counter() - t
-        keep = [i for i, s in enumerate(result.scores) if s is not None]  # on_failure=skip drops failures
+        keep = [i for i, s in enumerate(result.scores) if s is not None]  # on_failure=skip: failures get no weight
 
         # 3. group-normalized advantages, broadcast over each response's tokens
         t = time.perf_counter()
         scores = torch.tensor([result.scores[i] for i in keep], dtype=torch.float32)
         groups = torch.tensor([rollout.group[i] for i in keep])
-        adv = alg.group_normalized_advantages(scores, groups, norm_by_std=e.norm_adv_by_std)
-        batch = pack([rollout.prompt_ids[i] for i in keep], [rollout.response_ids[i] for i in keep], self.tok.pad_token_id)
+        adv = torch.zeros(len(rollout))
+        if keep:
+            adv[keep] = alg.group_normalized_advantages(scores, groups, norm_by_std=e.norm_adv_by_std)
+        # A failed trajectory stays a row with an empty response mask: no token and no sequence in the loss
+        # (grpo.actor), while every process keeps the same mini-batch layout (dropping rows would desynchronise
+        # DDP's collectives).
+        batch = pack(rollout.prompt_ids, rollout.response_ids, self.tok.pad_token_id)
+        batch.response_mask[[i for i in range(len(rollout)) if result.scores[i] is None]] = 0.0
         token_adv = adv[:, None] * batch.response_mask
         timing["adv"] = time.perf_counter() - t
 

@@ -16,7 +16,6 @@ from helpers_engine import (build_model_dir, read_jsonl, run_grpo, write_data, w
 HP = "method.reinforcement.hyperparameters"
 # Trainer bug (patch sent to the lead): the filter's warning event is written before the run directory
 # exists, so any filtered prompt crashes `grpo train` with FileNotFoundError. Remove once patched.
-NEEDS_RUN_DIR_PATCH = pytest.mark.xfail(strict=True, reason="trainer logs before creating the run dir (patch sent)")
 ARN = "arn:aws:lambda:us-east-1:123456789012:function:gsm8k-grader"
 
 
@@ -203,7 +202,6 @@ def test_missing_and_non_utf8_files(tmp_path):
         load_config(p)
 
 
-@pytest.mark.xfail(strict=True, reason="field errors name FILE and field but not yet the LINE (config.py patch sent to the lead)")
 def test_field_errors_name_the_line(tmp_path):
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(body({"training_sample_per_prompt": 17}), sort_keys=False), encoding="utf-8")
@@ -213,8 +211,6 @@ def test_field_errors_name_the_line(tmp_path):
     assert f"{p}:{line}: {HP}.training_sample_per_prompt" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a bad kl_penalty / log_with passes the config and fails with a traceback "
-                                       "at the first step (config.py patch sent to the lead)")
 def test_unknown_kl_penalty_and_tracker_are_config_errors():
     assert "engine.kl_penalty" in error_of(body(engine={"kl_penalty": "lowvar_kl"}))
     assert "engine.log_with" in error_of(body(engine={"log_with": ["wandbx"]}))
@@ -253,7 +249,6 @@ def long_prompt_job(tmp_path_factory):
     return d, model
 
 
-@NEEDS_RUN_DIR_PATCH
 def test_too_long_prompts_are_filtered_and_reported(long_prompt_job):
     d, model = long_prompt_job
     job = write_job(d / "job.yaml", model, d / "train.jsonl", d / "validation.jsonl",
@@ -271,7 +266,6 @@ def test_too_long_prompts_are_filtered_and_reported(long_prompt_job):
     assert json.loads((d / "run" / "summary.json").read_text())["total_steps"] == 2
 
 
-@NEEDS_RUN_DIR_PATCH
 def test_every_prompt_too_long_is_a_clear_error(long_prompt_job):
     d, model = long_prompt_job
     job = write_job(d / "job_all.yaml", model, d / "train.jsonl", None, hyper={"max_prompt_length": 5})
