@@ -59,3 +59,62 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
     return EvalResult(scores=list(result.scores), response_lengths=[len(r) for r in rollout.response_ids],
                       truncated=list(rollout.truncated), failures=list(result.failures), metrics=result.summary(),
                       samples=samples)
+
+
+def _remote_choices(client, model: str, rec, want: int, params: dict) -> tuple[list, int]:
+    """`want` chat completions for one record (asked for with n; a server that returns fewer is asked again)."""
+    from grpo.remote import RemoteError
+
+    choices, tokens = [], 0
+    for _ in range(want):
+        kw = dict(params, model=model, messages=rec.messages, n=want - len(choices))
+        if rec.tools:
+            kw["tools"] = rec.tools
+        resp = client.chat.completions.create(**kw)
+        if not resp.choices:
+            raise RemoteError(f"the endpoint returned no choices for record {rec.id}")
+        choices += sorted(resp.choices, key=lambda c: c.index)
+        tokens += resp.usage.completion_tokens if resp.usage else 0
+        if len(choices) >= want:
+            break
+    return choices[:want], tokens
+
+
+def sample_and_score_remote(client, model: str, records, runner, *, temperature: float, max_tokens: int,
+                            top_p: float = 1.0, n: int = 1, reasoning_effort: str | None = None,
+                            seed: int | None = None, concurrency: int = 4, keep_samples: bool = False) -> EvalResult:
+    """The same grading as `sample_and_score`, sampling through an OpenAI-compatible endpoint instead.
+
+    One chat.completions request per record (n samples each), `concurrency` in flight. Response lengths
+    come from the usage block (completion tokens; with n > 1 each sample gets the request's mean), and
+    a sample is truncated when its finish_reason is "length".
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpo.reward import make_trajectory
+
+    params: dict = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+    if reasoning_effort is not None:
+        params["reasoning_effort"] = reasoning_effort
+    if seed is not None:
+        params["seed"] = seed
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        answers = list(pool.map(lambda rec: _remote_choices(client, model, rec, n, params), records))
+    trajectories, lengths, truncated, texts = [], [], [], []
+    for rec, (choices, tokens) in zip(records, answers):
+        for i, c in enumerate(choices):
+            extra = c.message.model_extra or {}
+            reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+            text = c.message.content or ""
+            trajectories.append(make_trajectory(rec.id, i, rec.messages, text, rec.reference_answer, rec.metadata,
+                                                reasoning_content=reasoning if isinstance(reasoning, str) else None))
+            lengths.append(round(tokens / len(choices)))
+            truncated.append(c.finish_reason == "length")
+            texts.append((text, reasoning))
+    result = runner.score(trajectories)
+    samples = []
+    if keep_samples:
+        samples = [{"id": t["id"], "response": texts[i][0], "reasoning_content": texts[i][1],
+                    "score": result.scores[i]} for i, t in enumerate(trajectories)]
+    return EvalResult(scores=list(result.scores), response_lengths=lengths, truncated=truncated,
+                      failures=list(result.failures), metrics=result.summary(), samples=samples)

@@ -275,13 +275,19 @@ def submit_job(client, req: JobRequest, *, bedrock: bool, say=print):
 
 
 # -- reading a job back --------------------------------------------------------------------------------
+def as_dict(obj) -> dict:
+    """An SDK object as the JSON the endpoint sent. The SDK types the grader as OpenAI's own kinds, so a
+    Lambda grader would make pydantic warn on the way back out: the warning is noise, the data is intact."""
+    return obj.to_dict(warnings=False)
+
+
 def _paginate(fetch: Callable[..., Any], page_size: int) -> list[dict]:
     """Every item of an OpenAI cursor list (follow `after` = the last id while `has_more`)."""
     out, after = [], None
     while True:
         kw = {"limit": page_size} | ({"after": after} if after else {})
         page = fetch(**kw)
-        items = [x.to_dict() for x in page.data]
+        items = [as_dict(x) for x in page.data]
         out += items
         if not getattr(page, "has_more", False):
             return out
@@ -324,7 +330,7 @@ def latest_metrics(client, job_id: str, page_size: int = 20) -> dict | None:
     after = None
     for _ in range(1000):
         page = client.fine_tuning.jobs.list_events(job_id, limit=page_size, **({"after": after} if after else {}))
-        items = [x.to_dict() for x in page.data]
+        items = [as_dict(x) for x in page.data]
         found = [e for e in items if e.get("type") == "metrics" and isinstance(e.get("data"), dict)]
         if found:
             return max(found, key=lambda e: e["data"].get("step", 0))["data"]
@@ -342,7 +348,7 @@ def _write_json_atomic(path: Path, text: str) -> None:
 
 def pull_job(client, job_id: str, out_dir: Path, *, base_url: str = "") -> dict:
     """Write a run directory from a job: metrics.jsonl, events.jsonl, checkpoints.json, summary.json."""
-    job = client.fine_tuning.jobs.retrieve(job_id).to_dict()
+    job = as_dict(client.fine_tuning.jobs.retrieve(job_id))
     events = list_events(client, job_id)
     checkpoints = list_checkpoints(client, job_id)
     rows = metrics_rows(events)

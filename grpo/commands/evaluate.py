@@ -1,4 +1,9 @@
-"""`grpo eval`: the baseline reward before training, and the held-out score after it."""
+"""`grpo eval`: the baseline reward before training, and the held-out score after it.
+
+Locally it loads the model (and adapter); with --base-url it samples through an OpenAI-compatible endpoint
+instead (a Bedrock fine-tuned model, or `grpo serve`), graded by the same handler, so one held-out set
+scores a Bedrock model and a local adapter side by side.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ def add_arguments(p):
     p.description = ("Sample responses from a model (optionally with a trained LoRA adapter) for every record of a "
                      "data file and grade them with a Lambda-contract handler. Before training this is AWS's "
                      "baseline check: reward 0 means SFT first, above 0.95 means RFT is unnecessary.")
-    p.add_argument("--model", required=True, help="local path, hub id, Bedrock id, or grpo:tiny-arith")
+    p.add_argument("--model", required=True, help="local path, hub id, Bedrock id, or grpo:tiny-arith; with "
+                   "--base-url, the endpoint's model id (e.g. a job's fine_tuned_model)")
     p.add_argument("--adapter", default=None, help="a peft adapter directory (a run's checkpoints/step-N/adapter)")
     p.add_argument("--data", required=True, type=Path, help="Bedrock RFT JSONL")
     p.add_argument("--handler", required=True, help="reward handler: file.py, file.py:function, or a Lambda ARN")
@@ -21,32 +27,63 @@ def add_arguments(p):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--samples", type=int, default=1, help="responses per prompt")
     p.add_argument("--max-tokens", type=int, default=1024, help="max tokens per response")
-    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="low")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
+                   help="default: low locally; with --base-url only sent when given")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write every sample and its score as JSONL")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    g = p.add_argument_group("through an OpenAI-compatible endpoint (Bedrock, or grpo serve)")
+    g.add_argument("--base-url", default=None, help="sample with chat.completions at this endpoint instead of "
+                   "loading the model (e.g. https://bedrock-mantle.us-west-2.api.aws/v1)")
+    g.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY; for Bedrock $AWS_BEARER_TOKEN_BEDROCK, "
+                   "else a short-term key from the AWS credentials")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
 
 
-def run(args) -> int:
+def _remote(args, records, runner):
+    from grpo.errors import UserError
+    from grpo.evaluation import sample_and_score_remote
+    from grpo.remote import api_errors, make_client, resolve_base_url
+
+    if args.adapter:
+        raise UserError("--adapter is for a local model; with --base-url give the endpoint's model id "
+                        "(a checkpoint's fine_tuned_model_checkpoint, or the job's fine_tuned_model)")
+    if args.concurrency < 1:
+        raise UserError(f"--concurrency {args.concurrency}: must be >= 1")
+    url = resolve_base_url(args.base_url)
+    client = make_client(url, args.api_key, max_retries=4)
+    with api_errors(url):
+        return sample_and_score_remote(client, args.model, records, runner, temperature=args.temperature,
+                                       top_p=args.top_p, n=args.samples, max_tokens=args.max_tokens,
+                                       reasoning_effort=args.reasoning_effort, seed=args.seed,
+                                       concurrency=args.concurrency, keep_samples=args.out is not None)
+
+
+def _local(args, records, runner):
     import torch
 
     from grpo.config import BEDROCK_MODEL_IDS
-    from grpo.data import load_records
     from grpo.evaluation import sample_and_score
-    from grpo.health import HealthMonitor
     from grpo.models import load_for_inference, load_tokenizer, resolve_model_path
-    from grpo.reward import RewardRunner
 
     torch.manual_seed(args.seed)
-    records = load_records(args.data, allow_small=True)[: args.limit]
     path = resolve_model_path(BEDROCK_MODEL_IDS.get(args.model, args.model))
     tok = load_tokenizer(path)
     model = load_for_inference(path, args.adapter)
+    return sample_and_score(model, tok, records, runner, temperature=args.temperature, top_p=args.top_p,
+                            n=args.samples, max_new_tokens=args.max_tokens,
+                            reasoning_effort=args.reasoning_effort or "low", keep_samples=args.out is not None)
+
+
+def run(args) -> int:
+    from grpo.data import load_records
+    from grpo.health import HealthMonitor
+    from grpo.reward import RewardRunner
+
+    records = load_records(args.data, allow_small=True)[: args.limit]
     with RewardRunner(args.handler, on_failure="skip") as runner:
-        res = sample_and_score(model, tok, records, runner, temperature=args.temperature, top_p=args.top_p,
-                               n=args.samples, max_new_tokens=args.max_tokens, reasoning_effort=args.reasoning_effort,
-                               keep_samples=args.out is not None)
+        res = (_remote if args.base_url else _local)(args, records, runner)
     out = {"model": args.model, "adapter": args.adapter, "records": len(records), "samples": len(res.scores),
            "reward_mean": res.mean, "failures": len(res.failures),
            "response_length_mean": sum(res.response_lengths) / max(len(res.response_lengths), 1),
@@ -54,7 +91,12 @@ def run(args) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("".join(json.dumps(s) + "\n" for s in res.samples), encoding="utf-8")
-    alarms = HealthMonitor().check_baseline(res.mean) if args.adapter is None else []
+    if args.base_url:
+        out["base_url"] = args.base_url
+    from grpo.config import BEDROCK_MODEL_IDS
+
+    base_model = args.adapter is None and (not args.base_url or args.model in BEDROCK_MODEL_IDS)
+    alarms = HealthMonitor().check_baseline(res.mean) if base_model else []
     advice = alarms[0].message if alarms else None
     if args.json:
         print(json.dumps({**out, "advice": advice}))

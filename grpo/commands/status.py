@@ -42,7 +42,7 @@ def describe(job: dict, metrics: dict | None) -> str:
 
 def run(args) -> int:
     from grpo.errors import UserError
-    from grpo.remote import TERMINAL_STATUSES, api_errors, latest_metrics, make_client, resolve_base_url
+    from grpo.remote import TERMINAL_STATUSES, api_errors, as_dict, latest_metrics, make_client, resolve_base_url
 
     if args.interval <= 0:
         raise UserError(f"--interval {args.interval}: must be > 0")
@@ -51,7 +51,7 @@ def run(args) -> int:
 
     def fetch():
         with api_errors(url):
-            return client.fine_tuning.jobs.retrieve(args.job).to_dict(), latest_metrics(client, args.job)
+            return as_dict(client.fine_tuning.jobs.retrieve(args.job)), latest_metrics(client, args.job)
 
     job, metrics = fetch()
     if args.watch and job.get("status") not in TERMINAL_STATUSES:

@@ -36,7 +36,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     from grpo.config import load_config
-    from grpo.remote import api_errors, bedrock_region, build_job_request, make_client, resolve_base_url, submit_job, warn
+    from grpo.remote import (api_errors, as_dict, bedrock_region, build_job_request, make_client, resolve_base_url,
+                             submit_job, warn)
 
     cfg = load_config(args.config, args.overrides)
     url = resolve_base_url(args.base_url)
@@ -54,7 +55,7 @@ def run(args) -> int:
     with api_errors(url):
         job = submit_job(client, req, bedrock=bedrock, say=say)
     if args.json:
-        print(json.dumps(job.to_dict()))
+        print(json.dumps(as_dict(job)))
         return 0
     print(f"created {job.id} (status {job.status}, model {job.model}) at {url}")
     conn = f" --base-url {url}"
