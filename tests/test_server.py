@@ -78,6 +78,12 @@ def gone(pid: int) -> bool:
         return True
 
 
+def sse_data(text: str) -> list[dict]:
+    """The JSON payloads of a server-sent event stream (without chat's closing [DONE])."""
+    blocks = [b for b in text.strip().split("\n\n") if "data: " in b]
+    return [json.loads(b.split("data: ", 1)[1]) for b in blocks if not b.endswith("data: [DONE]")]
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("server")
@@ -216,6 +222,77 @@ def test_models_list_has_base_fine_tuned_and_checkpoints(flow, server):
     assert m.object == "model" and m.owned_by == "grpo-local"
 
 
+def test_raw_objects_validate_strictly_against_the_sdk_types(flow, server):
+    """The SDK parses leniently; here every object is validated strictly against its own pydantic type."""
+    from openai.types import FileObject, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.fine_tuning import FineTuningJobEvent
+    from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    _, url, _ = server
+    job = flow["job"]
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    for f in http.get("/files").json()["data"]:
+        FileObject.model_validate(f)
+    for e in http.get(f"/fine_tuning/jobs/{job.id}/events", params={"limit": 100}).json()["data"]:
+        FineTuningJobEvent.model_validate(e)
+    for c in http.get(f"/fine_tuning/jobs/{job.id}/checkpoints").json()["data"]:
+        FineTuningJobCheckpoint.model_validate(c)
+    for m in http.get("/models").json()["data"]:
+        Model.model_validate(m)
+    ask = {"model": job.fine_tuned_model, "messages": [{"role": "user", "content": "1 + 1?"}], "max_tokens": 4}
+    ChatCompletion.model_validate(http.post("/chat/completions", json=ask).json())
+    chunks = sse_data(http.post("/chat/completions", json={**ask, "stream": True}).text)
+    assert chunks and all(ChatCompletionChunk.model_validate(c) for c in chunks)
+    ask = {"model": job.fine_tuned_model, "input": "1 + 1?", "max_output_tokens": 4}
+    Response.model_validate(http.post("/responses", json=ask).json())
+    events = sse_data(http.post("/responses", json={**ask, "stream": True}).text)
+    adapter = TypeAdapter(ResponseStreamEvent)
+    assert events and all(adapter.validate_python(e) for e in events)
+
+
+def test_reasoning_becomes_a_reasoning_item_and_reasoning_content(env):
+    """Thinking text (Qwen3's <think>, here not a single token, so it arrives in pieces) streams as a
+    response's reasoning item and a chat message's reasoning_content, apart from the answer. The tokens
+    are a recorded generation (a random model does not think), run through the server's own code."""
+    from openai.types.chat import ChatCompletionChunk
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+    from transformers import AutoTokenizer
+
+    from grpo.api.chat import Choice, chat_stream
+    from grpo.api.inference import Loaded
+    from grpo.api.responses import ResponseBuilder
+
+    tok = AutoTokenizer.from_pretrained(env["model"])
+    loaded = Loaded(None, tok, [t for t in tok.all_special_tokens if t], [tok.eos_token_id])
+    ids = tok("<think>\nadd 3 and 4\n</think>\n\nThe answer is 7", add_special_tokens=False)["input_ids"]
+    ids.append(tok.eos_token_id)
+    assert len(ids) > 12  # many small pieces: the split must hold back the partial "<think"
+
+    builder = ResponseBuilder("m", {}, "high", {"temperature": 1.0, "top_p": 1.0})
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(e)
+              for e in sse_data("".join(builder.stream(Choice(None, loaded, [1, 2, 3], {}, source=ids), 3)))]
+    kinds = [e.type for e in events]
+    assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "add 3 and 4"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "The answer is 7"
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    final = events[-1].response
+    assert events[-1].type == "response.completed" and [o.type for o in final.output] == ["reasoning", "message"]
+    assert final.output[0].content[0].text == "add 3 and 4" and final.output_text == "The answer is 7"
+    assert final.usage.output_tokens == len(ids) and 0 < final.usage.output_tokens_details.reasoning_tokens < len(ids)
+
+    chunks = [ChatCompletionChunk.model_validate(c)
+              for c in sse_data("".join(chat_stream("m", [Choice(None, loaded, [1], {}, source=ids)], 1, True)))]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "add 3 and 4"
+    assert "".join(d.content or "" for d in deltas) == "The answer is 7"
+    assert chunks[-1].usage.completion_tokens == len(ids) and deltas[-1] is not None
+
+
 def test_responses_stream(flow, server):
     client, _, _ = server
     model = flow["job"].fine_tuned_model
@@ -325,8 +402,14 @@ def test_restart_resumes_the_running_job(env, tmp_path):
     """SIGKILL the server mid-job (after the step-2 checkpoint, with step 3 logged); the trainer goes with
     it; a new server on the same state directory resumes the job, which ends with one metrics line per step."""
     state = tmp_path / "state"
-    with start_server(state, env["handlers"], KEY) as (url, key, proc):
+    with start_server(state, env["handlers"], KEY, ["--max-upload-mb", "0.01"]) as (url, key, proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        for size in (200_000, 12_000):  # refused from Content-Length, and while reading the upload
+            big = env["dir"] / f"big-{size}.jsonl"
+            big.write_bytes(b"x" * size)
+            with pytest.raises(openai.APIStatusError) as e:
+                client.files.create(file=big.open("rb"), purpose="fine-tune")
+            assert e.value.status_code == 413 and e.value.body["param"] == "file"
         f = client.files.create(file=env["train"].open("rb"), purpose="fine-tune")
         v = client.files.create(file=env["val"].open("rb"), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model=str(env["model"]), training_file=f.id, validation_file=v.id,

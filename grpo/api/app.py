@@ -34,6 +34,7 @@ from grpo.api.worker import JobManager
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 CHUNK = 1 << 20
+MULTIPART_SLACK = 64 << 10  # form boundaries and headers around the file, on top of the size limit
 
 
 @dataclass
@@ -108,7 +109,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                 return _error(401, "Incorrect API key provided.", code="invalid_api_key")
             size = request.headers.get("content-length")
             if request.url.path == "/v1/files" and request.method == "POST" and size and size.isdigit() \
-                    and int(size) > cfg.max_upload_bytes + CHUNK:
+                    and int(size) > cfg.max_upload_bytes + MULTIPART_SLACK:
                 return _error(413, f"file: the upload is larger than this server's limit of "
                                    f"{cfg.max_upload_bytes} bytes (--max-upload-mb)", param="file")
         return await call_next(request)

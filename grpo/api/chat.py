@@ -131,14 +131,18 @@ def response_messages(body: dict) -> list[dict]:
 
 # -- one generated choice ----------------------------------------------------------------------
 class Choice:
-    """Iterate for (content delta, reasoning delta); afterwards: content, reasoning, tokens, finish_reason."""
+    """Iterate for (content delta, reasoning delta); afterwards: content, reasoning, tokens, finish_reason.
 
-    def __init__(self, cache: ModelCache, loaded, prompt_ids: list[int], params: dict):
-        self.cache, self.loaded, self.prompt_ids, self.params = cache, loaded, prompt_ids, params
+    `source` replaces the model's sampled tokens with given ones (a recorded generation)."""
+
+    def __init__(self, cache: ModelCache, loaded, prompt_ids: list[int], params: dict, source=None):
+        self.cache, self.loaded, self.prompt_ids, self.params, self.source = cache, loaded, prompt_ids, params, source
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         sp = TextSplitter(self.loaded)
-        for tok in stream_tokens(self.cache, self.loaded, self.prompt_ids, **self.params):
+        tokens = self.source if self.source is not None else stream_tokens(self.cache, self.loaded, self.prompt_ids,
+                                                                           **self.params)
+        for tok in tokens:
             c, r = sp.push(tok)
             if c or r:
                 yield c, r

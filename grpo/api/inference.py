@@ -15,6 +15,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
+REASONING_OPENERS = ("<think>", "<|channel|>")  # how Qwen3 and harmony (GPT-OSS) responses start thinking
+REASONING_CLOSER = "</think>"  # Qwen3's (harmony's <|end|> is one special token, never split)
+
 
 @dataclass
 class Loaded:
@@ -127,7 +130,8 @@ def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, m
 class TextSplitter:
     """Tokens in, (content delta, reasoning delta) out: the decoded text so far is split with
     `grpo.rollout.split_reasoning` (Qwen3 `<think>`, harmony channels). A delta is given only while
-    the new text extends what was already sent (text ending in an incomplete character waits)."""
+    the new text extends what was already sent; text ending in an incomplete character, or in part of
+    a thinking tag that a tokenizer spells in several tokens, waits for the next token."""
 
     def __init__(self, loaded: Loaded):
         self.loaded = loaded
@@ -135,21 +139,30 @@ class TextSplitter:
         self.content, self.reasoning = "", ""  # what has been handed out
         self.hit_end = False
 
-    def _split(self) -> tuple[str, str]:
+    def _split(self) -> tuple[str, str, bool]:
+        """(content, reasoning, undecided): undecided while the text could still become a reasoning
+        opener that is not a single token (`<thi` of `<think>`)."""
         from grpo.rollout import split_reasoning
 
         text = self.loaded.tokenizer.decode(self.ids, skip_special_tokens=False)
         content, reasoning = split_reasoning(text, self.loaded.specials)
-        return content, reasoning or ""
+        head = text.lstrip()
+        undecided = bool(head) and any(opener.startswith(head) and opener != head for opener in REASONING_OPENERS)
+        return content, reasoning or "", undecided
 
     def push(self, token: int) -> tuple[str, str]:
         if token in self.loaded.ends:
             self.hit_end = True
         self.ids.append(token)
-        content, reasoning = self._split()
-        return self._delta(content, reasoning, final=False)
+        content, reasoning, undecided = self._split()
+        return ("", "") if undecided else self._delta(content, reasoning, final=False)
 
     def _delta(self, content: str, reasoning: str, final: bool) -> tuple[str, str]:
+        if not final:  # "...\n</thi": the end of the thinking is still arriving; keep it back
+            for k in range(len(REASONING_CLOSER) - 1, 0, -1):
+                if reasoning.endswith(REASONING_CLOSER[:k]):
+                    reasoning = reasoning[:-k].rstrip()
+                    break
         out = []
         for name, new in (("reasoning", reasoning), ("content", content)):
             old = getattr(self, name)
@@ -162,7 +175,7 @@ class TextSplitter:
 
     def finish(self) -> tuple[str, str]:
         """Last deltas; afterwards `final_content`/`final_reasoning` are the whole split texts."""
-        content, reasoning = self._split() if self.ids else ("", "")
+        content, reasoning, _ = self._split() if self.ids else ("", "", False)
         self.final_content, self.final_reasoning = content, reasoning
         return self._delta(content, reasoning, final=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -172,6 +173,17 @@ def job_object(job: dict) -> dict:
     return out
 
 
+def finite(obj):
+    """NaN and infinities as null: JSON has no such numbers (a validation with nothing graded is NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def event_object(event: dict, job: dict) -> dict:
     """OpenAI's FineTuningJobEvent: level info|warn|error, type message|metrics. The trainer's checkpoint
     events carry the checkpoint's model id (not a path on the server's disk)."""
@@ -182,7 +194,7 @@ def event_object(event: dict, job: dict) -> dict:
         data = {"step": data["step"], "fine_tuned_model_checkpoint": checkpoint_model_id(job, data["step"])}
     if ev["type"] not in ("message", "metrics"):
         ev["type"] = "message"
-    ev["data"] = data
+    ev["data"] = finite(data)
     return ev
 
 
@@ -205,7 +217,7 @@ def checkpoint_objects(store: Store, job: dict) -> list[dict]:
             continue
         out.append({"object": "fine_tuning.job.checkpoint", "id": checkpoint_id(job["id"], step), "created_at": created,
                     "fine_tuned_model_checkpoint": checkpoint_model_id(job, step), "fine_tuning_job_id": job["id"],
-                    "metrics": {**_numeric(rows.get(step, {})), "step": step}, "step_number": step})
+                    "metrics": finite({**_numeric(rows.get(step, {})), "step": step}), "step_number": step})
     return out
 
 

@@ -16,7 +16,7 @@ from grpo.api.store import new_id
 
 
 def _usage(prompt_tokens: int, c: Choice) -> dict:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": c.tokens, "output_tokens_details": {"reasoning_tokens": c.reasoning_tokens},
             "total_tokens": prompt_tokens + c.tokens}
 
