@@ -77,7 +77,7 @@ def test_identical_runs_are_within_tolerance(tmp_path):
 
 def test_shifted_reward_fails_and_names_the_metric(tmp_path):
     a = write_run(tmp_path / "a", make_rows(40, seed=1))
-    b = write_run(tmp_path / "b", make_rows(40, seed=2, reward_shift=0.25))
+    b = write_run(tmp_path / "b", make_rows(40, seed=2, reward_shift=0.3))
     res = compare(a, b)
     assert res.returncode == 1, res.stdout + res.stderr
     verdict = res.stdout.strip().splitlines()[-1]
@@ -86,7 +86,7 @@ def test_shifted_reward_fails_and_names_the_metric(tmp_path):
     table = {line.split()[0]: line.split()[-1] for line in res.stdout.splitlines() if line.startswith(("critic_", "actor_"))}
     assert table["critic_rewards_mean"] == "OUTSIDE" and table["actor_entropy"] == "ok"
     # a looser tolerance on the command line lets it pass
-    ok = compare(a, b, "--tolerance", "critic_rewards_mean=0.3", "--tolerance", "val_score_rewards_mean=abs:0.3")
+    ok = compare(a, b, "--tolerance", "critic_rewards_mean=0.35", "--tolerance", "val_score_rewards_mean=abs:0.35")
     assert ok.returncode == 0, ok.stdout
 
 
