@@ -240,7 +240,7 @@ def build_job_request(cfg, *, bedrock: bool, with_engine: bool = False, drop_und
     return req
 
 
-def check_data_file(path: str, what: str, *, bedrock: bool) -> int:
+def check_data_file(path: str, *, bedrock: bool) -> int:
     """Validate a local data file with Bedrock's rules before uploading it; the record count."""
     from grpo.data import load_records
 
@@ -254,11 +254,14 @@ def upload_file(client, path: str | Path) -> str:
 
 
 def resolve_file(client, value: str | None, what: str, *, bedrock: bool, say=print) -> str | None:
-    """A local path is validated and uploaded (its file id returned); an existing file id is kept."""
+    """A local path is validated and uploaded (its file id returned; with no client, only validated);
+    an existing file id is kept."""
     if value is None:
         return None
     if Path(value).is_file():
-        n = check_data_file(value, what, bedrock=bedrock)
+        n = check_data_file(value, bedrock=bedrock)
+        if client is None:
+            return value
         file_id = upload_file(client, value)
         say(f"uploaded {what} {value} ({n} records) -> {file_id}")
         return file_id

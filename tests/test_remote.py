@@ -5,7 +5,6 @@ the auth rules and the token refresh, without a server; and end to end against o
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import yaml
@@ -97,16 +96,30 @@ def test_bedrock_refuses_a_local_grader_and_a_local_model():
 
 
 def test_submit_dry_run_through_the_cli(tmp_path):
+    from helpers_engine import write_data
+
+    write_data(tmp_path / "data", n_train=120, n_val=100)
     raw = job(batch_size=4, training_sample_per_prompt=4)
+    raw.update(training_file="data/train.jsonl", validation_file="data/validation.jsonl")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     res = run_grpo("submit", tmp_path / "job.yaml", "--base-url", BEDROCK_URL, "--dry-run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     body = json.loads(res.stdout)
     assert body["bedrock"] is True and "engine" not in body["extra_body"]
+    assert body["training_file"] == "data/train.jsonl"  # not uploaded by a dry run
     assert body["extra_body"]["method"]["reinforcement"]["hyperparameters"]["training_sample_per_prompt"] == 4
     assert "warning: not documented on Bedrock's OpenAI-compatible path, sent anyway" in res.stderr
     # batch_size 4 is outside the native 16-512: the config's own warning shows for Bedrock
     assert "outside the native API's 16-512" in res.stderr
+    # the data is checked with Bedrock's rules before anything is sent: 100 records at least
+    write_data(tmp_path / "small", n_train=8, n_val=4)
+    small = run_grpo("submit", tmp_path / "job.yaml", "--base-url", BEDROCK_URL, "--dry-run", "--set",
+                     "training_file=small/train.jsonl", cwd=tmp_path)
+    assert small.returncode == 2 and "small/train.jsonl is not valid Bedrock RFT data" in small.stderr
+    assert "at least 100" in small.stderr
+    missing = run_grpo("submit", tmp_path / "job.yaml", "--base-url", BEDROCK_URL, "--dry-run", "--set",
+                       "validation_file=nope.jsonl", cwd=tmp_path)
+    assert missing.returncode == 2 and "validation_file: nope.jsonl: no such file" in missing.stderr
     raw["method"]["reinforcement"]["grader"]["lambda"]["function"] = "rewards/gsm8k.py"
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(raw))
     bad = run_grpo("submit", tmp_path / "local.yaml", "--base-url", BEDROCK_URL, "--dry-run", cwd=tmp_path)

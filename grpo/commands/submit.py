@@ -30,14 +30,15 @@ def add_arguments(p):
                         "them with a warning)")
     p.add_argument("--with-engine", action="store_true",
                    help="our own server only: send the engine section too (default: it stays local)")
-    p.add_argument("--dry-run", action="store_true", help="print the request and stop (no upload, no key needed)")
+    p.add_argument("--dry-run", action="store_true", help="check the data files and print the request; no upload, "
+                   "no key needed")
     p.add_argument("--json", action="store_true", help="print the created job as one JSON object")
 
 
 def run(args) -> int:
     from grpo.config import load_config
     from grpo.remote import (api_errors, as_dict, bedrock_region, build_job_request, make_client, resolve_base_url,
-                             submit_job, warn)
+                             resolve_file, submit_job, warn)
 
     cfg = load_config(args.config, args.overrides)
     url = resolve_base_url(args.base_url)
@@ -48,6 +49,8 @@ def run(args) -> int:
     for n in req.notes:
         print(f"note: {n}", file=sys.stderr)
     if args.dry_run:
+        for what in ("training_file", "validation_file"):  # checked with Bedrock's rules, not uploaded
+            resolve_file(None, getattr(req, what), what, bedrock=bedrock)
         print(json.dumps({"base_url": url, "bedrock": bedrock, **req.create_kwargs()}, indent=2))
         return 0
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
