@@ -8,10 +8,15 @@ The server runs in its own session (`os.killpg(process.pid, SIGKILL)` kills it a
 lead sessions of their own and stop by themselves once it is gone). Its output is appended to
 `<state_dir>/server.log`; `server_log(state_dir)` reads it for failure messages. The environment is
 `helpers_engine.cli_env()` (one torch thread) plus `env`; trainers inherit it.
+
+Also: `wait_for` (poll until truthy), `pids_with` (live processes whose command line contains a text, e.g.
+a job id: a job's trainer runs `python -m grpo.api.runner train <state>/jobs/<job id>/job.yaml ...`),
+`gone(pid)`, and `sse_data` (the JSON payloads of a server-sent event stream).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -97,3 +102,41 @@ def start_server(state_dir, handlers_dir, api_key, extra_args=(), *, env: dict |
     finally:
         stop_server(proc)
         log.close()
+
+
+def wait_for(fn, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def pids_with(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains `text`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if text in cmd and state != "Z":
+                out.append(int(entry))
+    return out
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def sse_data(text: str) -> list[dict]:
+    """The JSON payloads of a server-sent event stream (without chat's closing [DONE])."""
+    blocks = [b for b in text.strip().split("\n\n") if "data: " in b]
+    return [json.loads(b.split("data: ", 1)[1]) for b in blocks if not b.endswith("data: [DONE]")]

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from helpers_engine import VARIED_HANDLER, build_model_dir, read_jsonl, write_data, write_records
-from server_helpers import server_log, start_server
+from server_helpers import gone, pids_with, server_log, sse_data, start_server, wait_for
 
 KEY = "test-key-0123456789"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -44,44 +42,6 @@ def body(handler: str, hyper=None, engine=None) -> dict:
     return {"method": {"type": "reinforcement", "reinforcement": {
         "grader": {"type": "lambda", "lambda": {"function": handler}},
         "hyperparameters": {**HYPER, **(hyper or {})}}}, "engine": {**ENGINE, **(engine or {})}}
-
-
-def wait_for(fn, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def pids_with(text: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains `text`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if text in cmd and state != "Z":
-                out.append(int(entry))
-    return out
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def sse_data(text: str) -> list[dict]:
-    """The JSON payloads of a server-sent event stream (without chat's closing [DONE])."""
-    blocks = [b for b in text.strip().split("\n\n") if "data: " in b]
-    return [json.loads(b.split("data: ", 1)[1]) for b in blocks if not b.endswith("data: [DONE]")]
 
 
 @pytest.fixture(scope="module")
