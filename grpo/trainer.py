@@ -285,7 +285,7 @@ class Trainer:
                 self._fail(step, f"Step {step}: the reward function failed on {err.result.n_failed} "
                                  f"trajectories: {err}")
                 raise
-            if step % self.eval_interval == 0 or step == self.total_steps:
+            if self.val_records and (step % self.eval_interval == 0 or step == self.total_steps):
                 m["val_score_rewards_mean"] = self.validate()
                 stopped_early = self._early_stop(m["val_score_rewards_mean"])
             self.log.step(m)

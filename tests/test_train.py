@@ -109,3 +109,13 @@ def test_a_failing_handler_fails_the_job_with_its_own_message(tmp_path):
     errors = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["level"] == "error"]
     assert len(errors) == 1 and errors[0]["message"].startswith("Step 1: the reward function failed on 8 trajectories")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was logged as if it had scored
+
+
+def test_a_job_without_validation_file_runs_and_logs_no_val_metric(tmp_path):
+    model = build_model_dir(tmp_path / "model")
+    train, _ = write_data(tmp_path / "data", n_train=4, n_val=2)
+    job = write_job(tmp_path / "job.yaml", model, train, None, handler=write_varied_handler(tmp_path / "h.py"))
+    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and not any("val_score_rewards_mean" in r for r in rows)
