@@ -12,8 +12,10 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the trainer; `grpo compare`/`plot` do not pay for it
+    import torch
 
 # The six the OpenAI-compatible path reports per step (spec section 3), in the walkthrough's order.
 BEDROCK_STEP_METRICS = ("critic_rewards_mean", "actor_pg_loss", "actor_entropy", "actor_grad_norm",
@@ -22,15 +24,15 @@ BEDROCK_STEP_METRICS = ("critic_rewards_mean", "actor_pg_loss", "actor_entropy",
 VOLATILE_PREFIXES = ("timing_s_", "perf_", "reward_seconds")
 
 
-def _stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
+def _stats(prefix: str, x: "torch.Tensor") -> dict[str, float]:
     x = x.float()
     if not x.numel():  # nothing graded this step (every trajectory failed under on_failure=skip)
         return {f"{prefix}_{k}": float("nan") for k in ("mean", "max", "min")}
     return {f"{prefix}_mean": float(x.mean()), f"{prefix}_max": float(x.max()), f"{prefix}_min": float(x.min())}
 
 
-def data_metrics(*, scores: torch.Tensor, token_advantages: torch.Tensor, response_lengths: torch.Tensor,
-                 prompt_lengths: torch.Tensor, truncated: torch.Tensor, frac_zero_std: float) -> dict:
+def data_metrics(*, scores: "torch.Tensor", token_advantages: "torch.Tensor", response_lengths: "torch.Tensor",
+                 prompt_lengths: "torch.Tensor", truncated: "torch.Tensor", frac_zero_std: float) -> dict:
     """verl's `compute_data_metrics` for one step: sequence scores, token-level advantages, lengths.
 
     `critic_rewards_*` equals `critic_score_*` here, since no KL is folded into the reward (KL is a loss).

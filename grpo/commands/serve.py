@@ -68,7 +68,7 @@ def run(args) -> int:
     key = args.api_key or os.environ.get("GRPO_API_KEY")
     generated = not key
     key = key or "grpo-" + secrets.token_urlsafe(24)
-    cfg = ServerConfig(state_dir=args.state_dir, api_key=key, handlers_dir=args.handlers_dir,
+    cfg = ServerConfig(state_dir=args.state_dir.resolve(), api_key=key, handlers_dir=args.handlers_dir,
                        base_models=_models(args.models), max_jobs=args.max_jobs,
                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_loaded_models=args.max_loaded_models,
                        default_max_tokens=args.default_max_tokens)
