@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from grpo import algorithms as alg
 from grpo.rollout import PackedBatch
@@ -34,15 +35,99 @@ class UpdateSettings:
     micro_batch_seqs: int
 
 
-def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entropy: bool = False):
-    """log pi(token_{t+1} | <= t) for every position t, from logits divided by the sampling temperature
-    (as verl does, so the log-probs are those of the distribution the rollout sampled from)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+#: Positions per lm_head chunk. GPT-OSS's 201k-token vocabulary makes one position's fp32 logits 0.8 MB, so a
+#: chunk of 512 holds ~0.4 GB per temporary instead of the whole micro-batch's [N, L, V] at once.
+LOGPROB_CHUNK = 512
+
+
+def _head_parts(model):
+    """(decoder, lm_head) of a causal LM under its wrappers (DDP, DeepSpeed, compile, peft), or None where the
+    chunked path does not apply (no separate decoder/head, or logits that are not just lm_head(hidden))."""
+    import inspect
+
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft -> the transformers model
+    get_dec, get_head = getattr(base, "get_decoder", None), getattr(base, "get_output_embeddings", None)
+    if get_dec is None or get_head is None:
+        return None
+    decoder, head = get_dec(), get_head()
+    cfg = getattr(base, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if decoder is None or head is None or decoder is base:
+        return None
+    if any(getattr(text_cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
+        return None  # Gemma/Cohere-style logits: the model's own forward is the reference
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return None
+    return decoder, head
+
+
+def _head_chunk(head, hidden, labels, temperature: float, with_entropy: bool):
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = alg.log_probs_from_logits(logits, labels)
+    return (logp, alg.entropy_from_logits(logits)) if with_entropy else (logp,)
+
+
+def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bool):
+    """The reference path: the model's own [N, L, V] logits (models whose logits are more than lm_head(h))."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
     logits = out.logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = alg.log_probs_from_logits(logits, batch.input_ids[:, 1:])
-    entropy = alg.entropy_from_logits(logits) if with_entropy else None
+    logp = alg.log_probs_from_logits(logits, batch.input_ids[:, 1:].to(device))
+    return logp, (alg.entropy_from_logits(logits) if with_entropy else None)
+
+
+def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entropy: bool = False,
+                     chunk_size: int = LOGPROB_CHUNK):
+    """log pi(token_{t+1} | <= t) at every response position t ([N, L-1]; 0 elsewhere), from logits divided by
+    the sampling temperature (as verl does, so the log-probs are those of the distribution the rollout sampled
+    from), and the token entropy at the same positions if asked.
+
+    Memory: the full [N, L, V] logits are never made. The model runs through its own forward (so DDP's
+    gradient hooks, ZeRO-3's parameter gathering and peft's adapters all work as usual) with
+    `logits_to_keep=1`; a forward hook on the decoder keeps its last hidden state; lm_head is then applied to
+    the response positions `chunk_size` at a time. Under autograd each chunk is checkpointed, so only its
+    hidden states are kept and its logits are recomputed in the backward pass (one extra lm_head pass).
+    Models whose logits are not plain lm_head(hidden) take the full-logits path instead.
+    """
+    parts = _head_parts(model)
+    if parts is None:
+        logp, entropy = _full_logits(model, batch, temperature, with_entropy)
+        mask = batch.response_mask.to(logp.device)
+        return logp * mask, (entropy * mask if entropy is not None else None)
+    decoder, head = parts
+    device = next(model.parameters()).device
+    captured = {}
+
+    def keep_hidden(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder.register_forward_hook(keep_hidden)
+    try:
+        model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+              logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden = captured["h"][:, :-1]
+    sel = batch.response_mask.to(hidden.device) > 0
+    h_sel, lab_sel = hidden[sel], batch.input_ids[:, 1:].to(hidden.device)[sel]
+    grad = torch.is_grad_enabled() and h_sel.requires_grad
+    logps, ents = [], []
+    for i in range(0, max(len(h_sel), 1), chunk_size):  # at least one (maybe empty) chunk keeps the graph whole
+        args = (head, h_sel[i:i + chunk_size], lab_sel[i:i + chunk_size], temperature, with_entropy)
+        out = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args)
+        logps.append(out[0])
+        if with_entropy:
+            ents.append(out[1])
+    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
+    logp = zeros.masked_scatter(sel, torch.cat(logps))
+    entropy = zeros.masked_scatter(sel, torch.cat(ents)) if with_entropy else None
     return logp, entropy
 
 
