@@ -115,6 +115,7 @@ class EngineConfig(_Strict):
     early_stopping_patience: int = Field(5, ge=1, description="evaluations without improvement before stopping")
     early_stopping_min_delta: float = Field(0.01, ge=0, description="improvement of val reward that counts")
     reward: RewardRunnerConfig = Field(default_factory=RewardRunnerConfig)
+    log_samples: int = Field(4, ge=0, description="sampled responses per step written to <run>/samples.jsonl")
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers")
     health: HealthThresholds = Field(default_factory=HealthThresholds, description="training-health alarms: docs/health.md")
 

@@ -103,7 +103,7 @@ class RunLog:
         """On resume: keep exactly the lines of steps up to the checkpoint (one line per step)."""
         if not self.enabled:
             return
-        for path, get in ((self.metrics_path, lambda r: r.get("step")),
+        for path, get in ((self.metrics_path, lambda r: r.get("step")), (self.run_dir / "samples.jsonl", lambda r: r.get("step")),
                           (self.events_path, lambda r: (r.get("data") or {}).get("step"))):
             rows = [r for r in read_jsonl(path) if get(r) is None or get(r) <= step]
             tmp = path.with_suffix(".tmp")

@@ -171,6 +171,7 @@ class Trainer:
         result = self.runner.score(build_trajectories(records, rollout))
         timing["reward"] = time.perf_counter() - t
         keep = [i for i, s in enumerate(result.scores) if s is not None]  # on_failure=skip: failures get no weight
+        self._log_samples(step + 1, records, rollout, result.scores)
 
         # 3. group-normalized advantages, broadcast over each response's tokens
         t = time.perf_counter()
@@ -226,6 +227,17 @@ class Trainer:
         if torch.cuda.is_available():
             m["perf_max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return m
+
+    def _log_samples(self, step: int, records, rollout, scores) -> None:
+        """A few responses per step in <run>/samples.jsonl: the first thing to read when a curve looks odd."""
+        n = min(self.cfg.engine.log_samples, len(rollout))
+        if not (self.is_main and n):
+            return
+        rows = [{"step": step, "id": records[rollout.group[i]].id, "sample": rollout.sample[i], "score": scores[i],
+                 "response": rollout.contents[i], "reasoning_content": rollout.reasoning[i],
+                 "truncated": rollout.truncated[i]} for i in range(0, len(rollout), max(1, len(rollout) // n))][:n]
+        with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def validate(self) -> float | None:
         """val_score_rewards_mean: one sample per held-out prompt at the eval temperature, graded."""
