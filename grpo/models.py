@@ -59,40 +59,122 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_base_model(path: str, dtype: torch.dtype, *, gradient_checkpointing: bool = False):
+def model_options(engine) -> dict[str, Any]:
+    """The engine's model-loading options as `load_policy` keywords (fields read with defaults, so a config
+    without them loads as before): `load_in_4bit` (QLoRA base) and `attn_implementation`."""
+    return {"load_in_4bit": bool(getattr(engine, "load_in_4bit", False)),
+            "attn_implementation": getattr(engine, "attn_implementation", None)}
+
+
+def _require(module: str, what: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs the '{module}' package, which is not installed: pip install {extra}")
+
+
+def _quant_method(path: str) -> str | None:
+    """The checkpoint's own quantization (e.g. GPT-OSS ships MXFP4 experts), read from its config."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None  # load_base_model reports the real problem
+    q = getattr(cfg, "quantization_config", None)
+    return (q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)) or None
+
+
+def load_base_model(path: str, dtype: torch.dtype, *, gradient_checkpointing: bool = False,
+                    load_in_4bit: bool = False, attn_implementation: str | None = None):
+    """The base causal LM in `dtype`. MXFP4 checkpoints (GPT-OSS) are dequantized to `dtype`: LoRA trains the
+    experts through peft `target_parameters`, which needs real weight tensors. `load_in_4bit` quantizes the
+    linear layers to NF4 with bitsandbytes (QLoRA; Qwen3-32B on one 80 GB GPU)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if _quant_method(path) == "mxfp4":
+        if load_in_4bit:
+            raise UserError(f"model '{path}': engine.load_in_4bit is for bf16 checkpoints such as Qwen3-32B; this "
+                            "one ships MXFP4 weights, which are dequantized to bf16 (GPT-OSS-20B fits one 80 GB GPU)")
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    elif load_in_4bit:
+        _require("bitsandbytes", "engine.load_in_4bit (a 4-bit QLoRA base)", "bitsandbytes")
+        import os
+
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)  # bf16 storage lets FSDP shard it
+        if torch.cuda.is_available():  # a 4-bit model cannot be moved after loading: place it on this process's GPU
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
         raise UserError(f"model '{path}': cannot load it ({str(e).splitlines()[0]})") from None
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant, so LoRA and hooks work), no KV cache.
+    transformers 5 renamed the method (activation_checkpointing_enable); older releases have the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+#: LoRA on weights that are parameters, not nn.Linear modules (peft `target_parameters`), per model type:
+#: GPT-OSS keeps each layer's experts as two stacked [experts, in, out] tensors.
+EXPERT_PARAMETERS = {"gpt_oss": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+
+
+def lora_target_parameters(lora: LoraConfig, model_type: str | None) -> list[str]:
+    """engine.lora.target_parameters if given (`[]`: none), else the MoE experts of known MoE models."""
+    given = getattr(lora, "target_parameters", None)
+    return list(given) if given is not None else list(EXPERT_PARAMETERS.get(model_type or "", []))
+
+
+def peft_lora_config(lora: LoraConfig, model_type: str | None):
+    """The peft LoraConfig for our `engine.lora` on a model of `model_type`."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    params = lora_target_parameters(lora, model_type)
+    if params and lora.dropout:
+        raise UserError(f"engine.lora.dropout={lora.dropout}: LoRA on expert parameters "
+                        f"({', '.join(params)}) needs dropout 0 (peft cannot apply dropout there)")
+    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, target_parameters=params or None, task_type="CAUSAL_LM")
 
 
 def add_lora(model, lora: LoraConfig, *, adapter_path: str | None = None):
     """Wrap `model` in a peft LoRA adapter (new, or loaded trainable from `adapter_path`)."""
-    from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 
     if adapter_path:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    cfg = PeftLoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, cfg)
+    cfg = peft_lora_config(lora, getattr(model.config, "model_type", None))
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # e.g. a target that matches nothing: the user's engine.lora is wrong
+        raise UserError(f"engine.lora: {str(e).splitlines()[0]}") from None
 
 
 def load_policy(path: str, lora: LoraConfig, *, dtype: torch.dtype, gradient_checkpointing: bool = False,
-                adapter_path: str | None = None):
-    model = load_base_model(path, dtype, gradient_checkpointing=gradient_checkpointing)
+                adapter_path: str | None = None, load_in_4bit: bool = False, attn_implementation: str | None = None):
+    model = load_base_model(path, dtype, gradient_checkpointing=gradient_checkpointing, load_in_4bit=load_in_4bit,
+                            attn_implementation=attn_implementation)
     policy = add_lora(model, lora, adapter_path=adapter_path)
     if gradient_checkpointing:
         policy.enable_input_require_grads()
@@ -118,6 +200,45 @@ def chat_template_kwargs(reasoning_effort: str) -> dict[str, Any]:
     prompt's `Reasoning: low|medium|high` (`reasoning_effort`). Templates ignore variables they do not use.
     """
     return {"enable_thinking": reasoning_effort != "low", "reasoning_effort": reasoning_effort}
+
+
+# -- chat templates --------------------------------------------------------------------------------------------
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+#: The special tokens each stored template writes (besides the ChatML ones the tiny tokenizer already has).
+TEMPLATE_TOKENS = {
+    "qwen3": {"special": [], "added": ["<think>", "</think>"], "eos": "<|im_end|>"},
+    "gpt_oss": {"special": ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
+                            "<|constrain|>"], "added": [], "eos": "<|return|>"},
+}
+
+
+def chat_template(name: str) -> str:
+    """The stored real chat template `name` (`qwen3`, `gpt_oss`): grpo/templates/<name>.jinja."""
+    path = TEMPLATES_DIR / f"{name}.jinja"
+    if not path.is_file():
+        raise UserError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATE_TOKENS))}")
+    return path.read_text(encoding="utf-8")
+
+
+def chat_tokenizer(name: str, *, vocab_size: int = 384):
+    """The tiny BPE tokenizer (grpo.tiny_data) with a real model's chat template and the special tokens it
+    writes, so that prompts render token for token the way Qwen3's or GPT-OSS's own tokenizer renders them
+    (tests, and scripts/gpu_smoke.py, where no hub is reachable)."""
+    from tokenizers import AddedToken
+
+    from grpo.tiny_data import build_tokenizer
+
+    spec = TEMPLATE_TOKENS.get(name)
+    if spec is None:
+        raise UserError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATE_TOKENS))}")
+    tok = build_tokenizer(vocab_size)
+    if spec["special"]:
+        tok.add_special_tokens({"additional_special_tokens": spec["special"]})
+    if spec["added"]:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec["added"]])
+    tok.eos_token = spec["eos"]
+    tok.chat_template = chat_template(name)
+    return tok
 
 
 def count_parameters(model) -> tuple[int, int]:
