@@ -1,4 +1,4 @@
-"""`grpo train CONFIG.yaml [--set key=value ...] [--output-dir DIR] [--resume]`."""
+"""`grpo train CONFIG.yaml [--set key=value ...] [--output-dir DIR] [--resume] [--dry-run]`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def add_arguments(p):
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir "
                    "(default: the newest runs/<config>-* directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print the plan (model, parameter "
+                   "counts, trainable parameters, memory per GPU, steps) without loading any weights")
 
 
 def default_run_dir(config: Path, resume: bool) -> Path:
@@ -62,6 +64,11 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print_warnings(cfg)
+    if args.dry_run:
+        from grpo.plan import dry_run
+
+        print(dry_run(cfg, str(args.config)))
+        return 0
     run_dir = args.output_dir or default_run_dir(args.config, args.resume)
     if not args.resume and (run_dir / "metrics.jsonl").exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --output-dir")
