@@ -1,0 +1,117 @@
+"""OPTIONAL vLLM generation backend, colocated with training. NOT MEASURED HERE: vLLM cannot be installed
+on this project's CI machines (no GPU), so only the parts below that do not need vLLM are tested
+(`merged_weights`, and the TIS math in grpo.tis). The default backend is transformers generation
+(grpo.rollout.generate), which samples from exactly the policy being trained.
+
+How the pieces fit (the design TRL's and verl's colocated modes use):
+  1. vLLM runs in the training process on the same GPU, in sleep mode: `sleep()` before the update frees
+     its KV cache and moves its weights to CPU; `wake_up()` brings them back for the next rollout.
+  2. After each optimizer step the LoRA adapter is folded into the base weights (`merged_weights`, out of
+     place: the training weights are never modified) and loaded into vLLM's model (`sync_weights`).
+  3. vLLM returns each sampled token's log-prob under *its* numerics (bf16 kernels, maybe fp8). The trainer
+     then computes the old log-probs with the training engine and reweights the policy-gradient loss by
+     the truncated importance ratio (grpo.tis.tis_weights), logging grpo.tis.sampler_mismatch_metrics.
+
+Install: `pip install 'grpo[vllm]'` (vllm>=0.10) on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from grpo.errors import UserError
+from grpo.rollout import RolloutBatch, split_reasoning
+
+
+def merged_weights(policy, adapter: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every base-model weight with the LoRA delta added, named as in the base checkpoint
+    (`model.layers.0.self_attn.q_proj.weight`, `model.layers.0.mlp.experts.gate_up_proj`): what an inference
+    engine's `load_weights` takes. Nothing in `policy` changes (no merge/unmerge round trip, which would
+    leave bf16 rounding in the training weights)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                pname = getattr(module, "parameter_name", None) or "weight"  # ParamWrapper targets a parameter
+                deltas[_clean(f"{name}.{pname}")] = module.get_delta_weight(adapter)
+        for name, param in base.named_parameters():
+            if ".lora_" in name:
+                continue
+            clean = _clean(name)
+            delta = deltas.get(clean)
+            yield clean, (param.detach() if delta is None else (param.detach() + delta.to(param.dtype)))
+
+
+def _clean(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise UserError("the vLLM rollout backend needs vllm (pip install 'grpo[vllm]', CUDA only); "
+                        "the default transformers backend needs nothing") from None
+    return vllm
+
+
+class VLLMRollout:
+    """vLLM colocated with the trainer, in sleep mode. Not measured here (see the module docstring)."""
+
+    def __init__(self, model_path: str, tokenizer, *, max_model_len: int, gpu_memory_utilization: float = 0.3,
+                 dtype: str = "bfloat16", seed: int = 0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights reachable
+        vllm = _import_vllm()
+        self.vllm, self.tokenizer = vllm, tokenizer
+        self.llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
+                            enable_prefix_caching=True)
+        self.asleep = False
+
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+                 top_p: float = 1.0) -> tuple[RolloutBatch, list[list[float]]]:
+        """Like grpo.rollout.generate (the full tempered distribution, top-k off), plus each sampled token's
+        log-prob under vLLM (for grpo.tis)."""
+        if self.asleep:
+            self.wake_up()
+        params = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
+                                          max_tokens=max_new_tokens, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        specials = [t for t in self.tokenizer.all_special_tokens if t]
+        batch, sampler_logp = RolloutBatch(), []
+        for g, out in enumerate(outs):
+            for s, comp in enumerate(out.outputs):
+                ids = list(comp.token_ids)
+                content, reasoning = split_reasoning(self.tokenizer.decode(ids, skip_special_tokens=False), specials)
+                batch.prompt_ids.append(prompts[g])
+                batch.response_ids.append(ids)
+                batch.contents.append(content)
+                batch.reasoning.append(reasoning)
+                batch.truncated.append(comp.finish_reason == "length")
+                batch.group.append(g)
+                batch.sample.append(s)
+                sampler_logp.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
+        return batch, sampler_logp
+
+    def sync_weights(self, policy) -> None:
+        """Load the policy's merged weights into vLLM (after each optimizer step), as TRL's colocate mode does."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # weights back first, the KV cache only after the load
+        model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        model.load_weights(merged_weights(policy))
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+
+    def sleep(self) -> None:
+        """Free the GPU for the update: weights to CPU, KV cache dropped."""
+        self.llm.sleep(level=1)
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+        self.asleep = False

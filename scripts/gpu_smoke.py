@@ -1,0 +1,205 @@
+"""GPU smoke run: a few GRPO steps on the real Qwen3-32B / GPT-OSS-20B architectures, and what they cost.
+
+The models are built at full size from their architectures (grpo.plan.KNOWN_CONFIGS) with random bf16
+weights, directly on the GPU: no hub, nothing written to disk. Each step goes through the engine's own code:
+chat-template prompts (the real templates, grpo/templates), LoRA by grpo.models.add_lora (experts included
+for GPT-OSS), gradient checkpointing, grpo.rollout.generate, the reference log-probs with the adapter off and
+grpo.actor.update_policy (chunked log-probs). Random scores stand in for a reward (a random model's answers
+are all wrong), so the update is a real one with real shapes.
+
+Printed per step and summarised (also as JSON with --json): peak GPU memory, generation tokens/s, update
+tokens/s and the update phase's MFU = update tokens/s x FLOPs per token / the GPU's peak bf16 FLOP/s, with
+FLOPs per token = 4 x active parameters (MoE: the top-k experts only; a frozen base under LoRA needs the
+forward and the activation-gradient half of the backward; gradient checkpointing's recompute and attention
+scores are not counted, as is usual for MFU).
+
+    python scripts/gpu_smoke.py --model gpt_oss                  # needs a CUDA GPU (~55 GB for GPT-OSS-20B)
+    python scripts/gpu_smoke.py --model qwen3 --layers 32        # Qwen3-32B's layers, half of them
+    python scripts/gpu_smoke.py --tiny --model all --steps 2     # tiny configs on CPU: the same code paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+# Peak dense bf16 tensor FLOP/s by device name (vendor datasheets); others: --peak-tflops.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "B200": 2250.0}
+HUB_IDS = {"qwen3": "Qwen/Qwen3-32B", "gpt_oss": "openai/gpt-oss-20b"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["qwen3", "gpt_oss", "all"], default="all")
+    p.add_argument("--tiny", action="store_true", help="tiny configs on CPU (fp32): checks the code paths, measures nothing useful")
+    p.add_argument("--steps", type=int, default=3, help="steps (the first one includes warm-up; the summary leaves it out)")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    p.add_argument("--group", type=int, default=4, help="samples per prompt")
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sample (end tokens ignored)")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
+    p.add_argument("--layers", type=int, default=None, help="use fewer decoder layers than the real model")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s (for MFU)")
+    p.add_argument("--json", default=None, help="also write the summary here")
+    return p.parse_args(argv)
+
+
+def build(kind: str, args, device):
+    """(policy, tokenizer, ModelInfo) for one architecture: tiny on CPU, or full size on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from grpo.config import LoraConfig
+    from grpo.models import add_lora, chat_tokenizer, enable_gradient_checkpointing
+    from grpo.plan import inspect_model, model_config
+
+    tok = chat_tokenizer(kind)
+    lora = LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank)
+    torch.manual_seed(0)
+    if args.tiny:
+        from grpo.tiny import build_random_gpt_oss, build_random_qwen3
+
+        model = (build_random_qwen3 if kind == "qwen3" else build_random_gpt_oss)(tok)
+        config = model.config
+    else:
+        config, _ = model_config(HUB_IDS[kind])
+        if args.layers:
+            config.num_hidden_layers = args.layers
+            if getattr(config, "layer_types", None):
+                config.layer_types = config.layer_types[:args.layers]
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    info = inspect_model(config, lora)
+    if not args.no_gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    policy = add_lora(model, lora)
+    if not args.no_gradient_checkpointing:
+        policy.enable_input_require_grads()
+    return policy, tok, info
+
+
+def prompts_for(tok, n: int, length: int) -> list[list[int]]:
+    """`n` chat-template prompts of at least `length` tokens (a GSM8K-style question, repeated)."""
+    from grpo.rollout import encode_prompt
+
+    out = []
+    for i in range(n):
+        text = f"Tom has {10 + i} apples and gets 23 more. How many apples does Tom have now?"
+        while len(ids := encode_prompt(tok, [{"role": "user", "content": text}], reasoning_effort="low")) < length:
+            text += " Let's think step by step and output the final answer after '####'."
+        out.append(ids)
+    return out
+
+
+def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
+    import torch
+
+    from grpo import algorithms as alg
+    from grpo.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
+    from grpo.rollout import generate, pack
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    policy, tok, info = build(kind, args, device)
+    build_s = time.perf_counter() - t
+    params = [p for p in policy.parameters() if p.requires_grad]
+    model, opt = acc.prepare(policy, torch.optim.AdamW(params, lr=1e-5))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    n_seq = args.prompts * args.group
+    settings = UpdateSettings(temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
+                              loss_agg_mode="token-mean", kl_coef=0.001, kl_penalty="low_var_kl", entropy_coef=0.0,
+                              max_grad_norm=1.0, ppo_epochs=1, mini_batch_seqs=n_seq,
+                              loss_scale_factor=float(args.new_tokens), micro_batch_seqs=args.micro_batch)
+    prompts = prompts_for(tok, args.prompts, args.prompt_tokens)
+    rows = []
+    for step in range(args.steps):
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        t0 = time.perf_counter()
+        roll = generate(policy, tok, prompts, n=args.group, max_new_tokens=args.new_tokens, temperature=1.0,
+                        ignore_eos=True)
+        sync()
+        t1 = time.perf_counter()
+        batch = pack(roll.prompt_ids, roll.response_ids, tok.pad_token_id)
+        scores = torch.rand(len(roll), generator=torch.Generator().manual_seed(step))
+        adv = alg.group_normalized_advantages(scores, torch.tensor(roll.group))
+        with adapter_disabled(policy):
+            ref = compute_logprobs(policy, batch, 1.0, args.micro_batch)
+        sync()
+        t2 = time.perf_counter()
+        m = update_policy(model, opt, sched, batch, adv[:, None] * batch.response_mask, settings, accelerator=acc,
+                          ref_logp=ref)
+        sync()
+        t3 = time.perf_counter()
+        gen_tokens = sum(len(r) for r in roll.response_ids)
+        upd_tokens = int(batch.attention_mask.sum())
+        row = {"step": step + 1, "gen_s": t1 - t0, "ref_s": t2 - t1, "update_s": t3 - t2,
+               "gen_tokens_per_s": gen_tokens / (t1 - t0), "update_tokens_per_s": upd_tokens / (t3 - t2),
+               "actor_pg_loss": m["actor_pg_loss"], "actor_grad_norm": m["actor_grad_norm"]}
+        row["update_mfu"] = (row["update_tokens_per_s"] * info.flops_per_token(train=True) / peak_flops
+                             if peak_flops else None)
+        rows.append(row)
+        print(f"  [{kind}] step {row['step']}: generation {row['gen_tokens_per_s']:.1f} tok/s, update "
+              f"{row['update_tokens_per_s']:.1f} tok/s" + (f", MFU {row['update_mfu']:.1%}" if row["update_mfu"] else "")
+              + f", grad norm {row['actor_grad_norm']:.3g}", flush=True)
+    steady = rows[1:] or rows
+
+    def mean(k):
+        vals = [r[k] for r in steady if r[k] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    summary = {"model": kind, "tiny": args.tiny, "layers": info.layers, "parameters": info.total,
+               "active_parameters": info.active, "trainable_parameters": info.trainable, "build_s": build_s,
+               "sequences_per_step": n_seq, "prompt_tokens": len(prompts[0]), "new_tokens": args.new_tokens,
+               "gen_tokens_per_s": mean("gen_tokens_per_s"), "update_tokens_per_s": mean("update_tokens_per_s"),
+               "update_mfu": mean("update_mfu"), "update_flops_per_token": info.flops_per_token(train=True),
+               ("peak_gpu_memory_gib" if cuda else "peak_cpu_rss_gib"): peak, "steps": rows}
+    del model, opt, policy
+    if cuda:
+        torch.cuda.empty_cache()
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        print("error: full-size mode builds Qwen3-32B / GPT-OSS-20B on a CUDA GPU, and there is none here; "
+              "run with --tiny for the same code paths on tiny configs (CPU)", file=sys.stderr)
+        return 2
+    from accelerate import Accelerator
+
+    device = torch.device("cuda" if not args.tiny else "cpu")
+    acc = Accelerator(cpu=args.tiny)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if device.type == "cuda" and peak is None:
+        print(f"warning: peak FLOP/s of '{name}' unknown; pass --peak-tflops for MFU", file=sys.stderr)
+    results = []
+    for kind in (["qwen3", "gpt_oss"] if args.model == "all" else [args.model]):
+        print(f"{kind}: {'tiny config, CPU' if args.tiny else 'full size, random bf16 weights on ' + name}", flush=True)
+        results.append(run_one(kind, args, device, acc, peak * 1e12 if peak else None))
+    out = {"device": name, "peak_tflops": peak, "results": results}
+    for r in results:
+        mem = r.get("peak_gpu_memory_gib", r.get("peak_cpu_rss_gib"))
+        print(f"{r['model']}: {r['parameters'] / 1e9:.2f} B parameters ({r['active_parameters'] / 1e9:.2f} B active), "
+              f"{r['trainable_parameters'] / 1e6:.1f} M trainable; peak {'GPU' if device.type == 'cuda' else 'CPU RSS'} "
+              f"{mem:.2f} GiB; generation {r['gen_tokens_per_s']:.1f} tok/s; update {r['update_tokens_per_s']:.1f} tok/s"
+              + (f"; update MFU {r['update_mfu']:.1%}" if r["update_mfu"] else ""))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
