@@ -162,6 +162,7 @@ def add_lora(model, lora: LoraConfig, *, adapter_path: str | None = None):
     """Wrap `model` in a peft LoRA adapter (new, or loaded trainable from `adapter_path`)."""
     from peft import PeftModel, get_peft_model
 
+    quiet_transformers()
     if adapter_path:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
     cfg = peft_lora_config(lora, getattr(model.config, "model_type", None))

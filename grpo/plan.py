@@ -49,7 +49,7 @@ KNOWN_CONFIGS: dict[str, dict] = {
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 201088,
     },
 }
-GPU_GIB = 80  # the H100 / A100 80 GB the verdicts are against
+GPU_GIB = 79  # usable GiB of an "80 GB" H100 / A100, the GPU the verdicts are against
 GEN_BATCH = 64  # grpo.rollout.generate's sequences per generate call
 NF4_BYTES = 4.127 / 8  # NF4 with double quantization: 4 bits + ~0.127 bits of block constants per weight
 GIB = 2**30
@@ -296,7 +296,7 @@ def make_plan(job: JobConfig) -> str:
         lines.append(f"  {label}".ljust(width) + "".join(f"{m.get(key, 0.0) / GIB:>22.1f}" for _, m in columns))
     verdicts = [("fits" if m["peak"] / GIB <= 0.9 * GPU_GIB else "tight" if m["peak"] / GIB <= GPU_GIB
                  else "does not fit") for _, m in columns]
-    lines.append(f"  on an {GPU_GIB} GB GPU".ljust(width) + "".join(f"{v:>22}" for v in verdicts))
+    lines.append("  on an 80 GB GPU".ljust(width) + "".join(f"{v:>22}" for v in verdicts))
     if verdicts[0] != "fits" and not base_setup.load_in_4bit and info.experts == 0:
         lines.append("hint: engine.load_in_4bit (QLoRA, needs bitsandbytes) or sharding over several GPUs "
                      "(configs/accelerate/) brings it under one GPU's memory")

@@ -1,0 +1,194 @@
+"""Real scale without a GPU: the dry-run plan of the two Bedrock configs (counts checked by hand), the memory
+model, the accelerate configs, training steps on tiny GPT-OSS and Qwen3 with the real chat templates, and the
+GPU smoke script's --tiny mode."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers_engine import REPO, cli_env, read_jsonl, run_grpo, write_data, write_job
+from grpo.config import LoraConfig, load_config
+from grpo.errors import UserError
+from grpo.plan import GIB, estimate_memory, inspect_model, make_plan, model_config, setup_for
+
+torch.set_num_threads(1)
+QWEN, GPT_OSS = REPO / "configs" / "gsm8k_qwen3_32b.yaml", REPO / "configs" / "gsm8k_gpt_oss_20b.yaml"
+
+
+@pytest.fixture(scope="module")
+def infos():
+    lora = LoraConfig()  # rank 32, alpha 64, all-linear: the configs' LoRA
+    return {name: inspect_model(model_config(name)[0], lora) for name in ("Qwen/Qwen3-32B", "openai/gpt-oss-20b")}
+
+
+def test_parameter_counts_of_the_bedrock_models(infos):
+    q, g = infos["Qwen/Qwen3-32B"], infos["openai/gpt-oss-20b"]
+    # model cards: Qwen3-32B 32.8B parameters; gpt-oss-20b 21B total, 3.6B active
+    assert round(q.total / 1e9, 1) == 32.8 and q.active == q.total - q.embedding
+    assert round(g.total / 1e9) == 21 and round(g.active / 1e9, 1) == 3.6
+    # LoRA rank 32 by hand: r x (in + out) per targeted matrix
+    qwen_layer = 32 * (2 * (5120 + 8192) + 2 * (5120 + 1024) + 3 * (5120 + 25600))  # q, o; k, v; gate, up, down
+    assert q.trainable == 64 * qwen_layer == 268_435_456
+    attention = 32 * (2 * (2880 + 4096) + 2 * (2880 + 512))
+    experts = 32 * 32 * (2880 + 2 * 2880) + 32 * 32 * (2880 + 2880)  # per expert: A [r, in], B [out, r]
+    assert g.trainable == 24 * (attention + experts) == 369_819_648
+    assert g.flops_per_token(train=True) == 4 * g.active
+
+
+def test_memory_estimates_by_hand(infos):
+    q, g = infos["Qwen/Qwen3-32B"], infos["openai/gpt-oss-20b"]
+    job_q, job_g = load_config(QWEN), load_config(GPT_OSS)
+    one = estimate_memory(q, job_q, setup_for(job_q, q))
+    # KV cache: 4 prompts x 8 samples, 512 + 1024 tokens, 64 layers x K and V x 8 heads x 128 x bf16
+    assert one["kv_cache"] == 32 * 1536 * 64 * 2 * 8 * 128 * 2
+    assert one["weights"] == q.total * 2 and one["adapter"] == q.trainable * 16
+    assert one["peak"] / GIB > 72  # bf16 Qwen3-32B does not fit one 80 GB GPU comfortably...
+    s4 = setup_for(job_q, q)
+    s4.load_in_4bit = True
+    four = estimate_memory(q, job_q, s4)
+    assert 17 < four["weights"] / GIB < 21 and four["peak"] / GIB < 50  # ...a 4-bit base does
+    sharded = estimate_memory(q, job_q, setup_for(job_q, q, world=4, sharded=True))
+    assert sharded["weights"] < one["weights"] / 3 and sharded["adapter"] == one["adapter"] / 4
+    s_nogc = setup_for(job_q, q)
+    s_nogc.gradient_checkpointing = False
+    assert estimate_memory(q, job_q, s_nogc)["activations"] > 10 * one["activations"]
+    gpt = estimate_memory(g, job_g, setup_for(job_g, g))
+    # GPT-OSS: 12 full-attention layers cache 1536 tokens, 12 sliding ones 128; 8 KV heads x 64
+    assert gpt["kv_cache"] == 32 * (12 * 1536 + 12 * 128) * 2 * 8 * 64 * 2
+    assert gpt["expert_fold"] == 2 * g.experts / 24 * 2 and gpt["peak"] / GIB < 70
+
+
+def test_dry_run_cli_prints_the_plan_in_seconds(tmp_path):
+    train, _ = write_data(tmp_path, n_train=10, n_val=2)
+    t = time.perf_counter()
+    res = run_grpo("train", GPT_OSS, "--dry-run", "--set", f"training_file={train}", timeout=60)
+    wall = time.perf_counter() - t
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "the config is valid; nothing was loaded" in out
+    assert "openai/gpt-oss-20b (GptOssForCausalLM; config: embedded copy" in out
+    assert "20.91 B (active per token: 3.61 B" in out and "369.82 M" in out
+    assert "parameters mlp.experts.gate_up_proj, mlp.experts.down_proj" in out
+    assert "steps         3 (10 records / batch_size 4 x 1 epoch(s)" in out
+    assert "4 GPUs FSDP2/ZeRO-3" in out and "on an 80 GB GPU" in out
+    assert wall < 45, wall  # no weights: seconds (with the interpreter's start), on a busy 2-core machine
+
+
+def test_dry_run_plan_for_qwen3_and_its_errors(tmp_path):
+    text = make_plan(load_config(QWEN))
+    assert "Qwen/Qwen3-32B (Qwen3ForCausalLM" in text and "32.76 B" in text and "268.44 M" in text
+    assert "steps         unknown: training_file data/gsm8k/train.jsonl not found" in text
+    assert "hint: engine.load_in_4bit" in text
+    with pytest.raises(UserError, match="not one of the embedded configs"):
+        make_plan(load_config(QWEN, ["engine.model=someone/not-a-model"]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [], "reference_answer": "#### 1"}\n')
+    with pytest.raises(UserError, match=f"{bad}:1: messages"):
+        make_plan(load_config(QWEN, [f"training_file={bad}"]))
+
+
+def test_dry_run_counts_equal_the_real_models(tmp_path):
+    from grpo.models import chat_tokenizer, count_parameters, load_policy
+    from grpo.tiny import build_random_gpt_oss
+
+    tok = chat_tokenizer("gpt_oss")
+    build_random_gpt_oss(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lora = LoraConfig(rank=4, alpha=8)
+    info = inspect_model(model_config(str(tmp_path))[0], lora)
+    total, trainable = count_parameters(load_policy(str(tmp_path), lora, dtype=torch.float32))
+    assert (info.total + info.trainable, info.trainable) == (total, trainable)
+
+
+def test_accelerate_configs_load_and_say_what_they_are():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType as D
+
+    got = {p.stem: load_config_from_file(str(p)) for p in sorted((REPO / "configs" / "accelerate").glob("*.yaml"))}
+    assert set(got) == {"single_gpu", "ddp", "fsdp2", "zero3"}
+    assert got["single_gpu"].distributed_type == D.NO and got["single_gpu"].num_processes == 1
+    assert got["ddp"].distributed_type == D.MULTI_GPU
+    assert got["fsdp2"].distributed_type == D.FSDP and str(got["fsdp2"].fsdp_config["fsdp_version"]) == "2"
+    assert got["zero3"].distributed_type == D.DEEPSPEED and got["zero3"].deepspeed_config["zero_stage"] == 3
+
+
+DIGITS_HANDLER = '''\
+"""Test reward from the graded response (the final answer, thinking excluded): its share of digits, plus
+0.1 x (its length mod 3) so that every group has spread even when a random model writes no digit."""
+
+
+def score(text):
+    return sum(c.isdigit() for c in text) / max(len(text), 1) + 0.1 * (len(text) % 3)
+
+
+def lambda_handler(event, context):
+    return [{"id": t["id"], "aggregate_reward_score": score(t["messages"][-1]["content"])} for t in event]
+'''
+
+
+@pytest.mark.parametrize("kind,effort,gc", [("gpt_oss", "low", True), ("qwen3", "high", False)])
+def test_training_steps_on_tiny_models_with_the_real_templates(tmp_path, kind, effort, gc):
+    from safetensors.torch import load_file
+
+    from grpo.models import chat_tokenizer
+    from grpo.tiny import build_random_gpt_oss, build_random_qwen3
+
+    tok = chat_tokenizer(kind)
+    torch.manual_seed(0)
+    (build_random_gpt_oss if kind == "gpt_oss" else build_random_qwen3)(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    train, _ = write_data(tmp_path / "data", n_train=4, n_val=1)
+    handler = tmp_path / "digits.py"
+    handler.write_text(DIGITS_HANDLER)
+    job = write_job(tmp_path / "job.yaml", tmp_path / "model", train, None, handler=handler,
+                    hyper={"reasoning_effort": effort, "inference_max_tokens": 12},
+                    engine={"gradient_checkpointing": gc, "log_samples": 8})
+    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress", timeout=180)
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["actor_grad_norm"] > 0 for r in rows)
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    def score(text):
+        return sum(c.isdigit() for c in text) / max(len(text), 1) + 0.1 * (len(text) % 3)
+
+    assert samples and all(s["score"] == pytest.approx(score(s["response"])) for s in samples)
+    adapter = load_file(Path(json.loads((tmp_path / "run" / "summary.json").read_text())["adapter"])
+                        / "adapter_model.safetensors")
+    moved = {k for k, v in adapter.items() if "lora_B" in k and v.abs().sum() > 0}  # B starts at 0
+    assert moved and any(".experts." in k for k in moved) == (kind == "gpt_oss")
+
+
+def test_gpu_smoke_tiny_mode_runs_the_same_code_paths_and_full_size_needs_cuda(tmp_path):
+    script = REPO / "scripts" / "gpu_smoke.py"
+    out = tmp_path / "smoke.json"
+    res = subprocess_run([sys.executable, str(script), "--tiny", "--steps", "2", "--prompts", "2", "--group", "2",
+                          "--prompt-tokens", "40", "--new-tokens", "6", "--json", str(out)])
+    assert res.returncode == 0, res.stderr
+    got = json.loads(out.read_text())
+    assert [r["model"] for r in got["results"]] == ["qwen3", "gpt_oss"]
+    for r in got["results"]:
+        assert r["gen_tokens_per_s"] > 0 and r["update_tokens_per_s"] > 0 and r["prompt_tokens"] >= 40
+        assert r["trainable_parameters"] > 0 and len(r["steps"]) == 2 and r["update_mfu"] is None
+    full = subprocess_run([sys.executable, str(script), "--model", "gpt_oss"])
+    assert full.returncode == 2 and "CUDA GPU" in full.stderr and "--tiny" in full.stderr
+
+
+def subprocess_run(cmd):
+    import subprocess
+
+    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_job_configs_are_the_spec_example():
+    for path in (QWEN, GPT_OSS):
+        raw = yaml.safe_load(path.read_text())
+        h = raw["method"]["reinforcement"]["hyperparameters"]
+        assert (h["n_epochs"], h["batch_size"], h["learning_rate_multiplier"]) == (1, 4, 1.0)
+        cfg = load_config(path)
+        assert cfg.engine.dtype == "bfloat16" and cfg.engine.gradient_checkpointing
+        assert "engine" not in cfg.bedrock_body() and cfg.bedrock_body()["model"] in ("qwen.qwen3-32b", "openai.gpt-oss-20b")
