@@ -73,6 +73,7 @@ class LoraConfig(_Strict):
     alpha: int = Field(64, ge=1, description="2 x rank, the common choice; Bedrock does not publish it")
     dropout: float = Field(0.0, ge=0, lt=1, description="0: dropout would make old and new log-probs differ on-policy")
     target_modules: list[str] | str = Field("all-linear", description="attention and MLP projections")
+    target_parameters: list[str] | None = Field(None, description="LoRA on weights that are parameters, not Linear modules (peft target_parameters); default: GPT-OSS's MoE experts, none elsewhere; [] for none")
 
 
 class RewardRunnerConfig(_Strict):
@@ -110,6 +111,8 @@ class EngineConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="verl default")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     gradient_checkpointing: bool = False
+    load_in_4bit: bool = Field(False, description="QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes); Qwen3-32B on one 80 GB GPU")
+    attn_implementation: str | None = Field(None, description="transformers attention kernel; default the model's own (SDPA for Qwen3; eager for GPT-OSS, whose attention sinks SDPA lacks)")
     checkpoint_interval: int = Field(50, ge=1, description="steps between checkpoints (and one at the end)")
     eval_max_records: int | None = Field(None, ge=1, description="cap on validation prompts per evaluation")
     early_stopping_patience: int = Field(5, ge=1, description="evaluations without improvement before stopping")

@@ -40,7 +40,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from grpo.data import load_records
-        from grpo.models import load_policy, load_tokenizer, pick_dtype, resolve_model_path
+        from grpo.models import load_policy, load_tokenizer, model_options, pick_dtype, resolve_model_path
         from grpo.reward import RewardRunner
 
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
@@ -81,7 +81,8 @@ class Trainer:
         self.eval_interval = cfg.eval_interval(n)
 
         dtype = pick_dtype(e.dtype, self.acc.device)
-        policy = load_policy(self.model_path, e.lora, dtype=dtype, gradient_checkpointing=e.gradient_checkpointing)
+        policy = load_policy(self.model_path, e.lora, dtype=dtype, gradient_checkpointing=e.gradient_checkpointing,
+                             **model_options(e))
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=e.weight_decay)
         warm = e.lr_warmup_steps
