@@ -43,6 +43,8 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # LoRA on a tied lm_head adapts the output projection only (the input embedding stays the base's): intended.
+    warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*ensure_weight_tying.*", category=UserWarning)
 
 
 def load_tokenizer(path: str):

@@ -50,7 +50,11 @@ def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool
         png = plot_run(run_dir)
         final = summary["final"]
         base, val = summary["baseline_val_score_rewards_mean"], final.get("val_score_rewards_mean")
-        line = f"done: {summary['steps']} steps, critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f}"
+        from grpo.metrics import read_jsonl
+
+        tail = [r["critic_rewards_mean"] for r in read_jsonl(run_dir / "metrics.jsonl")][-10:]
+        line = (f"done: {summary['steps']} steps, critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f} "
+                f"(mean of the last {len(tail)} steps {sum(tail) / max(len(tail), 1):.3f})")
         if base is not None and val is not None:
             line += f", validation reward {base:.3f} -> {val:.3f}"
         print(line + (" (stopped early)" if summary["stopped_early"] else ""))
