@@ -298,6 +298,8 @@ class HealthMonitor:
         limit = min(max(self.th.entropy_floor, self.th.entropy_collapse_ratio * start), 0.5 * start)
         if cur >= limit:
             return False
+        if self._r and self._reward_levels()[2]:
+            return False  # entropy falling while the reward has risen is the policy converging, not collapsing
         return (f"Entropy collapse: actor_entropy fell to {cur:.3f} from {start:.3f} at the start (limit "
                 f"{limit:.3f}); the policy is collapsing onto one answer (mode collapse) and stops exploring. "
                 "AWS best practice flags this; lower the learning rate, raise the KL coefficient or the sampling "
