@@ -45,6 +45,8 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # LoRA on a tied lm_head adapts the output projection only (the input embedding stays the base's): intended.
     warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*ensure_weight_tying.*", category=UserWarning)
+    # ... and peft then saves the (tied) embedding with the adapter, so the checkpoint loads on its own: intended.
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*", category=UserWarning)
 
 
 def load_tokenizer(path: str):
