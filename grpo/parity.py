@@ -297,6 +297,8 @@ def plot_comparison(a: Run, b: Run, report: dict, out: Path, alarms: dict | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from grpo.plot import save_figure
+
     from grpo.plot import TITLES
 
     metrics = list(report["metrics"])
@@ -331,9 +333,4 @@ def plot_comparison(a: Run, b: Run, report: dict, out: Path, alarms: dict | None
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.suptitle(f"parity: {a.label} vs {b.label}: {report['verdict'].upper()} tolerance", fontsize=11)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -50,6 +50,13 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out: Path, *, title: str | Non
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Lay out, write the PNG (making its folder), and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
