@@ -300,7 +300,7 @@ class Trainer:
                 raise
             if self.val_records and (step % self.eval_interval == 0 or step == self.total_steps):
                 m["val_score_rewards_mean"] = self.validate()
-                stopped_early = self._early_stop(m["val_score_rewards_mean"])
+                stopped_early = self._early_stop(m["val_score_rewards_mean"]) and step < self.total_steps
             self.log.step(m)
             for alarm in self.health.update(m):
                 self._alarm(alarm, bar)
