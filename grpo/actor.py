@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 
 from grpo import algorithms as alg
-from grpo.rollout import PackedBatch
+from grpo.rollout import PackedBatch, cache_kwarg, cache_of
 
 
 @dataclass
@@ -64,6 +64,121 @@ def _head_parts(model):
     return decoder, head
 
 
+#: Decoder families whose cache-based forward (past_key_values + explicit position_ids) is the plain forward of
+#: the concatenated sequence; others (sliding windows, attention sinks, ...) take the plain path.
+_PREFIX_SHARING_TYPES = {"qwen3", "qwen2", "llama"}
+
+
+def _run_decoder(model, decoder, **inputs):
+    """Run `model` (its own forward: adapters, DDP hooks) and return the decoder's last hidden state."""
+    captured = {}
+
+    def keep_hidden(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder.register_forward_hook(keep_hidden)
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def _prefix_sharing_applies(model) -> bool:
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    if inner is not model and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False  # FSDP / DeepSpeed wrappers: keep the one plain forward they are built around
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if getattr(cfg, "model_type", None) not in _PREFIX_SHARING_TYPES:
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    # gradient checkpointing turns the cache off in training
+    return not (torch.is_grad_enabled() and getattr(base, "is_gradient_checkpointing", False))
+
+
+def _shared_prefix_hidden(model, decoder, batch: PackedBatch, device):
+    """(sel, hidden at the selected positions, their labels) with each distinct prompt run once, or None when
+    no two rows share a prompt or the model is not one this applies to.
+
+    A row's prefix is its tokens up to its first response position t0 (the prompt); its suffix the rest. The
+    distinct prefixes run left-padded with use_cache=True; the cache is then indexed out to the rows, and
+    each row's suffix runs on it with explicit position ids (prompt length + j). Position t of the plain
+    path maps to suffix position t - t0 - 1 (t0 itself takes the prompt's last hidden state)."""
+    resp = batch.response_mask > 0
+    rows = resp.any(dim=1).nonzero().squeeze(1).tolist()
+    if len(rows) < 2:
+        return None
+    first = resp.float().argmax(dim=1)
+    lengths = batch.attention_mask.sum(dim=1)
+    index, prefixes, row_u = {}, [], []
+    for i in rows:
+        p = int(first[i]) + 1
+        if not bool(batch.attention_mask[i, :int(lengths[i])].all()):
+            return None  # holes in the attention mask: not a plain prompt + response row
+        key = tuple(batch.input_ids[i, :p].tolist())
+        if key not in index:
+            index[key] = len(prefixes)
+            prefixes.append(key)
+        row_u.append(index[key])
+    if len(prefixes) == len(rows) or not _prefix_sharing_applies(model):
+        return None
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    n, width = len(rows), batch.response_mask.shape[1]
+    plen = torch.tensor([len(prefixes[u]) for u in row_u])
+    lp = max(len(x) for x in prefixes)
+    pids = torch.zeros((len(prefixes), lp), dtype=torch.long)
+    pmask = torch.zeros((len(prefixes), lp), dtype=torch.long)
+    for u, x in enumerate(prefixes):
+        pids[u, lp - len(x):] = torch.tensor(x)
+        pmask[u, lp - len(x):] = 1
+    ppos = (pmask.cumsum(dim=1) - 1).clamp(min=0)
+    out = {}
+
+    def keep(_m, _a, output):
+        out["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        out["cache"] = None if isinstance(output, tuple) else cache_of(output)
+
+    handle = decoder.register_forward_hook(keep)
+    try:
+        res = inner(input_ids=pids.to(device), attention_mask=pmask.to(device), position_ids=ppos.to(device),
+                    use_cache=True, logits_to_keep=1)
+    finally:
+        handle.remove()
+    cache = cache_of(res) or out["cache"]
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    u_idx = torch.tensor(row_u, device=device)
+    last = out["h"][:, -1][u_idx]  # [n, H]: predicts each row's first response token
+    cache.batch_select_indices(u_idx)
+    slen = lengths[rows] - plen
+    r = int(slen.max())
+    sids = torch.zeros((n, r), dtype=torch.long)
+    smask = torch.zeros((n, r), dtype=torch.long)
+    for k, i in enumerate(rows):
+        sids[k, :int(slen[k])] = batch.input_ids[i, int(plen[k]):int(lengths[i])]
+        smask[k, :int(slen[k])] = 1
+    spos = plen[:, None] + torch.arange(r)[None]
+    attn = torch.cat([pmask[row_u], smask], dim=1)
+    h = _run_decoder(model, decoder, input_ids=sids.to(device), attention_mask=attn.to(device),
+                     position_ids=spos.to(device), use_cache=True, **{cache_kwarg(inner): cache})
+    local = torch.cat([last[:, None], h[:, :-1]], dim=1)  # [n, r, H]: position plen-1+j predicts sids[:, j]
+    t = (plen - 1)[:, None] + torch.arange(r)[None]
+    ok = t < width
+    lmask = batch.response_mask[rows][torch.arange(n)[:, None], t.clamp(max=width - 1)].bool() & ok & smask.bool()
+    sel = torch.zeros(resp.shape, dtype=torch.bool)
+    sel[rows] = resp[rows]
+    if int(lmask.sum()) != int(sel.sum()):
+        return None  # a layout this mapping does not cover (the plain path is always right)
+    lmask = lmask.to(device)
+    return sel.to(device), local[lmask], sids.to(device)[lmask]
+
+
 def _head_chunk(head, hidden, labels, temperature: float, with_entropy: bool):
     logits = head(hidden).float()
     if temperature != 1.0:
@@ -84,7 +199,7 @@ def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bo
 
 
 def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entropy: bool = False,
-                     chunk_size: int = LOGPROB_CHUNK):
+                     chunk_size: int = LOGPROB_CHUNK, share_prefix: bool = True):
     """log pi(token_{t+1} | <= t) at every response position t ([N, L-1]; 0 elsewhere), from logits divided by
     the sampling temperature (as verl does, so the log-probs are those of the distribution the rollout sampled
     from), and the token entropy at the same positions if asked.
@@ -95,6 +210,11 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
     the response positions `chunk_size` at a time. Under autograd each chunk is checkpointed, so only its
     hidden states are kept and its logits are recomputed in the backward pass (one extra lm_head pass).
     Models whose logits are not plain lm_head(hidden) take the full-logits path instead.
+
+    Shared prompts: rows that share a prompt (a GRPO group) run it once (`_shared_prefix_hidden`): the prompt's
+    forward gives a KV cache that every row of the group attends to, and only the responses are run per row.
+    The same function of the same weights (only float rounding differs); the gradient flows through the
+    shared prompt's forward. `share_prefix=False` forces the plain path.
     """
     parts = _head_parts(model)
     if parts is None:
@@ -103,20 +223,14 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
         return logp * mask, (entropy * mask if entropy is not None else None)
     decoder, head = parts
     device = next(model.parameters()).device
-    captured = {}
-
-    def keep_hidden(_module, _args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    handle = decoder.register_forward_hook(keep_hidden)
-    try:
-        model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
-              logits_to_keep=1)
-    finally:
-        handle.remove()
-    hidden = captured["h"][:, :-1]
-    sel = batch.response_mask.to(hidden.device) > 0
-    h_sel, lab_sel = hidden[sel], batch.input_ids[:, 1:].to(hidden.device)[sel]
+    shared = _shared_prefix_hidden(model, decoder, batch, device) if share_prefix else None
+    if shared is not None:
+        sel, h_sel, lab_sel = shared
+    else:
+        hidden = _run_decoder(model, decoder, input_ids=batch.input_ids.to(device),
+                              attention_mask=batch.attention_mask.to(device), use_cache=False)[:, :-1]
+        sel = batch.response_mask.to(hidden.device) > 0
+        h_sel, lab_sel = hidden[sel], batch.input_ids[:, 1:].to(hidden.device)[sel]
     grad = torch.is_grad_enabled() and h_sel.requires_grad
     logps, ents = [], []
     for i in range(0, max(len(h_sel), 1), chunk_size):  # at least one (maybe empty) chunk keeps the graph whole
@@ -125,7 +239,7 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
         logps.append(out[0])
         if with_entropy:
             ents.append(out[1])
-    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
+    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=h_sel.device)
     logp = zeros.masked_scatter(sel, torch.cat(logps))
     entropy = zeros.masked_scatter(sel, torch.cat(ents)) if with_entropy else None
     return logp, entropy
