@@ -45,18 +45,16 @@ class Tolerance:
         return f"{self.value:.3g}" if self.kind == ABS else f"{100 * self.value:.3g}%"
 
 
-# Derived with scripts/parity_tolerances.py (k = 2 x the largest seed-to-seed level gap over 6 pairs of 4
-# seeds, floors 0.02 abs / 5% rel; docs/parity.md has the runs and the command). PROVISIONAL: measured on
-# tiny random-model CPU runs (batch 8 x 8 samples, 24 steps, 32 validation prompts), to be re-derived on
-# quickstart runs and, for a real check, on runs of the real model.
+# Derived with scripts/parity_tolerances.py --config configs/quickstart.yaml --seeds 0 1 2 3 (k = 2 x the
+# largest seed-to-seed level gap over the 6 pairs, floors 0.02 abs / 5% rel; docs/parity.md has the table).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "critic_rewards_mean": Tolerance(0.08, ABS),
-    "actor_pg_loss": Tolerance(0.035, ABS),
-    "actor_entropy": Tolerance(0.05, REL),
-    "actor_grad_norm": Tolerance(0.43, REL),
-    "critic_advantages_mean": Tolerance(0.035, ABS),
-    "response_length_mean": Tolerance(0.05, REL),
-    VAL_METRIC: Tolerance(0.27, ABS),
+    "critic_rewards_mean": Tolerance(0.051, ABS),
+    "actor_pg_loss": Tolerance(0.02, ABS),
+    "actor_entropy": Tolerance(0.41, REL),
+    "actor_grad_norm": Tolerance(0.55, REL),
+    "critic_advantages_mean": Tolerance(0.02, ABS),
+    "response_length_mean": Tolerance(0.12, REL),
+    VAL_METRIC: Tolerance(0.18, ABS),
 }
 
 
