@@ -15,8 +15,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("trl", reason="trl is not installed (pip install trl; the 'bench' extra)")
-
 from grpo import algorithms as alg  # noqa: E402
 from grpo.actor import adapter_disabled, compute_logprobs, forward_logprobs  # noqa: E402
 from grpo.rollout import pack  # noqa: E402
@@ -26,6 +24,7 @@ BETA, EPS = 0.001, 0.2
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    pytest.importorskip("trl", reason="trl is not installed (pip install trl; the 'bench' extra)")
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -174,3 +173,35 @@ def test_off_policy_clipped_loss_equals_trls(setup):
     assert bool((ratio > 1 + EPS).any()) and bool((ratio < 1 - EPS).any())
     torch.testing.assert_close(our_loss, trl_loss, rtol=0, atol=1e-5)
     _assert_grads_close(our_grads, trl_grads)
+
+
+def test_merged_lora_decoding_is_the_adapter_path_and_restores_every_weight():
+    """grpo.rollout.merged_lora (used while sampling): the same logits to fp32 rounding, LoRA on the tied lm_head
+    included, and afterwards every parameter bitwise as before; nothing is merged under a disabled adapter."""
+    from grpo.config import LoraConfig
+    from grpo.models import add_lora
+    from grpo.rollout import merged_lora
+    from grpo.tiny import build_random_qwen3
+    from grpo.tiny_data import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    model = add_lora(build_random_qwen3(tok), LoraConfig(rank=4, alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(10, 300, (3, 20))
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+        with merged_lora(model):
+            assert sum(bool(getattr(m, "merged", False)) for m in model.modules()) == 2 * 7 + 1
+            merged = model(input_ids=x).logits
+        after = model(input_ids=x).logits
+    torch.testing.assert_close(merged, plain, rtol=1e-5, atol=1e-4)
+    assert torch.equal(after, plain)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with model.disable_adapter(), merged_lora(model):
+        assert not any(getattr(m, "merged", False) for m in model.modules())
