@@ -96,6 +96,7 @@ class EngineConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     temperature: float = Field(1.0, gt=0, description="verl's rollout default; the policy's own distribution")
     top_p: float = Field(1.0, gt=0, le=1)
+    ignore_eos: bool = Field(False, description="benchmarks: every response is inference_max_tokens long; end tokens do not stop it")
     eval_temperature: float | None = Field(None, description="validation sampling; default: the training temperature")
     clip_ratio_low: float = Field(0.2, ge=0, description="verl default")
     clip_ratio_high: float = Field(0.2, ge=0, description="verl default (DAPO uses 0.28)")

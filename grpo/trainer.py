@@ -164,7 +164,8 @@ class Trainer:
         # 1. sample a group of responses per prompt
         t = time.perf_counter()
         rollout = generate(self.policy, self.tok, [self.train_prompts[i] for i in idx], n=h.training_sample_per_prompt,
-                           max_new_tokens=h.inference_max_tokens, temperature=e.temperature, top_p=e.top_p)
+                           max_new_tokens=h.inference_max_tokens, temperature=e.temperature, top_p=e.top_p,
+                           ignore_eos=e.ignore_eos)
         timing["gen"] = time.perf_counter() - t
 
         # 2. score them with the reward function (the Lambda contract)
