@@ -142,3 +142,15 @@ def stable_metrics(row: dict) -> dict:
     from grpo.metrics import VOLATILE_PREFIXES
 
     return {k: v for k, v in row.items() if not k.startswith(VOLATILE_PREFIXES + VOLATILE_EXTRA)}
+
+
+def train_with_handler(tmp_path: Path, handler_source: str, *, n_train: int, **job_kw) -> tuple[subprocess.CompletedProcess, Path]:
+    """A tiny random model, `n_train` records, a handler file with `handler_source`, and `grpo train` on them
+    (no validation file). Returns the finished process and the run directory."""
+    model = build_model_dir(tmp_path / "model")
+    train, _ = write_data(tmp_path / "data", n_train=n_train, n_val=2)
+    handler = tmp_path / "handler.py"
+    handler.write_text(handler_source, encoding="utf-8")
+    job = write_job(tmp_path / "job.yaml", model, train, None, handler=handler, **job_kw)
+    run_dir = tmp_path / "run"
+    return run_grpo("train", job, "--output-dir", run_dir, "--no-progress"), run_dir

@@ -4,9 +4,15 @@
 import json
 from pathlib import Path
 
-from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_job
+from helpers_engine import read_jsonl, train_with_handler
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def constant_handler(score: float) -> str:
+    """A broken grader: the same score for every trajectory, so no group has any spread."""
+    return ("def lambda_handler(event, context):\n"
+            f"    return [{{'id': t['id'], 'aggregate_reward_score': {score}}} for t in event]\n")
 
 
 def test_a_real_quickstart_run_raises_no_alarm():
@@ -20,13 +26,7 @@ def test_a_real_quickstart_run_raises_no_alarm():
 
 
 def test_a_constant_reward_raises_variance_collapse(tmp_path):
-    model = build_model_dir(tmp_path / "model")
-    train, _ = write_data(tmp_path / "data", n_train=10, n_val=2)
-    handler = tmp_path / "constant.py"
-    handler.write_text("def lambda_handler(event, context):\n"
-                       "    return [{'id': t['id'], 'aggregate_reward_score': 0.5} for t in event]\n")
-    job = write_job(tmp_path / "job.yaml", model, train, None, handler=handler)
-    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress")
+    res, _ = train_with_handler(tmp_path, constant_handler(0.5), n_train=10)
     assert res.returncode == 0, res.stderr
     assert "[reward_variance_collapse]" in res.stdout + res.stderr
     warnings = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["level"] == "warning"]
@@ -37,14 +37,8 @@ def test_a_constant_reward_raises_variance_collapse(tmp_path):
 
 
 def test_stop_on_turns_an_alarm_into_a_stop(tmp_path):
-    model = build_model_dir(tmp_path / "model")
-    train, _ = write_data(tmp_path / "data", n_train=12, n_val=2)
-    handler = tmp_path / "constant.py"
-    handler.write_text("def lambda_handler(event, context):\n"
-                       "    return [{'id': t['id'], 'aggregate_reward_score': 1.0} for t in event]\n")
-    job = write_job(tmp_path / "job.yaml", model, train, None, handler=handler,
-                    engine={"health": {"stop_on": ["reward_variance_collapse"]}})
-    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress")
+    res, _ = train_with_handler(tmp_path, constant_handler(1.0), n_train=12,
+                                engine={"health": {"stop_on": ["reward_variance_collapse"]}})
     assert res.returncode == 0, res.stderr
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]  # 6 steps planned; stopped when the alarm fired

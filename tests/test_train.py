@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_job, write_varied_handler
+from helpers_engine import (build_model_dir, read_jsonl, run_grpo, train_with_handler, write_data, write_job,
+                            write_varied_handler)
 
 REQUIRED = [
     "step", "total_steps", "critic_rewards_mean", "critic_rewards_max", "critic_rewards_min", "critic_score_mean",
@@ -94,13 +95,8 @@ def test_an_existing_run_is_not_overwritten(trained):
 
 
 def test_a_failing_handler_fails_the_job_with_its_own_message(tmp_path):
-    model = build_model_dir(tmp_path / "model")
-    train, _ = write_data(tmp_path / "data", n_train=4, n_val=2)
-    handler = tmp_path / "broken.py"
-    handler.write_text("def lambda_handler(event, context):\n"
-                       "    raise KeyError('reference_answer missing from metadata')\n")
-    job = write_job(tmp_path / "job.yaml", model, train, None, handler=handler)
-    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress")
+    res, _ = train_with_handler(tmp_path, "def lambda_handler(event, context):\n"
+                                          "    raise KeyError('reference_answer missing from metadata')\n", n_train=4)
     assert res.returncode == 1
     assert "reference_answer missing from metadata" in res.stderr and "--resume" in res.stderr
     assert "grpo/trainer.py" not in res.stderr  # the handler's traceback is quoted; ours is not printed
