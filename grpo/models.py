@@ -6,6 +6,7 @@ The reference policy for the KL term is the same model with the adapter disabled
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from grpo.config import TINY_MODEL, LoraConfig
 from grpo.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Where bitsandbytes is installed, importing it (peft does, in every run) warns on AVX512-BF16 CPUs that the
+# optional hub package `kernels` is missing; that kernel only serves the packed CPU inference layout that
+# `_unpack_on_cpu` turns off, so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def resolve_model_path(name: str, *, progress: bool = True) -> str:
@@ -108,24 +113,50 @@ def load_base_model(path: str, dtype: torch.dtype, *, gradient_checkpointing: bo
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     elif load_in_4bit:
-        _require("bitsandbytes", "engine.load_in_4bit (a 4-bit QLoRA base)", "bitsandbytes")
-        import os
-
-        from transformers import BitsAndBytesConfig
-
-        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)  # bf16 storage lets FSDP shard it
-        if torch.cuda.is_available():  # a 4-bit model cannot be moved after loading: place it on this process's GPU
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs.update(_bnb_4bit_kwargs(dtype))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"model '{path}': cannot load it ({str(e).splitlines()[0]})") from None
+    if load_in_4bit and not torch.cuda.is_available():
+        _unpack_on_cpu(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def _bnb_4bit_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained keywords for an NF4 base (double quantization). On a GPU the 4-bit matmuls compute in
+    bf16 (`dtype` if half precision), placed on this process's GPU (a 4-bit model cannot be moved after
+    loading). On the CPU they compute in `dtype` (float32 there), so that rollout and training log-probs
+    are the dequantized model's to float32 rounding. Storage in the compute dtype lets FSDP shard it."""
+    _require("bitsandbytes", "engine.load_in_4bit (a 4-bit QLoRA base)", "bitsandbytes")
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    else:
+        compute = dtype
+    out: dict[str, Any] = {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)}
+    if on_gpu:
+        out["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return out
+
+
+def _unpack_on_cpu(model) -> None:
+    """Keep bitsandbytes' Linear4bit on its autograd path on the CPU. On AVX512-BF16 CPUs its first eval-mode,
+    no-grad forward (a rollout) repacks the weight in place into a bf16 inference layout whose matmul has no
+    backward: later training steps then get silently wrong gradients through the base (bitsandbytes 0.50;
+    warned by torch as "an autograd kernel was not registered"). Off, every forward dequantizes NF4 to
+    `compute_dtype` and multiplies (slower on the CPU, which serves tests; correct gradients)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model) -> None:
