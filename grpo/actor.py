@@ -266,11 +266,13 @@ def adapter_disabled(model):
 
 
 def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: torch.Tensor, s: UpdateSettings, *,
-                  accelerator, old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None) -> dict:
+                  accelerator, old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+                  is_weights: torch.Tensor | None = None) -> dict:
     """Run `ppo_epochs` passes of mini-batch updates. `advantages` is per token, [N, L-1].
 
     `old_logp=None` means on-policy: one epoch, one mini-batch, so the old log-probs are the current
-    ones detached (ratio 1) and no separate pass is needed.
+    ones detached (ratio 1) and no separate pass is needed. `is_weights` [N, L-1]: TIS weights for responses
+    drawn by another sampler (grpo.tis), multiplying each token's policy-gradient loss.
     """
     n = len(batch)
     world = accelerator.num_processes
@@ -297,8 +299,10 @@ def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: t
                     adv = advantages[idx, :w].to(logp.device)
                     agg = dict(loss_agg_mode=s.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs,
                                loss_scale_factor=s.loss_scale_factor)
+                    w_is = None if is_weights is None else is_weights[idx, :w].to(logp.device)
                     out = alg.policy_loss_clipped(old, logp, adv, mask, clip_ratio_low=s.clip_ratio_low,
-                                                  clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c, **agg)
+                                                  clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
+                                                  rollout_is_weights=w_is, **agg)
                     loss = out.pg_loss
                     ent_loss = alg.agg_loss(entropy, mask, **agg)
                     if s.entropy_coef:

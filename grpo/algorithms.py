@@ -221,15 +221,19 @@ def policy_loss_clipped(
     global_tokens: float | None = None,
     global_seqs: float | None = None,
     loss_scale_factor: float | None = None,
+    rollout_is_weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate with dual clip (verl ``compute_policy_loss_vanilla``), per token:
         d = clamp(logp - old_logp, -20, 20);  r = exp(d)
         L1 = -A r;  L2 = -A clamp(r, 1 - clip_low, 1 + clip_high);  C1 = max(L1, L2)
         L3 = -A clip_ratio_c;  C2 = min(L3, C1)                          (dual clip, arXiv 1912.09729)
-        loss = C2 where A < 0 else C1;   pg_loss = agg_loss(loss, mask, loss_agg_mode, ...)
+        loss = C2 where A < 0 else C1;   loss *= w (if rollout_is_weights);   pg_loss = agg_loss(loss, mask, ...)
       pg_clipfrac = masked_mean(L2 > L1);  pg_clipfrac_lower = masked_mean((C1 > L3) and A < 0)
       ppo_kl = masked_mean(-d)
-    All inputs [B, T]; ``advantages`` token-level (see broadcast_to_tokens). clip_ratio_c must be > 1."""
+    All inputs [B, T]; ``advantages`` token-level (see broadcast_to_tokens). clip_ratio_c must be > 1.
+    ``rollout_is_weights`` (grpo.tis, detached) reweight each token's clipped loss when the responses came
+    from a sampler other than the trained policy, as verl's ``rollout_is_weights``; the clip statistics are
+    those of the unweighted ratio."""
     if not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c (dual-clip lower bound) must be > 1.0, got {clip_ratio_c}")
     for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask)):
@@ -243,6 +247,9 @@ def policy_loss_clipped(
     clip_pg_losses2 = torch.minimum(pg_losses3, clip_pg_losses1)
     negative_adv = advantages < 0
     pg_losses = torch.where(negative_adv, clip_pg_losses2, clip_pg_losses1)
+    if rollout_is_weights is not None:
+        _same_shape(log_prob, rollout_is_weights, "log_prob", "rollout_is_weights")
+        pg_losses = pg_losses * rollout_is_weights.detach()
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode, global_tokens=global_tokens,
                        global_seqs=global_seqs, loss_scale_factor=loss_scale_factor)
     with torch.no_grad():

@@ -84,6 +84,18 @@ class RewardRunnerConfig(_Strict):
     endpoint_url: str | None = Field(None, description="Lambda endpoint for ARN graders (emulators, LocalStack)")
 
 
+class RolloutConfig(_Strict):
+    """Where responses are sampled (grpo.samplers) and how a sampler that is not the trained policy is corrected."""
+
+    backend: Literal["transformers", "continuous", "vllm"] = Field(
+        "transformers", description="transformers: the trained policy samples itself (exact, the default); "
+        "continuous: transformers' continuous batching (paged KV cache, CUDA graphs); vllm: colocated vLLM (extra)")
+    tis: Literal["token", "sequence", "off"] = Field(
+        "token", description="truncated importance sampling for samplers with their own numerics (continuous, vllm); verl's rollout_is")
+    tis_cap: float = Field(2.0, gt=0, description="the truncation C of min(pi_old / pi_sampler, C): Yao et al. and verl")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm: share of GPU memory for weights + KV cache")
+
+
 class EngineConfig(_Strict):
     """Local-only settings. Each default is one Bedrock does not publish; the reason is beside it."""
 
@@ -119,9 +131,17 @@ class EngineConfig(_Strict):
     early_stopping_patience: int = Field(5, ge=1, description="evaluations without improvement before stopping")
     early_stopping_min_delta: float = Field(0.01, ge=0, description="improvement of val reward that counts")
     reward: RewardRunnerConfig = Field(default_factory=RewardRunnerConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     log_samples: int = Field(4, ge=0, description="sampled responses per step written to <run>/samples.jsonl")
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers")
     health: HealthThresholds = Field(default_factory=HealthThresholds, description="training-health alarms: docs/health.md")
+
+    @model_validator(mode="after")
+    def _backend_fits_the_base(self) -> "EngineConfig":
+        if self.rollout.backend == "vllm" and self.load_in_4bit:
+            raise ValueError("rollout.backend=vllm cannot take its weights from a 4-bit (load_in_4bit) base: vLLM "
+                             "is synced with merged bf16 weights; use the transformers or continuous backend with QLoRA")
+        return self
 
     @field_validator("kl_penalty")
     @classmethod

@@ -7,12 +7,14 @@ How the pieces fit (the design TRL's and verl's colocated modes use):
   1. vLLM runs in the training process on the same GPU, in sleep mode: `sleep()` before the update frees
      its KV cache and moves its weights to CPU; `wake_up()` brings them back for the next rollout.
   2. After each optimizer step the LoRA adapter is folded into the base weights (`merged_weights`, out of
-     place: the training weights are never modified) and loaded into vLLM's model (`sync_weights`).
+     place: the training weights are never modified) and loaded into vLLM's model (`sync`).
   3. vLLM returns each sampled token's log-prob under *its* numerics (bf16 kernels, maybe fp8). The trainer
      then computes the old log-probs with the training engine and reweights the policy-gradient loss by
      the truncated importance ratio (grpo.tis.tis_weights), logging grpo.tis.sampler_mismatch_metrics.
 
-Install: `pip install 'grpo[vllm]'` (vllm>=0.10) on a CUDA machine.
+Install: `pip install 'grpo[vllm]'` (vllm>=0.10.2, for `logprobs_mode`) on a CUDA machine. Limits, unmeasured:
+the engine loads the checkpoint at `model` itself, so a GPT-OSS MXFP4 checkpoint loads in vLLM's MXFP4 layout,
+which the bf16 merged weights do not fit: point `engine.model` at a bf16 copy for this backend.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from grpo.errors import UserError
 from grpo.rollout import RolloutBatch, split_reasoning
+from grpo.samplers import Sampled
 
 
 def merged_weights(policy, adapter: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
@@ -62,26 +65,31 @@ def _import_vllm():
 
 
 class VLLMRollout:
-    """vLLM colocated with the trainer, in sleep mode. Not measured here (see the module docstring)."""
+    """vLLM colocated with the trainer, in sleep mode: the "vllm" backend of grpo.samplers (same calls as the
+    others). Not measured here (see the module docstring)."""
+
+    name = "vllm"
 
     def __init__(self, model_path: str, tokenizer, *, max_model_len: int, gpu_memory_utilization: float = 0.3,
-                 dtype: str = "bfloat16", seed: int = 0):
+                 dtype: str = "bfloat16", seed: int = 0, ignore_eos: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights reachable
         vllm = _import_vllm()
-        self.vllm, self.tokenizer = vllm, tokenizer
+        self.vllm, self.tokenizer, self.ignore_eos = vllm, tokenizer, ignore_eos
+        # processed_logprobs: log-probs after temperature/top-p, the distribution actually sampled from (the
+        # default, raw_logprobs, is the untempered model's and would bias the TIS ratio).
         self.llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
-                            enable_prefix_caching=True)
+                            enable_prefix_caching=True, logprobs_mode="processed_logprobs")
         self.asleep = False
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> tuple[RolloutBatch, list[list[float]]]:
+                 top_p: float = 1.0) -> Sampled:
         """Like grpo.rollout.generate (the full tempered distribution, top-k off), plus each sampled token's
         log-prob under vLLM (for grpo.tis)."""
         if self.asleep:
             self.wake_up()
         params = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
-                                          max_tokens=max_new_tokens, logprobs=0)
+                                          max_tokens=max_new_tokens, logprobs=0, ignore_eos=self.ignore_eos)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         specials = [t for t in self.tokenizer.all_special_tokens if t]
         batch, sampler_logp = RolloutBatch(), []
@@ -97,9 +105,9 @@ class VLLMRollout:
                 batch.group.append(g)
                 batch.sample.append(s)
                 sampler_logp.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
-        return batch, sampler_logp
+        return Sampled(batch, sampler_logp)
 
-    def sync_weights(self, policy) -> None:
+    def sync(self, policy) -> None:
         """Load the policy's merged weights into vLLM (after each optimizer step), as TRL's colocate mode does."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])  # weights back first, the KV cache only after the load

@@ -24,7 +24,9 @@ from grpo.evaluation import build_trajectories, sample_and_score
 from grpo.health import HealthMonitor
 from grpo.metrics import RunLog, data_metrics, reward_metrics
 from grpo.reward import RewardError
-from grpo.rollout import encode_prompt, generate, pack
+from grpo.rollout import encode_prompt, pack
+from grpo.samplers import logprob_tensor, make_sampler
+from grpo.tis import sampler_mismatch_metrics, tis_weights
 
 
 def _group_scores(scores: torch.Tensor, groups: torch.Tensor) -> list[list[float]]:
@@ -65,6 +67,7 @@ class Trainer:
         if self.is_main:  # before anything logs (the max_prompt_length filter's warning event does)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.run_dir, self.acc, enabled=self.is_main)
+        self._data_warnings: list[str] = []  # events.jsonl gets them once, when the job starts (not on resume)
 
         # Data: the prompts, encoded once; too-long prompts are filtered out, not truncated (as Bedrock).
         self.model_path = resolve_model_path(cfg.local_model, progress=progress and self.is_main)
@@ -89,6 +92,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.model, self.optimizer = self.acc.prepare(policy, optimizer)
         self.policy = self.acc.unwrap_model(self.model)
+        self.sampler = make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed * 7919 + self.rank,
+                                    max_model_len=h.max_prompt_length + h.inference_max_tokens)
         self.runner = RewardRunner(cfg.handler, batch_size=e.reward.batch_size, max_concurrency=e.reward.concurrency,
                                    timeout_s=e.reward.timeout_s, on_failure=e.reward.on_failure,
                                    endpoint_url=e.reward.endpoint_url)
@@ -114,7 +119,7 @@ class Trainer:
         if dropped and self.is_main:
             msg = f"{field}: filtered out {dropped} of {len(records)} prompts longer than max_prompt_length={h.max_prompt_length} tokens"
             print(f"warning: {msg}")
-            self.log.event(msg, level="warning")
+            self._data_warnings.append(msg)
         if not keep:
             raise UserError(f"{field}: every prompt is longer than max_prompt_length={h.max_prompt_length} tokens")
         return [records[i] for i in keep], [ids[i] for i in keep]
@@ -161,11 +166,11 @@ class Trainer:
         idx = self._step_prompts(step)
         records = [self.train_records[i] for i in idx]
 
-        # 1. sample a group of responses per prompt
+        # 1. sample a group of responses per prompt (grpo.samplers: engine.rollout.backend)
         t = time.perf_counter()
-        rollout = generate(self.policy, self.tok, [self.train_prompts[i] for i in idx], n=h.training_sample_per_prompt,
-                           max_new_tokens=h.inference_max_tokens, temperature=e.temperature, top_p=e.top_p,
-                           ignore_eos=e.ignore_eos)
+        sampled = self.sampler.generate([self.train_prompts[i] for i in idx], n=h.training_sample_per_prompt,
+                                        max_new_tokens=h.inference_max_tokens, temperature=e.temperature, top_p=e.top_p)
+        rollout = sampled.batch
         timing["gen"] = time.perf_counter() - t
 
         # 2. score them with the reward function (the Lambda contract)
@@ -190,24 +195,41 @@ class Trainer:
         token_adv = adv[:, None] * batch.response_mask
         timing["adv"] = time.perf_counter() - t
 
-        # 4. log-probs the update needs: the reference (adapter off) for KL, the old policy if off-policy
-        ref_logp = old_logp = None
+        # 4. log-probs the update needs: the reference (adapter off) for KL, the old policy if off-policy or if
+        # another engine sampled (its numerics differ: the trainer's log-probs are the old policy, TIS corrects)
+        ref_logp = old_logp = is_weights = None
+        other_sampler = sampled.logprobs is not None
         mb = e.micro_batch_size
         if e.kl_coef > 0:
             t = time.perf_counter()
             with adapter_disabled(self.policy):
                 ref_logp = compute_logprobs(self.policy, batch, e.temperature, mb)
             timing["ref"] = time.perf_counter() - t
-        if not self.on_policy:
+        if not self.on_policy or other_sampler:
             t = time.perf_counter()
             old_logp = compute_logprobs(self.policy, batch, e.temperature, mb)
             timing["old_log_prob"] = time.perf_counter() - t
+        mismatch = {}
+        if other_sampler:
+            sampler_logp = logprob_tensor(sampled.logprobs, rollout.prompt_ids, batch.response_mask.shape[1])
+            sel = batch.response_mask.bool()
+            old_tok, sampler_tok = self._gather(old_logp[sel]), self._gather(sampler_logp[sel])
+            mismatch = sampler_mismatch_metrics(old_tok, sampler_tok, torch.ones_like(old_tok), cap=e.rollout.tis_cap)
+            if e.rollout.tis != "off":
+                is_weights = tis_weights(old_logp, sampler_logp, batch.response_mask, cap=e.rollout.tis_cap,
+                                         level=e.rollout.tis)
 
-        # 5. the clipped policy-gradient update (mini-batches x ppo_epochs)
+        # 5. the clipped policy-gradient update (mini-batches x ppo_epochs); the sampler sleeps meanwhile and
+        # then takes the new weights
         t = time.perf_counter()
+        self.sampler.sleep()
         actor = update_policy(self.model, self.optimizer, self.scheduler, batch, token_adv, self.settings,
-                              accelerator=self.acc, old_logp=old_logp, ref_logp=ref_logp)
+                              accelerator=self.acc, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights)
         timing["update_actor"] = time.perf_counter() - t
+        if self.sampler.name != "transformers":
+            t = time.perf_counter()
+            self.sampler.sync(self.policy)
+            timing["sync_weights"] = time.perf_counter() - t
 
         # 6. metrics, with Bedrock's names, over all processes
         resp_len = torch.tensor([len(rollout.response_ids[i]) for i in keep], dtype=torch.float32)
@@ -219,7 +241,8 @@ class Trainer:
         vals = torch.tensor([actor[k] for k in sorted(actor)], device=self.acc.device)
         actor = dict(zip(sorted(actor), self.acc.reduce(vals, reduction="mean").tolist()))
         m.update(actor)
-        m.update(reward_metrics(result.summary()))
+        m.update(mismatch)
+        m.update(self._reward_metrics(result))
         timing["step"] = time.perf_counter() - t_step
         m.update({f"timing_s_{k}": v for k, v in timing.items()})
         tokens = float(batch.attention_mask.sum()) * self.world
@@ -229,6 +252,26 @@ class Trainer:
         if torch.cuda.is_available():
             m["perf_max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return m
+
+    def _reward_metrics(self, result) -> dict:
+        """reward_score_mean, the handler's reward_<name>_mean, reward_failures and reward_calls over every
+        process's trajectories: sums and counts are gathered, so each mean weighs every trajectory once."""
+        if self.world == 1:
+            return reward_metrics(result.summary())
+        from accelerate.utils import gather_object
+
+        ok = [s for s in result.scores if s is not None]
+        local = {"score": (sum(ok), len(ok)), **{k: (sum(v), len(v)) for k, v in result.metrics.items() if v},
+                 "#failures": (float(result.n_failed), 0), "#calls": (float(result.n_calls), 0)}
+        totals: dict[str, list[float]] = {}
+        for part in gather_object([local]):
+            for k, (total, count) in part.items():
+                acc = totals.setdefault(k, [0.0, 0])
+                acc[0] += total
+                acc[1] += count
+        out = {f"reward_{k}_mean": t / c for k, (t, c) in totals.items() if not k.startswith("#") and c}
+        out.update(reward_failures=totals["#failures"][0], reward_calls=totals["#calls"][0])
+        return out
 
     def _log_samples(self, step: int, records, rollout, scores) -> None:
         """A few responses per step in <run>/samples.jsonl: the first thing to read when a curve looks odd."""
@@ -249,7 +292,8 @@ class Trainer:
         mine = list(range(self.rank, len(self.val_records), self.world))
         res = sample_and_score(self.policy, self.tok, [self.val_records[i] for i in mine], self.runner,
                                temperature=e.eval_temperature or e.temperature, top_p=e.top_p,
-                               max_new_tokens=h.inference_max_tokens, prompt_ids=[self.val_prompts[i] for i in mine])
+                               max_new_tokens=h.inference_max_tokens, prompt_ids=[self.val_prompts[i] for i in mine],
+                               sampler=self.sampler)
         graded = self._gather(torch.tensor(res.graded, dtype=torch.float32))
         return float(graded.mean()) if graded.numel() else float("nan")
 
@@ -279,6 +323,8 @@ class Trainer:
         if self.acc.trackers == [] and cfg.engine.log_with and cfg.engine.log_with != ["none"]:
             self.acc.init_trackers("tensorboard", config={"learning_rate": cfg.learning_rate})
         if self.start_step == 0:
+            for msg in self._data_warnings:
+                self.log.event(msg, level="warning")
             self.log.event("Fine-tuning job started", data={"total_steps": self.total_steps})
             base = self.validate()
             if base is not None:
@@ -286,6 +332,7 @@ class Trainer:
                 self.log.event(f"Baseline validation reward {base:.4f}", data={"step": 0, "val_score_rewards_mean": base})
                 for alarm in self.health.check_baseline(base):
                     self._alarm(alarm)
+        self.sampler.sync(self.policy)  # a resumed adapter is not the base the sampler loaded
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="grpo", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         last, stopped_early = None, False

@@ -116,6 +116,19 @@ def test_policy_loss_hand_computed_token_mean():
     close(logp.grad, [[-1.0 / 5, 0.0, -0.5 / 5], [0.0, 0.0, 0.0]])
 
 
+def test_policy_loss_with_rollout_is_weights_by_hand():
+    # per-token clipped losses of _example: [[-1.0, -1.2, -0.5], [1.6, 6.0, masked]]; TIS weights scale each one
+    old, logp, adv, mask = _example()
+    w = t([[2.0, 0.5, 1.0], [0.25, 1.0, 7.0]])
+    out = alg.policy_loss_clipped(old, logp, adv, mask, rollout_is_weights=w)
+    close(out.pg_loss, (-2.0 - 0.6 - 0.5 + 0.4 + 6.0) / 5)
+    close(out.pg_clipfrac, 2 / 5)  # the clip statistics are the unweighted ratio's
+    out.pg_loss.backward()
+    close(logp.grad, [[-2.0 / 5, 0.0, -0.5 / 5], [0.0, 0.0, 0.0]])  # unclipped tokens: -A r w / 5
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        alg.policy_loss_clipped(old, logp, adv, mask, rollout_is_weights=w[:, :2])
+
+
 @pytest.mark.parametrize("mode,expected", [
     ("token-mean", 4.9 / 5),
     ("seq-mean-token-mean", ((-2.7 / 3) + (7.6 / 2)) / 2),  # (-0.9 + 3.8) / 2 = 1.45

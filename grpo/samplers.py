@@ -1,0 +1,189 @@
+"""Where a step's responses come from: the rollout backends behind `engine.rollout.backend`.
+
+Every backend has the same three calls, in the order the trainer makes them each step:
+
+    sampled = sampler.generate(prompts, n=G, ...)   # RolloutBatch + each token's log-prob under the sampler
+    sampler.sleep()                                 # before the update: give the accelerator's memory back
+    sampler.sync(policy)                            # after the optimizer step: the sampler sees the new weights
+
+- "transformers" (default): grpo.rollout.generate on the policy being trained. It samples from exactly the
+  trained distribution, so `logprobs` is None and no importance correction applies.
+- "continuous": transformers' continuous batching (`generate_batch`: paged KV cache, requests scheduled as
+  they finish, CUDA graphs on GPU) on the same module. Same weights, other kernels (paged attention), so it
+  returns its own log-probs and the trainer corrects with TIS (grpo.tis). Nothing to sync.
+- "vllm": a vLLM engine colocated in sleep mode (grpo.rollout_vllm), synced with the merged LoRA weights
+  after each update. Optional extra, not measured here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from grpo.errors import UserError
+from grpo.rollout import RolloutBatch, end_token_ids, generate, split_reasoning
+
+
+@dataclass
+class Sampled:
+    batch: RolloutBatch
+    logprobs: list[list[float]] | None  # per response token, under the sampler; None: the sampler is the policy
+
+
+class TransformersSampler:
+    """grpo.rollout.generate on the trained policy itself."""
+
+    name = "transformers"
+
+    def __init__(self, policy, tokenizer, *, ignore_eos: bool = False):
+        self.policy, self.tok, self.ignore_eos = policy, tokenizer, ignore_eos
+
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+                 top_p: float = 1.0) -> Sampled:
+        return Sampled(generate(self.policy, self.tok, prompts, n=n, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, ignore_eos=self.ignore_eos), None)
+
+    def sleep(self) -> None:
+        pass
+
+    def sync(self, policy) -> None:
+        pass
+
+
+class ContinuousSampler:
+    """transformers' continuous batching (`generate_batch`) on the trained module: LoRA layers included,
+    so there is nothing to sync; the paged KV cache is built for each call and freed after it."""
+
+    name = "continuous"
+
+    def __init__(self, policy, tokenizer, *, ignore_eos: bool = False, seed: int = 0):
+        if ignore_eos:
+            raise UserError("engine.ignore_eos is not supported by engine.rollout.backend=continuous "
+                            "(transformers' continuous batching always stops at an end token); use the "
+                            "transformers backend for fixed-length benchmarks")
+        self.policy, self.tok = policy, tokenizer
+        self.base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        if not hasattr(self.base, "generate_batch"):
+            import transformers
+
+            raise UserError(f"engine.rollout.backend=continuous needs transformers' continuous batching "
+                            f"(generate_batch); transformers {transformers.__version__} has none")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _configs(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float):
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        ends = end_token_ids(self.tok, self.base)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else ends[0]
+        gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                               max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=ends,
+                               pad_token_id=pad)
+        fields = {f.name: f.default for f in dataclasses.fields(ContinuousBatchingConfig)} \
+            if dataclasses.is_dataclass(ContinuousBatchingConfig) else {}
+        if "return_logprobs" not in fields:
+            raise UserError("engine.rollout.backend=continuous needs a transformers whose continuous batching "
+                            "returns log-probs (ContinuousBatchingConfig.return_logprobs)")
+        # The paged KV cache sized to this call (every response at full length, twice over for layer groups
+        # and fragmentation) instead of a share of all free memory: the update that follows needs that memory,
+        # and on CPU "free memory" is the host's RAM (a 24 GB cache made a 1 s call take 15 s).
+        page = fields.get("page_size") if isinstance(fields.get("page_size"), int) else 256
+        blocks = 2 * n * sum(-(-(len(p) + max_new_tokens) // page) for p in prompts) + 4
+        # A seed per call, drawn from our own seeded generator: a run is reproducible, and no two steps reuse one.
+        wanted = {"return_logprobs": True, "num_blocks": blocks,
+                  "seed": int(torch.randint(2**31 - 1, (), generator=self.generator))}
+        return gen, ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in fields})
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+                 top_p: float = 1.0) -> Sampled:
+        gen, cb = self._configs(prompts, n, max_new_tokens, temperature, top_p)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            results = self.base.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
+        finally:
+            self.policy.train(was_training)
+        return Sampled(*_read_results(results, prompts, n, end_token_ids(self.tok, self.base), self.tok))
+
+    def sleep(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def sync(self, policy) -> None:
+        pass
+
+
+def _read_results(results: dict, prompts: list[list[int]], n: int, ends: list[int], tok):
+    """generate_batch's {request_id: GenerationOutput} -> (RolloutBatch, log-probs) in prompt order, sample
+    order within a group. Request ids are `req_<k>` for the k-th prompt and `req_<k>__child#<j>` for its
+    other samples; anything missing, failed or without one log-prob per token is an error, not a gap."""
+    groups: dict[int, list] = {}
+    for rid, out in results.items():
+        parent = rid.split("__child#")[0]
+        try:
+            k = int(parent.rsplit("_", 1)[1])
+        except (IndexError, ValueError):
+            raise RuntimeError(f"continuous batching returned an unexpected request id {rid!r}") from None
+        if getattr(out, "error", None):
+            raise RuntimeError(f"continuous batching failed on request {rid}: {out.error}")
+        groups.setdefault(k, []).append((rid, out))
+    base = min(groups) if groups else 0  # ids count up from the manager's counter
+    if sorted(groups) != list(range(base, base + len(prompts))) or any(len(v) != n for v in groups.values()):
+        raise RuntimeError(f"continuous batching returned {sum(map(len, groups.values()))} of {len(prompts) * n} "
+                           f"responses ({len(groups)} of {len(prompts)} prompts)")
+    specials = [t for t in tok.all_special_tokens if t]
+    batch, logprobs = RolloutBatch(), []
+    for g in range(len(prompts)):
+        for s, (rid, out) in enumerate(sorted(groups[base + g], key=lambda r: _child_index(r[0], n))):
+            if list(out.prompt_ids) != list(prompts[g]):
+                raise RuntimeError(f"continuous batching request {rid} answered another prompt")
+            ids = list(out.generated_tokens)
+            if len(out.logprobs) != len(ids):
+                raise RuntimeError(f"continuous batching request {rid}: {len(ids)} tokens but "
+                                   f"{len(out.logprobs)} log-probs")
+            content, reasoning = split_reasoning(tok.decode(ids, skip_special_tokens=False), specials)
+            batch.prompt_ids.append(prompts[g])
+            batch.response_ids.append(ids)
+            batch.contents.append(content)
+            batch.reasoning.append(reasoning)
+            batch.truncated.append(not ids or ids[-1] not in ends)
+            batch.group.append(g)
+            batch.sample.append(s)
+            logprobs.append([float(x) for x in out.logprobs])
+    return batch, logprobs
+
+
+def logprob_tensor(logprobs: list[list[float]], prompt_ids: list[list[int]], width: int) -> torch.Tensor:
+    """Per-response-token log-probs laid out like grpo.rollout.pack's response_mask [N, width]: token j of
+    row i's response sits at column len(prompt_i) - 1 + j (the position that predicts it); 0 elsewhere."""
+    out = torch.zeros((len(logprobs), width), dtype=torch.float32)
+    for i, (lp, p) in enumerate(zip(logprobs, prompt_ids)):
+        if lp:
+            out[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return out
+
+
+def _child_index(rid: str, n: int) -> int:
+    return int(rid.split("__child#")[1]) if "__child#" in rid else n
+
+
+BACKENDS = ("transformers", "continuous", "vllm")
+
+
+def make_sampler(engine, policy, tokenizer, model_path: str, *, seed: int = 0, max_model_len: int = 4096):
+    """The sampler `engine.rollout.backend` names, ready for the first step."""
+    backend = engine.rollout.backend
+    if backend == "transformers":
+        return TransformersSampler(policy, tokenizer, ignore_eos=engine.ignore_eos)
+    if backend == "continuous":
+        return ContinuousSampler(policy, tokenizer, ignore_eos=engine.ignore_eos, seed=seed)
+    if backend == "vllm":
+        from grpo.rollout_vllm import VLLMRollout
+
+        return VLLMRollout(model_path, tokenizer, max_model_len=max_model_len, ignore_eos=engine.ignore_eos,
+                           gpu_memory_utilization=engine.rollout.gpu_memory_utilization,
+                           dtype=engine.dtype if engine.dtype != "auto" else "bfloat16", seed=seed)
+    raise UserError(f"engine.rollout.backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
