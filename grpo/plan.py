@@ -122,10 +122,10 @@ class ModelInfo:
 def inspect_model(config, lora) -> ModelInfo:
     """Build `config` on the meta device, apply our LoRA to it with peft, and count."""
     import torch
+
+    from grpo.models import lora_target_parameters, peft_lora_config, quiet_transformers  # first: it quiets bitsandbytes' logger
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from grpo.models import lora_target_parameters, peft_lora_config, quiet_transformers
 
     quiet_transformers()
     with torch.device("meta"):
@@ -170,6 +170,7 @@ class Setup:
     gradient_checkpointing: bool = True
     attn: str = "sdpa"
     logprob_chunk: int = 512
+    vllm_share: float | None = None  # engine.rollout.gpu_memory_utilization when the vllm backend samples
 
 
 def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, float]:
@@ -204,7 +205,12 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
     if info.experts and "parameters" in info.lora_targets:  # peft folds W + BA per MoE layer, and its gradient
         out["expert_fold"] = 2 * info.experts / info.layers * s.dtype_bytes
     update = out["activations"] + out["logprob_chunk"] + out.get("expert_fold", 0.0)
-    out["peak"] = out["weights"] + out["adapter"] + max(out["kv_cache"], update)
+    generation = out["kv_cache"]
+    if s.vllm_share is not None:  # vLLM's own full bf16 copy (one engine per process) + its KV cache, in its share
+        out["vllm_weights"] = info.total * 2
+        out["vllm_reserved"] = max(s.vllm_share * GPU_GIB * GIB, out["vllm_weights"] + out["kv_cache"])
+        generation = out["vllm_reserved"]  # asleep during the update: weights on the host, KV cache freed
+    out["peak"] = out["weights"] + out["adapter"] + max(generation, update)
     return out
 
 
@@ -216,7 +222,8 @@ def setup_for(job: JobConfig, info: ModelInfo, world: int = 1, sharded: bool = F
     attn = opts["attn_implementation"] or ("eager" if info.model_type == "gpt_oss" else "sdpa")
     return Setup(world=world, sharded=sharded, dtype_bytes=4 if e.dtype == "float32" else 2,
                  load_in_4bit=opts["load_in_4bit"], gradient_checkpointing=e.gradient_checkpointing, attn=attn,
-                 logprob_chunk=LOGPROB_CHUNK)
+                 logprob_chunk=LOGPROB_CHUNK,
+                 vllm_share=e.rollout.gpu_memory_utilization if e.rollout.backend == "vllm" else None)
 
 
 def _records(job: JobConfig) -> tuple[int | None, str]:
@@ -275,6 +282,8 @@ def make_plan(job: JobConfig) -> str:
         f"steps         {steps}",
         f"per step      {h.batch_size} prompts x {G} samples = {h.batch_size * G} sequences of <= {seq:,} tokens; "
         f"{h.batch_size // job.mini_batch_prompts() * e.ppo_epochs} optimizer step(s); micro-batch {e.micro_batch_size}",
+        f"rollout       engine.rollout.backend {e.rollout.backend}" + (
+            "" if e.rollout.backend == "transformers" else f"; old log-probs recomputed, TIS {e.rollout.tis} (cap {e.rollout.tis_cap})"),
         "",
     ]
     columns = []
@@ -287,7 +296,9 @@ def make_plan(job: JobConfig) -> str:
             (f"update activations ({'GC' if e.gradient_checkpointing else 'no GC'})", "activations"),
             (f"log-prob chunk ({base_setup.logprob_chunk} positions)", "logprob_chunk"),
             ("expert LoRA fold (one layer)", "expert_fold"),
-            ("peak = weights + adapter + max(KV, update)", "peak")]
+            ("vLLM weights copy (bf16)", "vllm_weights"),
+            ("vLLM reserved while sampling", "vllm_reserved"),
+            ("peak = weights + adapter + max(generation, update)", "peak")]
     width = max(len(r[0]) for r in rows) + 2
     lines.append("memory per GPU, GiB (estimate)".ljust(width) + "".join(f"{c:>22}" for c, _ in columns))
     for label, key in rows:
@@ -297,6 +308,11 @@ def make_plan(job: JobConfig) -> str:
     verdicts = [("fits" if m["peak"] / GIB <= 0.9 * GPU_GIB else "tight" if m["peak"] / GIB <= GPU_GIB
                  else "does not fit") for _, m in columns]
     lines.append("  on an 80 GB GPU".ljust(width) + "".join(f"{v:>22}" for v in verdicts))
+    vllm = columns[0][1].get("vllm_weights")
+    if vllm is not None and vllm > e.rollout.gpu_memory_utilization * GPU_GIB * GIB:
+        lines.append(f"note: vLLM's own weights ({vllm / GIB:.1f} GiB) exceed engine.rollout.gpu_memory_utilization="
+                     f"{e.rollout.gpu_memory_utilization} of an 80 GB GPU; vLLM will refuse to start: raise it (if the "
+                     "peak allows) or sample with the transformers / continuous backend")
     if verdicts[0] != "fits" and not base_setup.load_in_4bit and info.experts == 0:
         lines.append("hint: engine.load_in_4bit (QLoRA, needs bitsandbytes) or sharding over several GPUs "
                      "(configs/accelerate/) brings it under one GPU's memory")

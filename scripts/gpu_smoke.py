@@ -7,6 +7,12 @@ for GPT-OSS), gradient checkpointing, grpo.rollout.generate, the reference log-p
 grpo.actor.update_policy (chunked log-probs). Random scores stand in for a reward (a random model's answers
 are all wrong), so the update is a real one with real shapes.
 
+Generation is measured for each rollout backend of grpo.samplers (--backend): "transformers" (our decode
+loop / transformers generate) and "continuous" (transformers' continuous batching: paged attention, CUDA
+graphs), with the ratio between them, and for "continuous" the mismatch between its log-probs and the
+trainer's (rollout_kl_k3, the mean TIS weight): what engine.rollout.backend should default to on a GPU.
+The update uses the first backend's responses.
+
 Printed per step and summarised (also as JSON with --json): peak GPU memory, generation tokens/s, update
 tokens/s and the update phase's MFU = update tokens/s x FLOPs per token / the GPU's peak bf16 FLOP/s, with
 FLOPs per token = 4 x active parameters (MoE: the top-k experts only; a frozen base under LoRA needs the
@@ -16,6 +22,7 @@ scores are not counted, as is usual for MFU).
     python scripts/gpu_smoke.py --model gpt_oss                  # needs a CUDA GPU (~55 GB for GPT-OSS-20B)
     python scripts/gpu_smoke.py --model qwen3 --layers 32        # Qwen3-32B's layers, half of them
     python scripts/gpu_smoke.py --tiny --model all --steps 2     # tiny configs on CPU: the same code paths
+    python scripts/gpu_smoke.py --model qwen3 --layers 8 --backend continuous
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group", type=int, default=4, help="samples per prompt")
     p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sample (end tokens ignored)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sample (transformers backend: "
+                   "end tokens ignored; continuous: until an end token, rare for random weights)")
+    p.add_argument("--backend", choices=["transformers", "continuous", "both"], default="both",
+                   help="rollout backends to time (grpo.samplers)")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
     p.add_argument("--layers", type=int, default=None, help="use fewer decoder layers than the real model")
     p.add_argument("--lora-rank", type=int, default=32)
@@ -101,7 +111,9 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
 
     from grpo import algorithms as alg
     from grpo.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
-    from grpo.rollout import generate, pack
+    from grpo.rollout import pack
+    from grpo.samplers import ContinuousSampler, TransformersSampler, logprob_tensor
+    from grpo.tis import sampler_mismatch_metrics
 
     cuda = device.type == "cuda"
     if cuda:
@@ -118,13 +130,29 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
                               max_grad_norm=1.0, ppo_epochs=1, mini_batch_seqs=n_seq,
                               loss_scale_factor=float(args.new_tokens), micro_batch_seqs=args.micro_batch)
     prompts = prompts_for(tok, args.prompts, args.prompt_tokens)
+    backends = ["transformers", "continuous"] if args.backend == "both" else [args.backend]
+    samplers = {"transformers": TransformersSampler(policy, tok, ignore_eos=True)}
+    if "continuous" in backends:
+        samplers["continuous"] = ContinuousSampler(policy, tok, seed=0)
     rows = []
     for step in range(args.steps):
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        t0 = time.perf_counter()
-        roll = generate(policy, tok, prompts, n=args.group, max_new_tokens=args.new_tokens, temperature=1.0,
-                        ignore_eos=True)
-        sync()
+        per_backend = {}
+        for b in backends:
+            t0 = time.perf_counter()
+            sampled = samplers[b].generate(prompts, n=args.group, max_new_tokens=args.new_tokens, temperature=1.0)
+            sync()
+            per_backend[b] = (sampled, time.perf_counter() - t0)
+            samplers[b].sleep()
+        mismatch = {}
+        if "continuous" in per_backend:  # its log-probs against the trainer's, before the update moves the weights
+            c = per_backend["continuous"][0]
+            cb = pack(c.batch.prompt_ids, c.batch.response_ids, tok.pad_token_id)
+            old = compute_logprobs(policy, cb, 1.0, args.micro_batch).cpu()
+            sel = cb.response_mask.bool()
+            mismatch = sampler_mismatch_metrics(old[sel], logprob_tensor(c.logprobs, c.batch.prompt_ids, sel.shape[1])[sel],
+                                                torch.ones(int(sel.sum())))
+        roll, gen_s = per_backend[backends[0]][0].batch, per_backend[backends[0]][1]
         t1 = time.perf_counter()
         batch = pack(roll.prompt_ids, roll.response_ids, tok.pad_token_id)
         scores = torch.rand(len(roll), generator=torch.Generator().manual_seed(step))
@@ -137,17 +165,23 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
                           ref_logp=ref)
         sync()
         t3 = time.perf_counter()
-        gen_tokens = sum(len(r) for r in roll.response_ids)
         upd_tokens = int(batch.attention_mask.sum())
-        row = {"step": step + 1, "gen_s": t1 - t0, "ref_s": t2 - t1, "update_s": t3 - t2,
-               "gen_tokens_per_s": gen_tokens / (t1 - t0), "update_tokens_per_s": upd_tokens / (t3 - t2),
+        row = {"step": step + 1, "gen_s": gen_s, "ref_s": t2 - t1, "update_s": t3 - t2,
+               "update_tokens_per_s": upd_tokens / (t3 - t2),
                "actor_pg_loss": m["actor_pg_loss"], "actor_grad_norm": m["actor_grad_norm"]}
+        for b, (sampled, secs) in per_backend.items():
+            row[f"gen_tokens_per_s_{b}"] = sum(len(r) for r in sampled.batch.response_ids) / secs
+        row["gen_tokens_per_s"] = row[f"gen_tokens_per_s_{backends[0]}"]
+        row.update({f"continuous_{k}": v for k, v in mismatch.items()})
         row["update_mfu"] = (row["update_tokens_per_s"] * info.flops_per_token(train=True) / peak_flops
                              if peak_flops else None)
         rows.append(row)
-        print(f"  [{kind}] step {row['step']}: generation {row['gen_tokens_per_s']:.1f} tok/s, update "
+        gens = ", ".join(f"{b} {row[f'gen_tokens_per_s_{b}']:.1f}" for b in backends)
+        print(f"  [{kind}] step {row['step']}: generation tok/s {gens}; update "
               f"{row['update_tokens_per_s']:.1f} tok/s" + (f", MFU {row['update_mfu']:.1%}" if row["update_mfu"] else "")
-              + f", grad norm {row['actor_grad_norm']:.3g}", flush=True)
+              + f", grad norm {row['actor_grad_norm']:.3g}"
+              + (f"; continuous vs trainer rollout_kl_k3 {row['continuous_rollout_kl_k3']:.2e}" if mismatch else ""),
+              flush=True)
     steady = rows[1:] or rows
 
     def mean(k):
@@ -160,6 +194,8 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
                "active_parameters": info.active, "trainable_parameters": info.trainable, "build_s": build_s,
                "sequences_per_step": n_seq, "prompt_tokens": len(prompts[0]), "new_tokens": args.new_tokens,
                "gen_tokens_per_s": mean("gen_tokens_per_s"), "update_tokens_per_s": mean("update_tokens_per_s"),
+               **{f"gen_tokens_per_s_{b}": mean(f"gen_tokens_per_s_{b}") for b in backends},
+               **{k: mean(k) for k in steady[0] if k.startswith("continuous_")},
                "update_mfu": mean("update_mfu"), "update_flops_per_token": info.flops_per_token(train=True),
                ("peak_gpu_memory_gib" if cuda else "peak_cpu_rss_gib"): peak, "steps": rows}
     del model, opt, policy
@@ -195,6 +231,12 @@ def main(argv=None) -> int:
               f"{r['trainable_parameters'] / 1e6:.1f} M trainable; peak {'GPU' if device.type == 'cuda' else 'CPU RSS'} "
               f"{mem:.2f} GiB; generation {r['gen_tokens_per_s']:.1f} tok/s; update {r['update_tokens_per_s']:.1f} tok/s"
               + (f"; update MFU {r['update_mfu']:.1%}" if r["update_mfu"] else ""))
+        if r.get("gen_tokens_per_s_continuous") and r.get("gen_tokens_per_s_transformers"):
+            print(f"{r['model']}: generation, continuous batching / transformers backend = "
+                  f"{r['gen_tokens_per_s_continuous'] / r['gen_tokens_per_s_transformers']:.2f}x "
+                  f"({r['gen_tokens_per_s_continuous']:.1f} vs {r['gen_tokens_per_s_transformers']:.1f} tok/s); "
+                  f"sampler mismatch rollout_kl_k3 {r['continuous_rollout_kl_k3']:.2e}, "
+                  f"TIS weight mean {r['continuous_rollout_tis_weight_mean']:.4f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)
