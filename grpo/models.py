@@ -130,7 +130,7 @@ def _bnb_4bit_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     bf16 (`dtype` if half precision), placed on this process's GPU (a 4-bit model cannot be moved after
     loading). On the CPU they compute in `dtype` (float32 there), so that rollout and training log-probs
     are the dequantized model's to float32 rounding. Storage in the compute dtype lets FSDP shard it."""
-    _require("bitsandbytes", "engine.load_in_4bit (a 4-bit QLoRA base)", "bitsandbytes")
+    _require("bitsandbytes", "engine.load_in_4bit (a 4-bit QLoRA base)", "'grpo[qlora]'")
     import os
 
     from transformers import BitsAndBytesConfig
