@@ -264,6 +264,13 @@ def test_too_long_prompts_are_filtered_and_reported(long_prompt_job):
     assert [row["step"] for row in rows] == [1, 2]  # 4 prompts left, batch 2
     assert all(row["prompt_length_max"] <= 64 for row in rows)
     assert json.loads((d / "run" / "summary.json").read_text())["total_steps"] == 2
+    # resuming (here a finished run: nothing left to do) warns on the console again, events.jsonl keeps one each
+    r = run_grpo("train", job, "--output-dir", d / "run", "--no-progress", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "warning: training_file: filtered out 2 of 6" in r.stdout + r.stderr
+    events = read_jsonl(d / "run" / "events.jsonl")
+    assert sum("filtered out" in e["message"] for e in events) == 2  # training_file and validation_file, once
+    assert [row["step"] for row in read_jsonl(d / "run" / "metrics.jsonl")] == [1, 2]
 
 
 def test_every_prompt_too_long_is_a_clear_error(long_prompt_job):

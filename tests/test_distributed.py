@@ -230,7 +230,11 @@ def test_accelerate_launch_two_processes_train_smoke(tmp_path):
     _launch(["-m", "grpo", "train", str(job), "--output-dir", str(tmp_path / "run"), "--no-progress"], 2, REPO,
             timeout=150, TEST_REWARD_LOG=str(calls))
     run = tmp_path / "run"
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:  # the handler's metrics are over both ranks' trajectories, not rank 0's
+        assert r["reward_calls"] == 2 and r["reward_failures"] == 0
+        assert r["reward_score_mean"] == pytest.approx(r["critic_rewards_mean"], abs=1e-6)
     events = read_jsonl(run / "events.jsonl")
     assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == [1, 2, 3]
     assert sum(e["message"] == "Fine-tuning job started" for e in events) == 1
