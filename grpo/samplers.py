@@ -65,17 +65,26 @@ class ContinuousSampler:
                             "transformers backend for fixed-length benchmarks")
         self.policy, self.tok = policy, tokenizer
         self.base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        if not hasattr(self.base, "generate_batch"):
-            import transformers
+        import inspect
 
-            raise UserError(f"engine.rollout.backend=continuous needs transformers' continuous batching "
-                            f"(generate_batch); transformers {transformers.__version__} has none")
+        import transformers
+
+        if "continuous_batching_config" not in inspect.signature(getattr(self.base, "generate_batch", len)).parameters:
+            raise UserError(f"engine.rollout.backend=continuous needs transformers' continuous batching with a "
+                            f"ContinuousBatchingConfig (generate_batch); transformers {transformers.__version__} has "
+                            f"none: upgrade transformers or use the transformers backend")
         self.generator = torch.Generator().manual_seed(seed)
 
     def _configs(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float):
         from transformers import GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
 
+        try:
+            from transformers.generation import ContinuousBatchingConfig
+        except ImportError:
+            import transformers
+
+            raise UserError(f"engine.rollout.backend=continuous needs transformers' ContinuousBatchingConfig "
+                            f"(transformers {transformers.__version__} has none)") from None
         ends = end_token_ids(self.tok, self.base)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else ends[0]
         gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
