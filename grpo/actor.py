@@ -265,6 +265,23 @@ def adapter_disabled(model):
         yield
 
 
+@contextlib.contextmanager
+def _accumulating(accelerator, model, *, last: bool):
+    """A micro-batch that is not its mini-batch's last accumulates gradients without synchronising them:
+    DDP's `no_sync`, and accelerate's `sync_gradients` flag, which its DeepSpeed path reads as the
+    accumulation boundary (left True, DeepSpeed would step the optimizer after every micro-batch). This is
+    what `Accelerator.accumulate` does, with a boundary set by our micro-batch count."""
+    if last:
+        yield
+        return
+    accelerator.sync_gradients = False
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.sync_gradients = True
+
+
 def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: torch.Tensor, s: UpdateSettings, *,
                   accelerator, old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
                   is_weights: torch.Tensor | None = None) -> dict:
@@ -289,8 +306,7 @@ def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: t
             g_tokens, g_seqs = accelerator.reduce(counts, reduction="sum").tolist()
             micro = [mb_idx[i:i + s.micro_batch_seqs] for i in range(0, len(mb_idx), s.micro_batch_seqs)]
             for j, idx in enumerate(micro):
-                sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
-                with sync:
+                with _accumulating(accelerator, model, last=j == len(micro) - 1):
                     mb = batch.select(idx)
                     w = mb.response_mask.shape[1]
                     mask = mb.response_mask.to(accelerator.device)
