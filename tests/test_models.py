@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import re
+import sys
 import types
 
 import pytest
@@ -162,9 +163,10 @@ def gpt_oss_dir(tmp_path_factory, toks):
     return path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
-def test_load_in_4bit_without_bitsandbytes_is_a_clear_error(gpt_oss_dir):
-    with pytest.raises(UserError, match=r"engine.load_in_4bit .*needs the 'bitsandbytes' package.*pip install"):
+def test_load_in_4bit_without_bitsandbytes_is_a_clear_error(gpt_oss_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed (the dev extra installs it)
+    assert importlib.util.find_spec("bitsandbytes") is None
+    with pytest.raises(UserError, match=r"engine.load_in_4bit .*needs the 'bitsandbytes' package.*pip install 'grpo\[qlora\]'"):
         load_base_model(str(gpt_oss_dir), torch.float32, load_in_4bit=True)
 
 
