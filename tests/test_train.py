@@ -78,6 +78,16 @@ def test_checkpoint_is_a_peft_adapter_and_eval_runs_on_it(trained):
     result = json.loads(out.stdout)
     assert result["records"] == 4 and result["samples"] == 4 and result["failures"] == 0
     assert 0.0 <= result["reward_mean"] <= 1.0
+    # the same through transformers' continuous batching, two samples per record, every sample written out
+    samples = tmp / "cb_samples.jsonl"
+    out = run_grpo("eval", "--model", tmp / "model", "--adapter", adapter, "--data", tmp / "data" / "validation.jsonl",
+                   "--handler", tmp / "varied.py", "--max-tokens", "8", "--json", "--backend", "continuous",
+                   "--samples", "2", "--out", samples)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["records"] == 4 and result["samples"] == 8 and result["failures"] == 0
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 8 and sorted(r["id"][-2:] for r in rows) == ["#0"] * 4 + ["#1"] * 4
 
 
 def test_plot_command_redraws_and_rejects_a_non_run(trained, tmp_path):

@@ -31,6 +31,11 @@ def add_arguments(p):
                    help="default: low locally; with --base-url only sent when given")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights' dtype (auto: bf16 on a GPU, fp32 on CPU); the model runs on the GPU when there is one")
+    p.add_argument("--backend", choices=("transformers", "continuous"), default="transformers",
+                   help="how responses are sampled (engine.rollout.backend): transformers generation, or "
+                        "transformers' continuous batching (paged KV cache; faster on GPUs, slower on CPU)")
     p.add_argument("--out", type=Path, default=None, help="write every sample and its score as JSONL")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     g = p.add_argument_group("through an OpenAI-compatible endpoint (Bedrock, or grpo serve)")
@@ -67,12 +72,17 @@ def _local(args, records, runner):
     from grpo.evaluation import sample_and_score
     from grpo.models import load_for_inference, load_tokenizer, resolve_model_path
 
+    from grpo.models import pick_dtype
+    from grpo.samplers import ContinuousSampler
+
     torch.manual_seed(args.seed)
     path = resolve_model_path(BEDROCK_MODEL_IDS.get(args.model, args.model))
     tok = load_tokenizer(path)
-    model = load_for_inference(path, args.adapter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_for_inference(path, args.adapter, dtype=pick_dtype(args.dtype, device)).to(device)
+    sampler = ContinuousSampler(model, tok, seed=args.seed) if args.backend == "continuous" else None
     return sample_and_score(model, tok, records, runner, temperature=args.temperature, top_p=args.top_p,
-                            n=args.samples, max_new_tokens=args.max_tokens,
+                            n=args.samples, max_new_tokens=args.max_tokens, sampler=sampler,
                             reasoning_effort=args.reasoning_effort or "low", keep_samples=args.out is not None)
 
 
