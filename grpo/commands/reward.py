@@ -72,44 +72,45 @@ def reference_text(reference: str | dict) -> str:
 
 
 def read_responses(path: str, known_ids: set[str]) -> dict[str, list[tuple[str, str | None]]]:
-    """record id -> [(response, reasoning_content)] in file order; UserError naming FILE:LINE: field."""
+    """record id -> [(response, reasoning_content)] in file order; UserError listing every problem as
+    FILE:LINE: field: message. Lines are decoded and parsed as `grpo data validate` does (grpo.data):
+    invalid UTF-8 is a problem, a byte order mark on line 1 a warning; blank lines are skipped."""
+    from pathlib import Path
+
+    from grpo.data import _capped, _kind, _open_lines, _parse_line
     from grpo.errors import UserError
 
     out: dict[str, list[tuple[str, str | None]]] = {}
     problems: list[str] = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read responses file {path}: {exc.strerror or exc}") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                problems.append(f"{path}:{n}: not valid JSON ({exc})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{n}: expected an object with id and response")
-                continue
-            rid = row.get("id")
-            if isinstance(rid, int) and not isinstance(rid, bool):
-                rid = str(rid)
-            if not isinstance(rid, str) or not rid:
-                problems.append(f"{path}:{n}: id: missing or not a string")
-            elif rid not in known_ids:
-                problems.append(f"{path}:{n}: id: {rid!r} is not a record id of the data file")
-            if not isinstance(row.get("response"), str):
-                problems.append(f"{path}:{n}: response: missing or not a string")
-            reasoning = row.get("reasoning_content")
-            if reasoning is not None and not isinstance(reasoning, str):
-                problems.append(f"{path}:{n}: reasoning_content: not a string")
-            if isinstance(rid, str) and rid in known_ids and isinstance(row.get("response"), str):
-                out.setdefault(rid, []).append((row["response"], reasoning))
+    for n, raw in enumerate(_open_lines(Path(path)), 1):
+        if not raw.strip():
+            continue
+        row, err, had_bom = _parse_line(raw, n)
+        if had_bom and n == 1 and not err:
+            print(f"warning: {path}:1: encoding: UTF-8 byte order mark at the start of the file; "
+                  "accepted here", file=sys.stderr)
+        if err:
+            problems.append(f"{path}:{n}: {err[0]}: {err[1]}")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{n}: record: expected a JSON object with id and response, got {_kind(row)}")
+            continue
+        rid = row.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            rid = str(rid)
+        if not isinstance(rid, str) or not rid:
+            problems.append(f"{path}:{n}: id: missing or not a string")
+        elif rid not in known_ids:
+            problems.append(f"{path}:{n}: id: {rid!r} is not a record id of the data file")
+        if not isinstance(row.get("response"), str):
+            problems.append(f"{path}:{n}: response: missing or not a string")
+        reasoning = row.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            problems.append(f"{path}:{n}: reasoning_content: not a string")
+        if isinstance(rid, str) and rid in known_ids and isinstance(row.get("response"), str):
+            out.setdefault(rid, []).append((row["response"], reasoning))
     if problems:
-        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise UserError(f"{path} is not a valid responses file:\n" + "\n".join(problems[:20]) + more)
+        raise UserError(f"{path} is not a valid responses file:\n" + "\n".join(_capped(problems)))
     return out
 
 

