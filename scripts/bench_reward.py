@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from grpo.data import gsm8k_to_records, read_gsm8k_file  # noqa: E402
 from grpo.reward import RewardRunner, make_trajectory  # noqa: E402
 
 KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -39,15 +39,18 @@ def find_shared() -> Path:
 
 
 def build(data: Path) -> tuple[list[dict], list[bool]]:
+    """The test split as the project's own converter makes it (`grpo data gsm8k`: prompt suffix and
+    `#### <n>` reference), one trajectory per labelled solution of each question."""
     solutions = [json.loads(line) for line in (data / "example_model_solutions.jsonl").read_text().splitlines()]
-    tests = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    test = data / "test.jsonl"
+    records = gsm8k_to_records(read_gsm8k_file(test), tag="test", source=str(test))
+    if len(records) != len(solutions):
+        raise SystemExit(f"{test}: {len(records)} questions but {len(solutions)} rows of example solutions")
     trajectories, labels = [], []
-    for n, (sol, test) in enumerate(zip(solutions, tests)):
-        reference = "#### " + re.findall(r"#### (.*)", test["answer"])[-1].strip()
-        prompt = [{"role": "user", "content": test["question"] + " Let's think step by step and output "
-                                                                 "the final answer after '####'."}]
+    for sol, rec in zip(solutions, records):
         for i, key in enumerate(KEYS):
-            trajectories.append(make_trajectory(f"test-{n}", i, prompt, sol[key]["solution"], reference))
+            trajectories.append(make_trajectory(rec["id"], i, rec["messages"], sol[key]["solution"],
+                                                rec["reference_answer"]))
             labels.append(bool(sol[key]["is_correct"]))
     return trajectories, labels
 
