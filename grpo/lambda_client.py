@@ -2,9 +2,11 @@
 
 botocore's retries are switched off (``total_max_attempts=1``) so that one documented policy applies:
 throttling (HTTP 429 / ``TooManyRequestsException``) and transient errors (HTTP 5xx, connection
-errors) are retried up to ``max_retries`` times with exponential backoff and full jitter
-(``sleep = uniform(0, min(retry_max_s, retry_base_s * 2**attempt))``); anything else (403, 404, a
-4xx validation error) fails at once. A ``FunctionError`` answer is the handler's own failure and is
+errors: botocore's ``ConnectionError`` family, which holds connect timeouts and proxy errors, and a
+connection closed mid-answer) are retried up to ``max_retries`` times with exponential backoff and full
+jitter (``sleep = uniform(0, min(retry_max_s, retry_base_s * 2**attempt))``); anything else (403, 404,
+a 4xx validation error, a TLS certificate error) fails at once. A malformed endpoint URL or region is
+a UserError when the client is made. A ``FunctionError`` answer is the handler's own failure and is
 reported with its payload's ``errorType``, ``errorMessage`` and ``stackTrace``; it is not retried
 (the handler would fail the same way). boto3 is imported only when an ARN is used.
 """
@@ -55,19 +57,25 @@ class LambdaInvoker:
 
     def __init__(self, arn: LambdaArn, *, region: str | None = None, endpoint_url: str | None = None,
                  timeout_s: float = 300.0, max_retries: int = 8, retry_base_s: float = 0.25,
-                 retry_max_s: float = 20.0, max_pool_connections: int = 10):
+                 retry_max_s: float = 20.0, max_pool_connections: int = 10, connect_timeout_s: float = 10.0):
         import boto3
         from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
 
         self.arn, self.max_retries = arn, max_retries
         self.retry_base_s, self.retry_max_s = retry_base_s, retry_max_s
         config = Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
-            read_timeout=timeout_s + 10, connect_timeout=10,
+            read_timeout=timeout_s + 10, connect_timeout=connect_timeout_s,
             max_pool_connections=max(10, max_pool_connections),
         )
-        self.client = boto3.session.Session().client(
-            "lambda", region_name=region or arn.region, endpoint_url=endpoint_url, config=config)
+        region = region or arn.region
+        try:
+            self.client = boto3.session.Session().client(
+                "lambda", region_name=region, endpoint_url=endpoint_url, config=config)
+        except (ValueError, BotoCoreError) as exc:  # "Invalid endpoint: ...", InvalidRegionError, ...
+            raise UserError(f"cannot make a Lambda client for {arn.arn} (region {region!r}, endpoint "
+                            f"{endpoint_url or 'the default'}): {exc}") from None
         self.timeout_s = timeout_s
         self._closed = threading.Event()  # wakes retry back-offs when the runner closes
 
@@ -76,7 +84,8 @@ class LambdaInvoker:
 
     def call(self, payload: bytes) -> CallOutcome:
         from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError,
-                                         EndpointConnectionError, ReadTimeoutError)
+                                         ReadTimeoutError, SSLError)
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -96,10 +105,13 @@ class LambdaInvoker:
             except ReadTimeoutError:
                 return CallOutcome(kind="timeout", message=(
                     f"no answer from {self.arn.arn} within {self.timeout_s + 10:g} s (read timeout)"))
-            except (EndpointConnectionError, ConnectionClosedError) as exc:
+            except SSLError as exc:  # a certificate or TLS setup problem: trying again will not fix it
+                return CallOutcome(kind="invoke", message=f"invoking {self.arn.arn} failed: "
+                                                          f"{type(exc).__name__}: {exc}")
+            except (BotoConnectionError, ConnectionClosedError) as exc:  # refused, connect timeout, proxy, reset
                 last = f"{type(exc).__name__}: {exc}"
                 continue
-            except BotoCoreError as exc:  # credentials, bad endpoint URL, ...: not transient
+            except BotoCoreError as exc:  # credentials, parameter validation, ...: not transient
                 return CallOutcome(kind="invoke", message=f"invoking {self.arn.arn} failed: "
                                                           f"{type(exc).__name__}: {exc}")
             body = resp["Payload"].read()

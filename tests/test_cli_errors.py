@@ -80,3 +80,62 @@ def test_responses_file_problems_listed_up_to_fifty(tmp_path, data):
 def test_responses_path_missing_or_a_directory(tmp_path, data):
     assert_user_error(reward_check(data, "--responses", tmp_path / "none.jsonl"), "none.jsonl: no such file")
     assert_user_error(reward_check(data, "--responses", tmp_path), "is a directory")
+
+
+# ---------------------------------------------------------------- the Lambda client (ARN handlers)
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path) -> dict:
+    """Fake credentials, no profile files or instance metadata: nothing reaches AWS."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return env
+
+
+def test_bad_endpoint_url_or_region_is_a_user_error(aws_env, data):
+    for flags, needles in ((("--endpoint-url", "not-a-url"), ("endpoint not-a-url", "Invalid endpoint")),
+                           (("--region", "bad_region!"), ("region 'bad_region!'", "doesn't match"))):
+        res = run_grpo("reward", "check", "--handler", ARN, *flags, "--data", data, "--allow-small",
+                       env=cli_env(**aws_env), timeout=60)
+        assert_user_error(res, "cannot make a Lambda client for " + ARN, *needles)
+
+
+def test_connect_timeout_is_retried_then_reported(aws_env):
+    """A real loopback listener whose accept queue is full: the kernel drops new SYNs, so botocore's
+    connect times out (ConnectTimeoutError, not EndpointConnectionError), and that is retried."""
+    import socket
+
+    from grpo.lambda_client import LambdaInvoker, parse_arn
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)  # never accepted: the queue fills with our own connections
+    port = server.getsockname()[1]
+    fillers, timed_out = [], False
+    try:
+        for _ in range(8):
+            c = socket.socket()
+            c.settimeout(0.3)
+            fillers.append(c)
+            try:
+                c.connect(("127.0.0.1", port))
+            except (TimeoutError, socket.timeout):
+                timed_out = True
+                break
+        assert timed_out, "the listener's accept queue never filled"
+        invoker = LambdaInvoker(parse_arn(ARN), endpoint_url=f"http://127.0.0.1:{port}", connect_timeout_s=0.2,
+                                max_retries=2, retry_base_s=0.01)
+        try:
+            out = invoker.call(b"[]")
+        finally:
+            invoker.close()
+    finally:
+        for c in fillers:
+            c.close()
+        server.close()
+    assert out.kind == "invoke" and "after 3 tries" in out.message, out.message
+    assert "last: ConnectTimeoutError" in out.message, out.message
