@@ -4,6 +4,9 @@ Layout: `<run>/checkpoints/step-000010/` with `adapter/` (loadable with `PeftMod
 `trainer_state.pt` (optimizer and scheduler), `rng_<rank>.pt` (each process's RNG states) and
 `state.json` (step, epoch position, early-stopping state). A checkpoint is written into a temporary
 directory and renamed into place, so a crash mid-write never leaves a half checkpoint that looks whole.
+
+The path helpers (checkpoint_dir, list_checkpoints, latest_checkpoint) are all the server uses: torch
+and numpy are imported only by the functions that save or restore state, so they never load it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,6 @@ import random
 import re
 import shutil
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from grpo.errors import UserError
 
@@ -45,6 +45,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -52,6 +55,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -61,6 +67,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, *, accelerator, model, optimizer, scheduler, state: dict) -> Path:
     """Collective: every process calls it (each saves its RNG); the main process writes the rest."""
+    import torch
+
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -83,6 +91,7 @@ def save_checkpoint(run_dir: Path, step: int, *, accelerator, model, optimizer, 
 
 def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> dict:
     """Restore adapter weights, optimizer, scheduler and this process's RNG; returns state.json."""
+    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
