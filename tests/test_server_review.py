@@ -1,5 +1,5 @@
 """The server's smaller guarantees, each on real processes: the server never loads torch for jobs-only
-use; its path helpers stay torch-free."""
+use; its path helpers stay torch-free; generation pads with the real pad id."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def test_server_modules_and_checkpoint_paths_do_not_import_torch(tmp_path):
     """)
     res = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_generation_pads_with_the_tokenizers_pad_id_even_when_it_is_zero():
+    """The tiny model's tokenizer pads with id 0 (<|endoftext|>); 0 is a real id, not "no pad token"."""
+    from grpo.api.inference import Loaded, generation_config
+    from grpo.tiny_data import build_tokenizer
+
+    tok = build_tokenizer()
+    assert tok.pad_token_id == 0 and tok.eos_token_id != 0
+    loaded = Loaded(None, tok, [], [tok.eos_token_id])
+    greedy = generation_config(loaded, max_new_tokens=5, temperature=0, top_p=1.0)
+    assert greedy.pad_token_id == 0 and greedy.eos_token_id == [tok.eos_token_id] and not greedy.do_sample
+    sampled = generation_config(loaded, max_new_tokens=5, temperature=0.7, top_p=0.9)
+    assert sampled.do_sample and sampled.temperature == 0.7 and sampled.top_p == 0.9 and sampled.pad_token_id == 0
+    tok.pad_token = None  # no pad token at all: the first end token stands in
+    assert tok.pad_token_id is None
+    assert generation_config(loaded, max_new_tokens=5, temperature=0, top_p=1.0).pad_token_id == tok.eos_token_id

@@ -79,11 +79,24 @@ class _Streamer:
         self.q.put(("end", None))
 
 
+def generation_config(loaded: Loaded, *, max_new_tokens: int, temperature: float, top_p: float):
+    """transformers' GenerationConfig for one request: greedy at temperature 0, stops at any end token;
+    pads with the tokenizer's pad token (id 0 is a valid one), else the first end token."""
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    pad = loaded.tokenizer.pad_token_id
+    return GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
+                            top_p=top_p if sample else None, top_k=0 if sample else None,
+                            max_new_tokens=max_new_tokens, eos_token_id=loaded.ends,
+                            pad_token_id=loaded.ends[0] if pad is None else pad)
+
+
 def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, max_new_tokens: int,
                   temperature: float, top_p: float, seed: int | None = None) -> Iterator[int]:
     """Yield each sampled token id (the end token included when it comes). temperature 0 is greedy."""
     import torch
-    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     stop = threading.Event()
 
@@ -91,11 +104,7 @@ def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, m
         def __call__(self, input_ids, scores, **kw):
             return stop.is_set()
 
-    sample = temperature > 0
-    gen_cfg = GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
-                               top_p=top_p if sample else None, top_k=0 if sample else None,
-                               max_new_tokens=max_new_tokens, eos_token_id=loaded.ends,
-                               pad_token_id=loaded.tokenizer.pad_token_id or loaded.ends[0])
+    gen_cfg = generation_config(loaded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     streamer = _Streamer()
     device = next(loaded.model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
