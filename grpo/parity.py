@@ -81,13 +81,19 @@ class Run:
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
-    """A run directory's metrics (one row per step, sorted, the last row of a repeated step wins)."""
+    """A run directory's metrics (one row per step, sorted, the last row of a repeated step wins) and
+    summary; `grpo plot` and `grpo compare` both read runs with it. A file that cannot be read is a
+    UserError naming it."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory")
     by_step: dict[int, dict] = {}
-    for row in read_jsonl(path / "metrics.jsonl"):
-        if isinstance(row.get("step"), int):
+    try:
+        rows = read_jsonl(path / "metrics.jsonl")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / 'metrics.jsonl'}: cannot read it: {e}") from None
+    for row in rows:
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
             by_step[row["step"]] = row
     if not by_step:
         raise UserError(f"{path}: no metrics.jsonl with any step in it (is this a run directory? "
@@ -99,9 +105,14 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
             summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path / 'summary.json'}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path / 'summary.json'}: cannot read it: {e}") from None
+        if not isinstance(summary, dict):
+            raise UserError(f"{path / 'summary.json'}: expected a JSON object, got {type(summary).__name__}")
     totals = [r["total_steps"] for r in rows if isinstance(r.get("total_steps"), int)]
-    total = totals[-1] if totals else summary.get("total_steps") or rows[-1]["step"]
-    return Run(path, label or path.name, rows, int(total), summary if isinstance(summary, dict) else {})
+    planned = summary.get("total_steps")
+    total = totals[-1] if totals else planned if isinstance(planned, int) and planned > 0 else rows[-1]["step"]
+    return Run(path, label or path.name, rows, int(total), summary)
 
 
 def parse_tolerances(items: list[str]) -> dict[str, Tolerance]:
@@ -279,13 +290,48 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def run_thresholds(run_dir: str | Path):
+    """The thresholds a run was configured with (`engine.health` of its config.json, which the trainer
+    writes), else the defaults. UserError naming the file when it is not valid JSON or its thresholds
+    are not valid ones."""
+    from dataclasses import fields
+
+    from grpo.health import HealthThresholds
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return HealthThresholds()
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object (the run's config), got {type(cfg).__name__}")
+    engine = cfg.get("engine")
+    health = engine.get("health") if isinstance(engine, dict) else None
+    if health is None:
+        return HealthThresholds()
+    if not isinstance(health, dict):
+        raise UserError(f"{path}: engine.health: expected an object, got {type(health).__name__}")
+    unknown = sorted(set(health) - {f.name for f in fields(HealthThresholds)})
+    if unknown:
+        raise UserError(f"{path}: engine.health: unknown field(s) {', '.join(unknown)}")
+    try:
+        return HealthThresholds(**health)
+    except ValueError as e:  # names the field: engine.health.window: must be >= 1, got 0
+        raise UserError(f"{path}: {e}") from None
+    except TypeError as e:  # a value of the wrong type ("10" < 1)
+        raise UserError(f"{path}: engine.health: {e}") from None
+
+
 def health_alarms(run: Run) -> list:
     """The run's health alarms (grpo.health.scan), with the thresholds it ran with when it says."""
     from grpo.health import scan
-    from grpo.plot import _run_thresholds
 
     return scan(run.rows, baseline_val=run.summary.get("baseline_val_score_rewards_mean"),
-                thresholds=_run_thresholds(run.path))
+                thresholds=run_thresholds(run.path))
 
 
 def plot_comparison(a: Run, b: Run, report: dict, out: Path, alarms: dict | None = None) -> Path:

@@ -3,11 +3,9 @@ advantages, response length), with the validation reward on the reward panel."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from grpo.errors import UserError
-from grpo.metrics import BEDROCK_STEP_METRICS, read_jsonl
+from grpo.metrics import BEDROCK_STEP_METRICS
 
 TITLES = {
     "critic_rewards_mean": "reward (critic_rewards_mean)",
@@ -65,26 +63,11 @@ def save_figure(fig, out: Path) -> Path:
     return out
 
 
-def _run_thresholds(run_dir: Path):
-    """The health thresholds the run was configured with (config.json), else the defaults."""
-    from grpo.health import HealthThresholds
-
-    cfg = run_dir / "config.json"
-    if cfg.is_file():
-        health = json.loads(cfg.read_text()).get("engine", {}).get("health")
-        if isinstance(health, dict):
-            return HealthThresholds(**health)
-    return HealthThresholds()
-
-
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    run_dir = Path(run_dir)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    if not rows:
-        raise UserError(f"{run_dir}: no metrics.jsonl with any step in it (is this a run directory?)")
-    from grpo.health import scan
+    """A run directory's panels (default RUN/metrics.png), its health alarms marked. The run is read as
+    `grpo compare` reads it (grpo.parity.load_run, health_alarms): a bad file is a UserError naming it."""
+    from grpo.parity import health_alarms, load_run
 
-    summary = run_dir / "summary.json"
-    baseline = json.loads(summary.read_text()).get("baseline_val_score_rewards_mean") if summary.is_file() else None
-    fired = {run_dir.name: scan(rows, baseline_val=baseline, thresholds=_run_thresholds(run_dir))}
-    return plot_runs([(run_dir.name, rows)], out or run_dir / "metrics.png", title=run_dir.name, alarms=fired)
+    run = load_run(run_dir, label=Path(run_dir).resolve().name)
+    return plot_runs([(run.label, run.rows)], out or run.path / "metrics.png", title=run.label,
+                     alarms={run.label: health_alarms(run)})

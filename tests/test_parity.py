@@ -12,7 +12,8 @@ import pytest
 from helpers_engine import run_grpo
 
 from grpo.errors import UserError
-from grpo.parity import DEFAULT_TOLERANCES, Tolerance, align, compare_runs, load_run, metric_stats, parse_tolerances
+from grpo.parity import (DEFAULT_TOLERANCES, Tolerance, align, compare_runs, health_alarms, load_run, metric_stats,
+                         parse_tolerances, run_thresholds)
 
 
 def make_rows(steps: int, *, total: int | None = None, seed: int = 0, reward_shift: float = 0.0,
@@ -43,14 +44,18 @@ def write_run(path, rows, summary: dict | None = None):
     return path
 
 
-def compare(*args):
-    """`grpo compare ARGS` in this process (the real CLI entry point; a subprocess would re-import torch)."""
+def cli(*args):
+    """`grpo ARGS` in this process (the real CLI entry point; a subprocess would re-import torch)."""
     from grpo.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["compare", *map(str, args)])
-    return subprocess.CompletedProcess(["grpo", "compare", *args], code, out.getvalue(), err.getvalue())
+        code = main([*map(str, args)])
+    return subprocess.CompletedProcess(["grpo", *args], code, out.getvalue(), err.getvalue())
+
+
+def compare(*args):
+    return cli("compare", *args)
 
 
 def test_exit_codes_through_a_real_process(tmp_path):
@@ -196,3 +201,48 @@ def test_repeated_step_last_wins_and_disjoint_runs(tmp_path):
     rep = compare_runs(load_run(tmp_path / "late"), load_run(tmp_path / "early"))
     assert rep["verdict"] == "outside" and rep["metrics"]["critic_rewards_mean"]["verdict"] == "no overlap"
     assert not math.isnan(rep["metrics"]["critic_rewards_mean"]["tolerance"])
+
+
+def test_plot_and_compare_name_a_corrupt_summary_or_config(tmp_path):
+    """`grpo plot` reads a run as `grpo compare` does: a bad summary.json or config.json is `error:` naming
+    the file (and the field), exit 2, never a traceback."""
+    good = write_run(tmp_path / "good", make_rows(12))
+    cases = {
+        "summary.json": [("{\"status\": ", "summary.json:1: invalid JSON"),
+                         ("[1, 2]", "summary.json: expected a JSON object, got list"),
+                         (b"\xff\xfe", "summary.json: cannot read it")],
+        "config.json": [("{\n  \"engine\": {", "config.json:2: invalid JSON"),
+                        ('{"engine": {"health": {"window": 0}}}', "config.json: engine.health.window: must be >= 1"),
+                        ('{"engine": {"health": {"windw": 3}}}', "config.json: engine.health: unknown field(s) windw"),
+                        ('{"engine": {"health": {"stop_on": ["nope"]}}}', "unknown alarm 'nope'"),
+                        ('{"engine": {"health": {"window": "ten"}}}', "config.json: engine.health:"),
+                        ('{"engine": {"health": 3}}', "engine.health: expected an object, got int"),
+                        ("[]", "config.json: expected a JSON object")],
+    }
+    n = 0
+    for name, contents in cases.items():
+        for text, expected in contents:
+            run = write_run(tmp_path / f"bad{n}", make_rows(12))
+            n += 1
+            (run / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+            for res in (cli("plot", run), compare(good, run)):
+                assert res.returncode == 2, (res.args, res.stdout, res.stderr)
+                assert res.stderr.startswith(f"error: {run / name}") and expected in res.stderr, res.stderr
+                assert "Traceback" not in res.stderr
+            assert not (run / "metrics.png").exists()
+
+
+def test_run_thresholds_are_the_configured_ones_and_plot_marks_their_alarms(tmp_path):
+    rows = make_rows(30)
+    for r in rows[20:]:
+        r["actor_grad_norm"] = 50.0  # a spike the default thresholds flag
+    plain = write_run(tmp_path / "plain", rows, summary={"baseline_val_score_rewards_mean": 0.5})
+    tuned = write_run(tmp_path / "tuned", rows, summary={"baseline_val_score_rewards_mean": 0.5})
+    (tuned / "config.json").write_text(json.dumps({"engine": {"health": {"window": 7, "disable": ["grad_norm_spike"]}}}))
+    assert run_thresholds(plain).window == 10 and run_thresholds(tuned).window == 7
+    assert "grad_norm_spike" in [a.name for a in health_alarms(load_run(plain))]
+    assert "grad_norm_spike" not in [a.name for a in health_alarms(load_run(tuned))]
+    res = run_grpo("plot", tuned)  # the real command, in its own process
+    assert res.returncode == 0 and res.stdout.strip() == str(tuned / "metrics.png"), res.stderr
+    assert (tuned / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
