@@ -29,6 +29,11 @@ BEDROCK_MODEL_IDS = {
 TINY_MODEL = "grpo:tiny-arith"
 
 
+def local_model_id(model: str) -> str:
+    """What runs locally for `model`: the open-weights checkpoint behind a Bedrock model id, else `model`."""
+    return BEDROCK_MODEL_IDS.get(model, model)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -204,7 +209,7 @@ class JobConfig(_Strict):
 
     @property
     def local_model(self) -> str:
-        return self.engine.model or BEDROCK_MODEL_IDS.get(self.model, self.model)
+        return self.engine.model or local_model_id(self.model)
 
     @property
     def learning_rate(self) -> float:

@@ -139,3 +139,72 @@ def test_connect_timeout_is_retried_then_reported(aws_env):
         server.close()
     assert out.kind == "invoke" and "after 3 tries" in out.message, out.message
     assert "last: ConnectTimeoutError" in out.message, out.message
+
+
+# ---------------------------------------------------------------- grpo eval
+
+MKDIR_HANDLER = '''\
+"""Scores 0, and first makes a directory where the eval's --out file is to go (EVAL_TEST_MKDIR)."""
+import os
+
+
+def lambda_handler(event, context):
+    os.makedirs(os.environ["EVAL_TEST_MKDIR"], exist_ok=True)
+    if isinstance(event, dict):
+        event = event["trajectories"]
+    return [{"id": t["id"], "aggregate_reward_score": 0.0} for t in event]
+'''
+
+
+def eval_cli(data: Path, model, *args, env: dict | None = None):
+    return run_grpo("eval", "--model", model, "--data", data, "--handler", GSM8K_HANDLER, *args,
+                    env=env, timeout=120)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--limit", "0"), "argument --limit: must be >= 1, got 0"),
+    (("--limit", "-2"), "argument --limit: must be >= 1, got -2"),
+    (("--samples", "0"), "argument --samples: must be >= 1, got 0"),
+    (("--max-tokens", "0"), "argument --max-tokens: must be >= 1, got 0"),
+    (("--temperature", "-0.5"), "argument --temperature: must be a finite number >= 0"),
+    (("--temperature", "nan"), "argument --temperature: must be a finite number >= 0"),
+    (("--top-p", "0"), "argument --top-p: must be in (0, 1]"),
+    (("--temperature", "0"), "--temperature 0: local sampling"),
+])
+def test_eval_rejects_bad_numbers_before_loading_anything(tmp_path, flags, needle):
+    # neither the model nor the data exist: the flag is checked first
+    assert_user_error(eval_cli(tmp_path / "none.jsonl", tmp_path / "no-model", *flags), needle)
+
+
+def test_eval_out_checked_before_the_model_loads(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n", encoding="utf-8")
+    no_model = tmp_path / "no-model"  # would fail if it were loaded: the --out error must come first
+    assert_user_error(eval_cli(data, no_model, "--out", tmp_path), f"--out {tmp_path}: is a directory")
+    assert_user_error(eval_cli(data, no_model, "--out", data / "sub" / "s.jsonl"), f"{data} is a file, not a folder")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_eval_prints_the_result_then_writes_out_atomically(tmp_path):
+    from helpers_engine import build_model_dir
+
+    model = build_model_dir(tmp_path / "model")
+    _, val = write_data(tmp_path / "data", n_train=2, n_val=3)
+    out = tmp_path / "new" / "folder" / "samples.jsonl"
+    res = eval_cli(val, model, "--max-tokens", "4", "--limit", "2", "--samples", "2", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["records"] == 2 and got["samples"] == 4
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["id"] for r in rows) == ["validation-00000#0", "validation-00000#1",
+                                             "validation-00001#0", "validation-00001#1"]
+    assert f"wrote 4 samples to {out}" in res.stderr and not list(out.parent.glob(".*.tmp"))
+    # --out becomes unwritable during the run (the handler makes a directory there): the result is
+    # still printed, then the write fails as a user error, not a traceback
+    handler = tmp_path / "mkdir_handler.py"
+    handler.write_text(MKDIR_HANDLER, encoding="utf-8")
+    late = tmp_path / "late.jsonl"
+    res = run_grpo("eval", "--model", model, "--data", val, "--handler", handler, "--max-tokens", "4",
+                   "--limit", "1", "--out", late, "--json", env=cli_env(EVAL_TEST_MKDIR=str(late)), timeout=120)
+    assert json.loads(res.stdout)["samples"] == 1
+    assert_user_error(res, f"{late}: is a directory")

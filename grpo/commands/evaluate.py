@@ -7,11 +7,47 @@ scores a Bedrock model and a local adapter side by side.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 HELP = "sample and grade a model (base or adapter) on a data file"
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def add_arguments(p):
@@ -23,20 +59,22 @@ def add_arguments(p):
     p.add_argument("--adapter", default=None, help="a peft adapter directory (a run's checkpoints/step-N/adapter)")
     p.add_argument("--data", required=True, type=Path, help="Bedrock RFT JSONL")
     p.add_argument("--handler", required=True, help="reward handler: file.py, file.py:function, or a Lambda ARN")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (AWS advises ~0.6)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--samples", type=int, default=1, help="responses per prompt")
-    p.add_argument("--max-tokens", type=int, default=1024, help="max tokens per response")
+    p.add_argument("--temperature", type=_non_negative, default=0.6,
+                   help="sampling temperature (AWS advises ~0.6); > 0 locally, 0 allowed with --base-url")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1] (1.0)")
+    p.add_argument("--samples", type=_count, default=1, help="responses per prompt")
+    p.add_argument("--max-tokens", type=_count, default=1024, help="max tokens per response")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
                    help="default: low locally; with --base-url only sent when given")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--limit", type=_count, default=None, help="only the first N records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights' dtype (auto: bf16 on a GPU, fp32 on CPU); the model runs on the GPU when there is one")
     p.add_argument("--backend", choices=("transformers", "continuous"), default="transformers",
                    help="how responses are sampled (engine.rollout.backend): transformers generation, or "
                         "transformers' continuous batching (paged KV cache; faster on GPUs, slower on CPU)")
-    p.add_argument("--out", type=Path, default=None, help="write every sample and its score as JSONL")
+    p.add_argument("--out", type=Path, default=None, help="write every sample and its score as JSONL "
+                   "(checked before the model loads, written after the result is printed)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     g = p.add_argument_group("through an OpenAI-compatible endpoint (Bedrock, or grpo serve)")
     g.add_argument("--base-url", default=None, help="sample with chat.completions at this endpoint instead of "
@@ -68,15 +106,13 @@ def _remote(args, records, runner):
 def _local(args, records, runner):
     import torch
 
-    from grpo.config import BEDROCK_MODEL_IDS
+    from grpo.config import local_model_id
     from grpo.evaluation import sample_and_score
-    from grpo.models import load_for_inference, load_tokenizer, resolve_model_path
-
-    from grpo.models import pick_dtype
+    from grpo.models import load_for_inference, load_tokenizer, pick_dtype, resolve_model_path
     from grpo.samplers import ContinuousSampler
 
     torch.manual_seed(args.seed)
-    path = resolve_model_path(BEDROCK_MODEL_IDS.get(args.model, args.model))
+    path = resolve_model_path(local_model_id(args.model))
     tok = load_tokenizer(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_inference(path, args.adapter, dtype=pick_dtype(args.dtype, device)).to(device)
@@ -86,11 +122,36 @@ def _local(args, records, runner):
                             reasoning_effort=args.reasoning_effort or "low", keep_samples=args.out is not None)
 
 
+def _check_out(path: Path) -> None:
+    """Fail before any sampling when --out cannot be written (a directory, a folder that cannot be made
+    or written in), so that a long evaluation's samples are not lost at the end."""
+    from grpo.errors import UserError
+
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a directory; give a file name")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise UserError(f"--out {path}: {folder} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass  # grpo.data.write_jsonl writes a temp file there and renames it
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot write there: {exc.strerror or exc}") from None
+
+
 def run(args) -> int:
-    from grpo.data import load_records
+    from grpo.config import BEDROCK_MODEL_IDS
+    from grpo.data import load_records, write_jsonl
+    from grpo.errors import UserError
     from grpo.health import HealthMonitor
     from grpo.reward import RewardRunner
 
+    if not args.base_url and args.temperature == 0:
+        raise UserError("--temperature 0: local sampling draws from softmax(logits / temperature) and needs "
+                        "a temperature > 0 (e.g. 0.01 for nearly greedy)")
+    if args.out is not None:
+        _check_out(args.out)
     records = load_records(args.data, allow_small=True)[: args.limit]
     with RewardRunner(args.handler, on_failure="skip") as runner:
         res = (_remote if args.base_url else _local)(args, records, runner)
@@ -98,13 +159,8 @@ def run(args) -> int:
            "reward_mean": res.mean, "failures": len(res.failures),
            "response_length_mean": sum(res.response_lengths) / max(len(res.response_lengths), 1),
            "response_length_clip_ratio": sum(res.truncated) / max(len(res.truncated), 1), **res.metrics}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(s) + "\n" for s in res.samples), encoding="utf-8")
     if args.base_url:
         out["base_url"] = args.base_url
-    from grpo.config import BEDROCK_MODEL_IDS
-
     base_model = args.adapter is None and (not args.base_url or args.model in BEDROCK_MODEL_IDS)
     alarms = HealthMonitor().check_baseline(res.mean) if base_model else []
     advice = alarms[0].message if alarms else None
@@ -118,4 +174,7 @@ def run(args) -> int:
     for f in res.failures[:5]:
         print(f"handler failure ({f.kind}) on {len(f.trajectory_ids)} trajectories: {f.message.splitlines()[0] if f.message else ''}",
               file=sys.stderr)
+    if args.out is not None:
+        n = write_jsonl(args.out, res.samples)
+        print(f"wrote {n} samples to {args.out}", file=sys.stderr)
     return 1 if res.failures else 0
