@@ -18,14 +18,14 @@ overlap.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 
+from grpo.data import GSM8K_SUFFIX as SUFFIX  # the spec's GSM8K prompt suffix, one definition
+from grpo.data import write_jsonl
+
 #: Bump when the generator's output changes: it is part of the tiny model's cache key.
 DATA_VERSION = 1
-
-SUFFIX = " Let's think step by step and output the final answer after '####'."
 SPLITS = ("pretrain", "train", "validation")
 # Share of the operand space (by hash bucket out of 100) that each split owns.
 _BUCKETS = {"validation": range(0, 10), "train": range(10, 30), "pretrain": range(30, 100)}
@@ -134,21 +134,18 @@ def make_arithmetic_records(n: int, *, seed: int, split: str) -> list[dict]:
     return records
 
 
-def write_quickstart_data(directory: str | Path, *, n_train: int = 2000, n_val: int = 200,
-                          seed: int = 0) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``validation.jsonl`` (Bedrock RFT format) into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, n in (("train", n_train), ("validation", n_val)):
-        path = directory / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in make_arithmetic_records(n, seed=seed, split=split):
-                f.write(json.dumps(rec) + "\n")
-        tmp.replace(path)
-        paths.append(path)
-    return paths[0], paths[1]
+def write_quickstart_data(train_path: str | Path | None, validation_path: str | Path | None = None, *,
+                          n_train: int = 2000, n_val: int = 200,
+                          seed: int = 0) -> tuple[Path | None, Path | None]:
+    """Write ``n_train`` "train" records to ``train_path`` and ``n_val`` "validation" records to
+    ``validation_path`` (Bedrock RFT JSONL; either may be None to skip it), each atomically with
+    grpo.data.write_jsonl (parent folders made). Returns the two paths, None where skipped."""
+    out: list[Path | None] = []
+    for split, path, n in (("train", train_path, n_train), ("validation", validation_path, n_val)):
+        if path is not None:
+            write_jsonl(path, make_arithmetic_records(n, seed=seed, split=split))
+        out.append(None if path is None else Path(path))
+    return out[0], out[1]
 
 
 def pretrain_examples(n: int, *, seed: int, format_fraction: float) -> list[tuple[str, str]]:

@@ -208,3 +208,62 @@ def test_eval_prints_the_result_then_writes_out_atomically(tmp_path):
                    "--limit", "1", "--out", late, "--json", env=cli_env(EVAL_TEST_MKDIR=str(late)), timeout=120)
     assert json.loads(res.stdout)["samples"] == 1
     assert_user_error(res, f"{late}: is a directory")
+
+
+# ---------------------------------------------------------------- grpo quickstart's data files
+
+def quickstart_until_training(tmp_path: Path, config: dict):
+    """`grpo quickstart` with `config` (configs/quickstart.yaml changed by it): the data is written, then
+    the run stops at once as a user error, because the output directory already holds a run."""
+    import yaml
+
+    from helpers_engine import REPO
+
+    job = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text(encoding="utf-8"))
+    job["engine"]["model"] = str(tmp_path / "no-model-needed")
+    job["engine"]["handler"] = str(GSM8K_HANDLER)
+    job.pop("validation_file")
+    job.update(config)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+    res = run_grpo("quickstart", "--config", path, "--output-dir", run_dir, "--no-progress", cwd=tmp_path, timeout=60)
+    assert_user_error(res, "already holds a run")
+    return res
+
+
+def test_quickstart_writes_the_files_the_config_names_and_nothing_else(tmp_path):
+    from grpo.data import load_records
+    from grpo.tiny_data import make_arithmetic_records
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    mine = {"train.jsonl": "my own training data\n", "validation.jsonl": "my own validation data\n"}
+    for name, text in mine.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    res = quickstart_until_training(tmp_path, {"training_file": "data/arith-train.jsonl",
+                                               "validation_file": "data/sub/arith-val.jsonl"})
+    assert "wrote the quickstart data: data/arith-train.jsonl, data/sub/arith-val.jsonl" in res.stdout
+    for name, text in mine.items():  # same-folder files of the old fixed names are not touched
+        assert (folder / name).read_text(encoding="utf-8") == text
+    train = load_records(folder / "arith-train.jsonl")
+    val = load_records(folder / "sub" / "arith-val.jsonl")
+    assert len(train) == 2000 and len(val) == 200
+    assert train[0].to_json_dict() == make_arithmetic_records(1, seed=0, split="train")[0]
+    assert val[0].id == "validation-00000"
+    assert sorted(p.name for p in folder.rglob("*")) == ["arith-train.jsonl", "arith-val.jsonl", "sub",
+                                                        "train.jsonl", "validation.jsonl"]  # no temp files left
+
+
+def test_quickstart_without_validation_file_and_with_an_existing_training_file(tmp_path):
+    res = quickstart_until_training(tmp_path, {"training_file": "t.jsonl"})  # no validation_file: no TypeError
+    assert "wrote the quickstart data: t.jsonl\n" in res.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["t.jsonl"]
+    # an existing training file is kept; only the missing validation file is written
+    (tmp_path / "t.jsonl").write_text("kept\n", encoding="utf-8")
+    res = quickstart_until_training(tmp_path, {"training_file": "t.jsonl", "validation_file": "v.jsonl"})
+    assert "wrote the quickstart data: v.jsonl\n" in res.stdout
+    assert (tmp_path / "t.jsonl").read_text(encoding="utf-8") == "kept\n"
+    assert len((tmp_path / "v.jsonl").read_text(encoding="utf-8").splitlines()) == 200

@@ -57,4 +57,5 @@ def _write_slice(tmp_path, steps: int) -> None:
 
     batch = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())["method"]["reinforcement"][
         "hyperparameters"]["batch_size"]
-    write_quickstart_data(tmp_path / "data", n_train=steps * batch, n_val=200)
+    write_quickstart_data(tmp_path / "data" / "train.jsonl", tmp_path / "data" / "validation.jsonl",
+                          n_train=steps * batch, n_val=200)

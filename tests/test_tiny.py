@@ -60,7 +60,7 @@ def test_records_valid_deterministic_and_splits_disjoint(tmp_path):
     assert {r["operation"] for r in val} == {"add", "sub", "add_sub"}
     with pytest.raises(ValueError, match="split"):
         make_arithmetic_records(1, seed=0, split="test")
-    train_path, val_path = write_quickstart_data(tmp_path)
+    train_path, val_path = write_quickstart_data(tmp_path / "train.jsonl", tmp_path / "validation.jsonl")
     lines = val_path.read_text().splitlines()
     assert len(lines) >= 200 and len(train_path.read_text().splitlines()) == 2000
     assert json.loads(lines[0]) == make_arithmetic_records(1, seed=0, split="validation")[0]

@@ -1,4 +1,5 @@
-"""`grpo quickstart`: make the tiny model and the arithmetic data, then train configs/quickstart.yaml."""
+"""`grpo quickstart`: make the tiny model and the arithmetic data (the config's training_file and
+validation_file, those that do not exist yet), then train configs/quickstart.yaml."""
 
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ def run(args) -> int:
     t0 = time.time()
     cfg = load_config(args.config, args.overrides)
     print_warnings(cfg)
-    train, val = Path(cfg.training_file), Path(cfg.validation_file)
-    if not (train.is_file() and val.is_file()):
-        written = write_quickstart_data(train.parent)
-        print(f"wrote the quickstart data: {', '.join(str(p) for p in written)}")
+    # the quickstart's data goes to the files the config names, and only to those that do not exist yet
+    train = Path(cfg.training_file)
+    val = Path(cfg.validation_file) if cfg.validation_file is not None else None
+    missing = [p if p is not None and not p.is_file() else None for p in (train, val)]
+    if any(missing):
+        written = write_quickstart_data(*missing)
+        print(f"wrote the quickstart data: {', '.join(str(p) for p in written if p is not None)}")
     from grpo.models import resolve_model_path
 
     print(f"model: {resolve_model_path(cfg.local_model, progress=not args.no_progress)}")
