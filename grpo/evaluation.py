@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from grpo.rollout import encode_prompt, generate
+from grpo.rollout import GEN_BATCH, encode_prompt, generate
 
 
 @dataclass
@@ -44,7 +44,7 @@ def build_trajectories(records, rollout) -> list[dict]:
 
 
 def sample_and_score(model, tokenizer, records, runner, *, temperature: float, max_new_tokens: int,
-                     reasoning_effort: str = "low", top_p: float = 1.0, n: int = 1, batch_size: int = 64,
+                     reasoning_effort: str = "low", top_p: float = 1.0, n: int = 1, batch_size: int = GEN_BATCH,
                      prompt_ids: list[list[int]] | None = None, keep_samples: bool = False,
                      sampler=None) -> EvalResult:
     """Sample `n` responses per record (with `sampler`, a grpo.samplers backend, when given; else

@@ -50,7 +50,6 @@ KNOWN_CONFIGS: dict[str, dict] = {
     },
 }
 GPU_GIB = 79  # usable GiB of an "80 GB" H100 / A100, the GPU the verdicts are against
-GEN_BATCH = 64  # grpo.rollout.generate's sequences per generate call
 NF4_BYTES = 4.127 / 8  # NF4 with double quantization: 4 bits + ~0.127 bits of block constants per weight
 GIB = 2**30
 
@@ -122,10 +121,10 @@ class ModelInfo:
 def inspect_model(config, lora) -> ModelInfo:
     """Build `config` on the meta device, apply our LoRA to it with peft, and count."""
     import torch
-
-    from grpo.models import lora_target_parameters, peft_lora_config, quiet_transformers  # first: it quiets bitsandbytes' logger
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from grpo.models import lora_target_parameters, peft_lora_config, quiet_transformers
 
     quiet_transformers()
     with torch.device("meta"):
@@ -186,9 +185,15 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
     out = {"weights": weights / shard, "adapter": info.trainable * 16 / shard}  # fp32 weights, grads, Adam m and v
     if s.sharded:  # a layer is gathered whole for its forward/backward (and the next one prefetched)
         out["weights"] += 2 * (weights - info.embedding * s.dtype_bytes - info.lm_head * s.dtype_bytes) / info.layers
-    gen_seqs = min(h.batch_size // s.world * G, max(1, GEN_BATCH // G) * G)
+    from grpo.rollout import GEN_BATCH
+
     types = info.layer_types or ["full_attention"] * info.layers
-    cached = sum(min(seq, info.sliding_window or seq) if t == "sliding_attention" else seq for t in types)
+    if job.engine.rollout.backend == "continuous":
+        # grpo.samplers sizes the paged cache for every sequence of the step at full length, twice over
+        gen_seqs, cached = 2 * h.batch_size // s.world * G, info.layers * seq
+    else:
+        gen_seqs = min(h.batch_size // s.world * G, max(1, GEN_BATCH // G) * G)
+        cached = sum(min(seq, info.sliding_window or seq) if t == "sliding_attention" else seq for t in types)
     out["kv_cache"] = gen_seqs * cached * 2 * info.kv_heads * info.head_dim * s.dtype_bytes
     micro = min(e.micro_batch_size, job.mini_batch_prompts() // s.world * G)
     tokens = micro * seq

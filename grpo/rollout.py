@@ -30,6 +30,23 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def add(self, tokenizer, prompt: list[int], response: list[int], *, truncated: bool, group: int, sample: int,
+            specials: list[str]) -> None:
+        """One sampled response: decoded with special tokens kept, then split into (content, reasoning)."""
+        content, reasoning = split_reasoning(tokenizer.decode(response, skip_special_tokens=False), specials)
+        self.prompt_ids.append(prompt)
+        self.response_ids.append(response)
+        self.contents.append(content)
+        self.reasoning.append(reasoning)
+        self.truncated.append(truncated)
+        self.group.append(group)
+        self.sample.append(sample)
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens, stripped from a response's text after the reasoning split."""
+    return [t for t in tokenizer.all_special_tokens if t]
+
 
 def encode_prompt(tokenizer, messages: list[dict], *, reasoning_effort: str = "low", tools=None) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
@@ -71,7 +88,7 @@ def split_reasoning(text: str, special_tokens: list[str]) -> tuple[str, str | No
     return text.strip(), reasoning
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -128,7 +145,7 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
     transformers' sampling does. Finished rows get `pad` until every row is finished."""
     kw = cache_kwarg(model)
-    ids, mask = _left_pad(chunk, pad)
+    ids, mask = left_pad(chunk, pad)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -216,9 +233,13 @@ def _merge_plan(model):
     return plan
 
 
+#: Sequences (prompts x samples) per decode call of `generate`; grpo.plan sizes the KV cache from it.
+GEN_BATCH = 64
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, batch_size: int = 64, ignore_eos: bool = False) -> RolloutBatch:
+             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False) -> RolloutBatch:
     """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
     (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
 
@@ -237,43 +258,38 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
         min_new_tokens=max_new_tokens if ignore_eos else 0,
         eos_token_id=None if ignore_eos else ends, pad_token_id=pad, num_return_sequences=n,
     )
-    specials = [t for t in tokenizer.all_special_tokens if t]
+    specials = special_tokens(tokenizer)
     out = RolloutBatch()
     was_training = model.training
     model.eval()
     per_call = max(1, batch_size // n)
     shared = shares_prefix(model)
-    for start in range(0, len(prompts), per_call):
-        chunk = prompts[start:start + per_call]
-        if shared:
-            with merged_lora(model):
-                new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_p=top_p, ends=ends, pad=pad, ignore_eos=ignore_eos, device=device)
-        else:
-            ids, mask = _left_pad(chunk, pad)
-            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-            new = seqs[:, ids.shape[1]:].tolist()
-        for row, toks in enumerate(new):
-            g = start + row // n
-            resp, hit_end = [], False
-            for t in toks:
-                resp.append(t)
-                if not ignore_eos and t in ends:
-                    hit_end = True
-                    break
-            if not resp:
-                resp = [ends[0]]
-                hit_end = True
-            content, reasoning = split_reasoning(tokenizer.decode(resp, skip_special_tokens=False), specials)
-            out.prompt_ids.append(chunk[row // n])
-            out.response_ids.append(resp)
-            out.contents.append(content)
-            out.reasoning.append(reasoning)
-            out.truncated.append(not hit_end)
-            out.group.append(g)
-            out.sample.append(row % n)
-    if was_training:
-        model.train()
+    try:
+        # The LoRA merge (shared-prefix decoders) once for the whole call: the weights do not change within it.
+        with merged_lora(model) if shared else contextlib.nullcontext():
+            for start in range(0, len(prompts), per_call):
+                chunk = prompts[start:start + per_call]
+                if shared:
+                    new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                top_p=top_p, ends=ends, pad=pad, ignore_eos=ignore_eos, device=device)
+                else:
+                    ids, mask = left_pad(chunk, pad)
+                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+                    new = seqs[:, ids.shape[1]:].tolist()
+                for row, toks in enumerate(new):
+                    resp, hit_end = [], False
+                    for t in toks:
+                        resp.append(t)
+                        if not ignore_eos and t in ends:
+                            hit_end = True
+                            break
+                    if not resp:
+                        resp = [ends[0]]
+                        hit_end = True
+                    out.add(tokenizer, chunk[row // n], resp, truncated=not hit_end, group=start + row // n,
+                            sample=row % n, specials=specials)
+    finally:
+        model.train(was_training)
     return out
 
 

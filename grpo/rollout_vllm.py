@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from grpo.errors import UserError
-from grpo.rollout import RolloutBatch, split_reasoning
+from grpo.rollout import RolloutBatch, special_tokens
 from grpo.samplers import Sampled
 
 
@@ -80,46 +80,45 @@ class VLLMRollout:
         self.llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
                             enable_prefix_caching=True, logprobs_mode="processed_logprobs")
-        self.asleep = False
+        self.asleep_tags: set[str] = set()  # what sleep() released and no wake_up has brought back
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
                  top_p: float = 1.0) -> Sampled:
         """Like grpo.rollout.generate (the full tempered distribution, top-k off), plus each sampled token's
         log-prob under vLLM (for grpo.tis)."""
-        if self.asleep:
-            self.wake_up()
+        self.wake_up()
         params = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
                                           max_tokens=max_new_tokens, logprobs=0, ignore_eos=self.ignore_eos)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        specials = [t for t in self.tokenizer.all_special_tokens if t]
+        specials = special_tokens(self.tokenizer)
         batch, sampler_logp = RolloutBatch(), []
         for g, out in enumerate(outs):
             for s, comp in enumerate(out.outputs):
                 ids = list(comp.token_ids)
-                content, reasoning = split_reasoning(self.tokenizer.decode(ids, skip_special_tokens=False), specials)
-                batch.prompt_ids.append(prompts[g])
-                batch.response_ids.append(ids)
-                batch.contents.append(content)
-                batch.reasoning.append(reasoning)
-                batch.truncated.append(comp.finish_reason == "length")
-                batch.group.append(g)
-                batch.sample.append(s)
+                batch.add(self.tokenizer, prompts[g], ids, truncated=comp.finish_reason == "length", group=g, sample=s,
+                          specials=specials)
                 sampler_logp.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
         return Sampled(batch, sampler_logp)
 
     def sync(self, policy) -> None:
         """Load the policy's merged weights into vLLM (after each optimizer step), as TRL's colocate mode does."""
-        if self.asleep:
-            self.llm.wake_up(tags=["weights"])  # weights back first, the KV cache only after the load
+        self._wake(["weights"])  # weights back first, the KV cache only after the load (at the next generate)
         model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         model.load_weights(merged_weights(policy))
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
     def sleep(self) -> None:
         """Free the GPU for the update: weights to CPU, KV cache dropped."""
-        self.llm.sleep(level=1)
-        self.asleep = True
+        if not self.asleep_tags:
+            self.llm.sleep(level=1)
+            self.asleep_tags = {"weights", "kv_cache"}
 
     def wake_up(self) -> None:
-        self.llm.wake_up()
-        self.asleep = False
+        self._wake(sorted(self.asleep_tags))
+
+    def _wake(self, tags: list[str]) -> None:
+        """Bring back only what is asleep: vLLM re-maps and restores every tag it is given, awake or not."""
+        tags = [t for t in tags if t in self.asleep_tags]
+        if tags:
+            self.llm.wake_up(tags=tags)
+            self.asleep_tags -= set(tags)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo.errors import UserError
-from grpo.rollout import RolloutBatch, end_token_ids, generate, split_reasoning
+from grpo.rollout import RolloutBatch, end_token_ids, generate, special_tokens
 
 
 @dataclass
@@ -58,52 +58,48 @@ class ContinuousSampler:
 
     name = "continuous"
 
-    def __init__(self, policy, tokenizer, *, ignore_eos: bool = False, seed: int = 0):
+    def __init__(self, policy, tokenizer, *, ignore_eos: bool = False):
+        import inspect
+
+        import transformers
+
         if ignore_eos:
             raise UserError("engine.ignore_eos is not supported by engine.rollout.backend=continuous "
                             "(transformers' continuous batching always stops at an end token); use the "
                             "transformers backend for fixed-length benchmarks")
         self.policy, self.tok = policy, tokenizer
         self.base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        import inspect
-
-        import transformers
-
-        if "continuous_batching_config" not in inspect.signature(getattr(self.base, "generate_batch", len)).parameters:
-            raise UserError(f"engine.rollout.backend=continuous needs transformers' continuous batching with a "
-                            f"ContinuousBatchingConfig (generate_batch); transformers {transformers.__version__} has "
-                            f"none: upgrade transformers or use the transformers backend")
-        self.generator = torch.Generator().manual_seed(seed)
+        try:
+            from transformers.generation import ContinuousBatchingConfig
+        except ImportError:
+            ContinuousBatchingConfig = None
+        fields = ({f.name: f.default for f in dataclasses.fields(ContinuousBatchingConfig)}
+                  if dataclasses.is_dataclass(ContinuousBatchingConfig) else {})
+        takes_config = "continuous_batching_config" in inspect.signature(getattr(self.base, "generate_batch", len)).parameters
+        if not (takes_config and "return_logprobs" in fields):
+            raise UserError(f"engine.rollout.backend=continuous needs transformers' continuous batching with "
+                            f"log-probs (generate_batch, ContinuousBatchingConfig.return_logprobs); transformers "
+                            f"{transformers.__version__} has none: upgrade it or use the transformers backend")
+        self.config_cls, self.config_fields = ContinuousBatchingConfig, fields
+        self.page = fields["page_size"] if isinstance(fields.get("page_size"), int) else 256
+        self.ends = end_token_ids(tokenizer, self.base)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.ends[0]
+        self.specials = special_tokens(tokenizer)
 
     def _configs(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float):
         from transformers import GenerationConfig
 
-        try:
-            from transformers.generation import ContinuousBatchingConfig
-        except ImportError:
-            import transformers
-
-            raise UserError(f"engine.rollout.backend=continuous needs transformers' ContinuousBatchingConfig "
-                            f"(transformers {transformers.__version__} has none)") from None
-        ends = end_token_ids(self.tok, self.base)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else ends[0]
         gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                               max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=ends,
-                               pad_token_id=pad)
-        fields = {f.name: f.default for f in dataclasses.fields(ContinuousBatchingConfig)} \
-            if dataclasses.is_dataclass(ContinuousBatchingConfig) else {}
-        if "return_logprobs" not in fields:
-            raise UserError("engine.rollout.backend=continuous needs a transformers whose continuous batching "
-                            "returns log-probs (ContinuousBatchingConfig.return_logprobs)")
+                               max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=self.ends,
+                               pad_token_id=self.pad)
         # The paged KV cache sized to this call (every response at full length, twice over for layer groups
         # and fragmentation) instead of a share of all free memory: the update that follows needs that memory,
         # and on CPU "free memory" is the host's RAM (a 24 GB cache made a 1 s call take 15 s).
-        page = fields.get("page_size") if isinstance(fields.get("page_size"), int) else 256
-        blocks = 2 * n * sum(-(-(len(p) + max_new_tokens) // page) for p in prompts) + 4
-        # A seed per call, drawn from our own seeded generator: a run is reproducible, and no two steps reuse one.
-        wanted = {"return_logprobs": True, "num_blocks": blocks,
-                  "seed": int(torch.randint(2**31 - 1, (), generator=self.generator))}
-        return gen, ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in fields})
+        blocks = 2 * n * sum(-(-(len(p) + max_new_tokens) // self.page) for p in prompts) + 4
+        # A seed per call from torch's global generator (seeded per process, saved in checkpoints): a run and its
+        # resumption are reproducible, and no two steps reuse one.
+        wanted = {"return_logprobs": True, "num_blocks": blocks, "seed": int(torch.randint(2**31 - 1, ()))}
+        return gen, self.config_cls(**{k: v for k, v in wanted.items() if k in self.config_fields})
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
@@ -115,7 +111,7 @@ class ContinuousSampler:
             results = self.base.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
         finally:
             self.policy.train(was_training)
-        return Sampled(*_read_results(results, prompts, n, end_token_ids(self.tok, self.base), self.tok))
+        return self._read_results(results, prompts, n)
 
     def sleep(self) -> None:
         if torch.cuda.is_available():
@@ -124,45 +120,36 @@ class ContinuousSampler:
     def sync(self, policy) -> None:
         pass
 
-
-def _read_results(results: dict, prompts: list[list[int]], n: int, ends: list[int], tok):
-    """generate_batch's {request_id: GenerationOutput} -> (RolloutBatch, log-probs) in prompt order, sample
-    order within a group. Request ids are `req_<k>` for the k-th prompt and `req_<k>__child#<j>` for its
-    other samples; anything missing, failed or without one log-prob per token is an error, not a gap."""
-    groups: dict[int, list] = {}
-    for rid, out in results.items():
-        parent = rid.split("__child#")[0]
-        try:
-            k = int(parent.rsplit("_", 1)[1])
-        except (IndexError, ValueError):
-            raise RuntimeError(f"continuous batching returned an unexpected request id {rid!r}") from None
-        if getattr(out, "error", None):
-            raise RuntimeError(f"continuous batching failed on request {rid}: {out.error}")
-        groups.setdefault(k, []).append((rid, out))
-    base = min(groups) if groups else 0  # ids count up from the manager's counter
-    if sorted(groups) != list(range(base, base + len(prompts))) or any(len(v) != n for v in groups.values()):
-        raise RuntimeError(f"continuous batching returned {sum(map(len, groups.values()))} of {len(prompts) * n} "
-                           f"responses ({len(groups)} of {len(prompts)} prompts)")
-    specials = [t for t in tok.all_special_tokens if t]
-    batch, logprobs = RolloutBatch(), []
-    for g in range(len(prompts)):
-        for s, (rid, out) in enumerate(sorted(groups[base + g], key=lambda r: _child_index(r[0], n))):
-            if list(out.prompt_ids) != list(prompts[g]):
-                raise RuntimeError(f"continuous batching request {rid} answered another prompt")
-            ids = list(out.generated_tokens)
-            if len(out.logprobs) != len(ids):
-                raise RuntimeError(f"continuous batching request {rid}: {len(ids)} tokens but "
-                                   f"{len(out.logprobs)} log-probs")
-            content, reasoning = split_reasoning(tok.decode(ids, skip_special_tokens=False), specials)
-            batch.prompt_ids.append(prompts[g])
-            batch.response_ids.append(ids)
-            batch.contents.append(content)
-            batch.reasoning.append(reasoning)
-            batch.truncated.append(not ids or ids[-1] not in ends)
-            batch.group.append(g)
-            batch.sample.append(s)
-            logprobs.append([float(x) for x in out.logprobs])
-    return batch, logprobs
+    def _read_results(self, results: dict, prompts: list[list[int]], n: int) -> Sampled:
+        """generate_batch's {request_id: GenerationOutput} in prompt order, sample order within a group.
+        Request ids are `req_<k>` for the k-th prompt and `req_<k>__child#<j>` for its other samples; anything
+        missing, failed or without one log-prob per token is an error, not a gap."""
+        groups: dict[int, list] = {}
+        for rid, out in results.items():
+            try:
+                k = int(rid.split("__child#")[0].rsplit("_", 1)[1])
+            except (IndexError, ValueError):
+                raise RuntimeError(f"continuous batching returned an unexpected request id {rid!r}") from None
+            if getattr(out, "error", None):
+                raise RuntimeError(f"continuous batching failed on request {rid}: {out.error}")
+            groups.setdefault(k, []).append((rid, out))
+        base = min(groups) if groups else 0  # ids count up from the manager's counter
+        if sorted(groups) != list(range(base, base + len(prompts))) or any(len(v) != n for v in groups.values()):
+            raise RuntimeError(f"continuous batching returned {sum(map(len, groups.values()))} of "
+                               f"{len(prompts) * n} responses ({len(groups)} of {len(prompts)} prompts)")
+        batch, logprobs = RolloutBatch(), []
+        for g in range(len(prompts)):
+            for s, (rid, out) in enumerate(sorted(groups[base + g], key=lambda r: _child_index(r[0], n))):
+                if list(out.prompt_ids) != list(prompts[g]):
+                    raise RuntimeError(f"continuous batching request {rid} answered another prompt")
+                ids = list(out.generated_tokens)
+                if len(out.logprobs) != len(ids):
+                    raise RuntimeError(f"continuous batching request {rid}: {len(ids)} tokens but "
+                                       f"{len(out.logprobs)} log-probs")
+                batch.add(self.tok, prompts[g], ids, truncated=not ids or ids[-1] not in self.ends, group=g,
+                          sample=s, specials=self.specials)
+                logprobs.append([float(x) for x in out.logprobs])
+        return Sampled(batch, logprobs)
 
 
 def logprob_tensor(logprobs: list[list[float]], prompt_ids: list[list[int]], width: int) -> torch.Tensor:
@@ -179,20 +166,17 @@ def _child_index(rid: str, n: int) -> int:
     return int(rid.split("__child#")[1]) if "__child#" in rid else n
 
 
-BACKENDS = ("transformers", "continuous", "vllm")
-
-
 def make_sampler(engine, policy, tokenizer, model_path: str, *, seed: int = 0, max_model_len: int = 4096):
-    """The sampler `engine.rollout.backend` names, ready for the first step."""
+    """The sampler `engine.rollout.backend` names, ready for the first step (`seed`: vLLM's own sampler)."""
     backend = engine.rollout.backend
     if backend == "transformers":
         return TransformersSampler(policy, tokenizer, ignore_eos=engine.ignore_eos)
     if backend == "continuous":
-        return ContinuousSampler(policy, tokenizer, ignore_eos=engine.ignore_eos, seed=seed)
+        return ContinuousSampler(policy, tokenizer, ignore_eos=engine.ignore_eos)
     if backend == "vllm":
         from grpo.rollout_vllm import VLLMRollout
 
         return VLLMRollout(model_path, tokenizer, max_model_len=max_model_len, ignore_eos=engine.ignore_eos,
                            gpu_memory_utilization=engine.rollout.gpu_memory_utilization,
                            dtype=engine.dtype if engine.dtype != "auto" else "bfloat16", seed=seed)
-    raise UserError(f"engine.rollout.backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    raise UserError(f"engine.rollout.backend: unknown backend {backend!r}")

@@ -207,3 +207,14 @@ def test_job_configs_are_the_spec_example():
         cfg = load_config(path)
         assert cfg.engine.dtype == "bfloat16" and cfg.engine.gradient_checkpointing
         assert "engine" not in cfg.bedrock_body() and cfg.bedrock_body()["model"] in ("qwen.qwen3-32b", "openai.gpt-oss-20b")
+
+
+def test_dry_run_sizes_the_continuous_backends_paged_cache_for_the_whole_step():
+    """grpo.samplers gives continuous batching a cache for every sequence of the step at full length, twice
+    over (no sliding-window saving): the plan counts that, not one generate call's cache."""
+    job = load_config(GPT_OSS, ["engine.rollout.backend=continuous"])
+    info = inspect_model(model_config(job.local_model)[0], job.engine.lora)
+    got = estimate_memory(info, job, setup_for(job, info))
+    h = job.hyperparameters
+    seq = h.max_prompt_length + h.inference_max_tokens
+    assert got["kv_cache"] == 2 * h.batch_size * h.training_sample_per_prompt * 24 * seq * 2 * 8 * 64 * 2

@@ -43,12 +43,12 @@ class ModelCache:
             import torch
 
             from grpo.models import load_for_inference, load_tokenizer, pick_dtype
-            from grpo.rollout import end_token_ids
+            from grpo.rollout import end_token_ids, special_tokens
 
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             tok = load_tokenizer(base)
             model = load_for_inference(base, adapter, dtype=pick_dtype("auto", device)).to(device)
-            loaded = Loaded(model, tok, [t for t in tok.all_special_tokens if t], end_token_ids(tok, model))
+            loaded = Loaded(model, tok, special_tokens(tok), end_token_ids(tok, model))
             self._models[key] = loaded
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)

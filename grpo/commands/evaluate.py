@@ -116,7 +116,7 @@ def _local(args, records, runner):
     tok = load_tokenizer(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_inference(path, args.adapter, dtype=pick_dtype(args.dtype, device)).to(device)
-    sampler = ContinuousSampler(model, tok, seed=args.seed) if args.backend == "continuous" else None
+    sampler = ContinuousSampler(model, tok) if args.backend == "continuous" else None
     return sample_and_score(model, tok, records, runner, temperature=args.temperature, top_p=args.top_p,
                             n=args.samples, max_new_tokens=args.max_tokens, sampler=sampler,
                             reasoning_effort=args.reasoning_effort or "low", keep_samples=args.out is not None)
