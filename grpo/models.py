@@ -6,7 +6,6 @@ The reference policy for the KL term is the same model with the adapter disabled
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,6 @@ from grpo.config import TINY_MODEL, LoraConfig
 from grpo.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Where bitsandbytes is installed, importing it (peft does, in every run) warns on AVX512-BF16 CPUs that the
-# optional hub package `kernels` is missing; that kernel only serves the packed CPU inference layout that
-# `_unpack_on_cpu` turns off, so the warning is noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def resolve_model_path(name: str, *, progress: bool = True) -> str:
