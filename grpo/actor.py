@@ -9,13 +9,14 @@ all processes, so gradient accumulation and the number of processes do not chang
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
 
 from grpo import algorithms as alg
-from grpo.rollout import PackedBatch, cache_kwarg, cache_of
+from grpo.rollout import PackedBatch, left_pad, cache_kwarg, cache_of, shares_prefix
 
 
 @dataclass
@@ -64,11 +65,6 @@ def _head_parts(model):
     return decoder, head
 
 
-#: Decoder families whose cache-based forward (past_key_values + explicit position_ids) is the plain forward of
-#: the concatenated sequence; others (sliding windows, attention sinks, ...) take the plain path.
-_PREFIX_SHARING_TYPES = {"qwen3", "qwen2", "llama"}
-
-
 def _run_decoder(model, decoder, **inputs):
     """Run `model` (its own forward: adapters, DDP hooks) and return the decoder's last hidden state."""
     captured = {}
@@ -90,14 +86,11 @@ def _prefix_sharing_applies(model) -> bool:
     inner = extract_model_from_parallel(model)
     if inner is not model and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False  # FSDP / DeepSpeed wrappers: keep the one plain forward they are built around
+    if not shares_prefix(inner):  # grpo.rollout: full-attention Qwen3 / Qwen2 / Llama
+        return False
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    if getattr(cfg, "model_type", None) not in _PREFIX_SHARING_TYPES:
-        return False
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return False
     # gradient checkpointing turns the cache off in training
-    return not (torch.is_grad_enabled() and getattr(base, "is_gradient_checkpointing", False))
+    return not (torch.is_grad_enabled() and getattr(base, "is_activation_checkpointing", getattr(base, "is_gradient_checkpointing", False)))
 
 
 def _shared_prefix_hidden(model, decoder, batch: PackedBatch, device):
@@ -108,6 +101,8 @@ def _shared_prefix_hidden(model, decoder, batch: PackedBatch, device):
     distinct prefixes run left-padded with use_cache=True; the cache is then indexed out to the rows, and
     each row's suffix runs on it with explicit position ids (prompt length + j). Position t of the plain
     path maps to suffix position t - t0 - 1 (t0 itself takes the prompt's last hidden state)."""
+    if not _prefix_sharing_applies(model):
+        return None
     resp = batch.response_mask > 0
     rows = resp.any(dim=1).nonzero().squeeze(1).tolist()
     if len(rows) < 2:
@@ -124,19 +119,14 @@ def _shared_prefix_hidden(model, decoder, batch: PackedBatch, device):
             index[key] = len(prefixes)
             prefixes.append(key)
         row_u.append(index[key])
-    if len(prefixes) == len(rows) or not _prefix_sharing_applies(model):
+    if len(prefixes) == len(rows):
         return None
     from accelerate.utils import extract_model_from_parallel
 
     inner = extract_model_from_parallel(model)
     n, width = len(rows), batch.response_mask.shape[1]
     plen = torch.tensor([len(prefixes[u]) for u in row_u])
-    lp = max(len(x) for x in prefixes)
-    pids = torch.zeros((len(prefixes), lp), dtype=torch.long)
-    pmask = torch.zeros((len(prefixes), lp), dtype=torch.long)
-    for u, x in enumerate(prefixes):
-        pids[u, lp - len(x):] = torch.tensor(x)
-        pmask[u, lp - len(x):] = 1
+    pids, pmask = left_pad([list(x) for x in prefixes], 0)
     ppos = (pmask.cumsum(dim=1) - 1).clamp(min=0)
     out = {}
 
@@ -247,14 +237,19 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
 
 @torch.no_grad()
 def compute_logprobs(model, batch: PackedBatch, temperature: float, micro_batch_seqs: int) -> torch.Tensor:
-    """Log-probs for the whole batch without gradients (old policy, or the reference with the adapter off)."""
+    """Log-probs for the whole batch without gradients (old policy, or the reference with the adapter off), in
+    eval mode (no dropout: the distribution the rollout sampled from); the model's mode is put back after."""
     rows = []
     width = batch.response_mask.shape[1]
-    for start in range(0, len(batch), micro_batch_seqs):
-        idx = torch.arange(start, min(start + micro_batch_seqs, len(batch)))
-        mb = batch.select(idx)
-        logp, _ = forward_logprobs(model, mb, temperature)
-        rows.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(batch), micro_batch_seqs):
+            idx = torch.arange(start, min(start + micro_batch_seqs, len(batch)))
+            logp, _ = forward_logprobs(model, batch.select(idx), temperature)
+            rows.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
+    finally:
+        model.train(was_training)
     return torch.cat(rows)
 
 
@@ -282,7 +277,7 @@ def _accumulating(accelerator, model, *, last: bool):
         accelerator.sync_gradients = True
 
 
-def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: torch.Tensor, s: UpdateSettings, *,
+def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor, s: UpdateSettings, *,
                   accelerator, old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
                   is_weights: torch.Tensor | None = None) -> dict:
     """Run `ppo_epochs` passes of mini-batch updates. `advantages` is per token, [N, L-1].
@@ -290,6 +285,10 @@ def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: t
     `old_logp=None` means on-policy: one epoch, one mini-batch, so the old log-probs are the current
     ones detached (ratio 1) and no separate pass is needed. `is_weights` [N, L-1]: TIS weights for responses
     drawn by another sampler (grpo.tis), multiplying each token's policy-gradient loss.
+
+    A mini-batch whose gradient norm is not finite takes no optimizer step (its gradients are dropped, as
+    verl's actor does), so one NaN cannot poison the adapter and Adam's moments; `actor_grad_norm` shows it.
+    The learning-rate schedule is the caller's: once per training step, as verl's worker steps it.
     """
     n = len(batch)
     world = accelerator.num_processes
@@ -337,10 +336,10 @@ def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: t
                 if tokens:  # a micro-batch without response tokens has NaN statistics and weight 0
                     for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"):
                         sums[k] += float(getattr(out, k)) * tokens
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-            sums["grad_norm"] += float(grad_norm)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm))
+            sums["grad_norm"] += grad_norm
+            if math.isfinite(grad_norm):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             n_updates += 1
     metrics = {f"actor_{k}": v / max(n_updates, 1) for k, v in sums.items()
@@ -352,5 +351,5 @@ def update_policy(model, optimizer, scheduler, batch: PackedBatch, advantages: t
     totals = accelerator.reduce(totals, reduction="sum").tolist()
     for k, v in zip(token_stats, totals):
         metrics[f"actor_{k}"] = v / totals[-1] if totals[-1] else float("nan")
-    metrics["actor_lr"] = scheduler.get_last_lr()[0]
+    metrics["actor_lr"] = optimizer.param_groups[0]["lr"]  # the rate these updates used
     return metrics

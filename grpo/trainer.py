@@ -43,7 +43,7 @@ class Trainer:
 
         from grpo.data import load_records
         from grpo.models import load_policy, load_tokenizer, model_options, pick_dtype, resolve_model_path
-        from grpo.reward import RewardRunner
+        from grpo.reward import RewardRunner, resolve_handler
 
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         e, h = cfg.engine, cfg.hyperparameters
@@ -64,18 +64,22 @@ class Trainer:
         if cfg.mini_batch_prompts() % self.world:
             raise UserError(f"engine.mini_batch_size={cfg.mini_batch_prompts()} must be a multiple of the number of processes ({self.world})")
         set_seed(cfg.run_seed + self.rank)
-        if self.is_main:  # before anything logs (the max_prompt_length filter's warning event does)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # The run directory is made when the job starts (train), so a start that fails here leaves none behind.
         self.log = RunLog(self.run_dir, self.acc, enabled=self.is_main)
         self._data_warnings: list[str] = []  # events.jsonl gets them once, when the job starts (not on resume)
+
+        # Cheap checks before anything heavy: the handler exists, the data files read and validate.
+        resolve_handler(cfg.handler)
+        train_records = load_records(cfg.training_file, allow_small=True)
+        val_records = load_records(cfg.validation_file, allow_small=True) if cfg.validation_file else None
 
         # Data: the prompts, encoded once; too-long prompts are filtered out, not truncated (as Bedrock).
         self.model_path = resolve_model_path(cfg.local_model, progress=progress and self.is_main)
         self.tok = load_tokenizer(self.model_path)
-        self.train_records, self.train_prompts = self._load(load_records(cfg.training_file, allow_small=True), "training_file")
+        self.train_records, self.train_prompts = self._load(train_records, "training_file")
         self.val_records, self.val_prompts = [], []
-        if cfg.validation_file:
-            recs, ids = self._load(load_records(cfg.validation_file, allow_small=True), "validation_file")
+        if val_records is not None:
+            recs, ids = self._load(val_records, "validation_file")
             cap = e.eval_max_records or len(recs)
             self.val_records, self.val_prompts = recs[:cap], ids[:cap]
         n = len(self.train_records)
@@ -92,7 +96,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.model, self.optimizer = self.acc.prepare(policy, optimizer)
         self.policy = self.acc.unwrap_model(self.model)
-        self.sampler = make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed * 7919 + self.rank,
+        self.sampler = make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed + self.rank,
                                     max_model_len=h.max_prompt_length + h.inference_max_tokens)
         self.runner = RewardRunner(cfg.handler, batch_size=e.reward.batch_size, max_concurrency=e.reward.concurrency,
                                    timeout_s=e.reward.timeout_s, on_failure=e.reward.on_failure,
@@ -171,6 +175,7 @@ class Trainer:
         sampled = self.sampler.generate([self.train_prompts[i] for i in idx], n=h.training_sample_per_prompt,
                                         max_new_tokens=h.inference_max_tokens, temperature=e.temperature, top_p=e.top_p)
         rollout = sampled.batch
+        self.sampler.sleep()  # its memory back before the reference, old-log-prob and update passes
         timing["gen"] = time.perf_counter() - t
 
         # 2. score them with the reward function (the Lambda contract)
@@ -219,12 +224,12 @@ class Trainer:
                 is_weights = tis_weights(old_logp, sampler_logp, batch.response_mask, cap=e.rollout.tis_cap,
                                          level=e.rollout.tis)
 
-        # 5. the clipped policy-gradient update (mini-batches x ppo_epochs); the sampler sleeps meanwhile and
-        # then takes the new weights
+        # 5. the clipped policy-gradient update (mini-batches x ppo_epochs), then the learning-rate schedule's
+        # step (once per training step, as verl) and the sampler's copy of the new weights
         t = time.perf_counter()
-        self.sampler.sleep()
-        actor = update_policy(self.model, self.optimizer, self.scheduler, batch, token_adv, self.settings,
+        actor = update_policy(self.model, self.optimizer, batch, token_adv, self.settings,
                               accelerator=self.acc, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights)
+        self.scheduler.step()
         timing["update_actor"] = time.perf_counter() - t
         if self.sampler.name != "transformers":
             t = time.perf_counter()
@@ -332,7 +337,8 @@ class Trainer:
                 self.log.event(f"Baseline validation reward {base:.4f}", data={"step": 0, "val_score_rewards_mean": base})
                 for alarm in self.health.check_baseline(base):
                     self._alarm(alarm)
-        self.sampler.sync(self.policy)  # a resumed adapter is not the base the sampler loaded
+        if self.start_step:
+            self.sampler.sync(self.policy)  # a resumed adapter is not the base the sampler loaded
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="grpo", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         last, stopped_early = None, False

@@ -123,7 +123,6 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
     build_s = time.perf_counter() - t
     params = [p for p in policy.parameters() if p.requires_grad]
     model, opt = acc.prepare(policy, torch.optim.AdamW(params, lr=1e-5))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     n_seq = args.prompts * args.group
     settings = UpdateSettings(temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
                               loss_agg_mode="token-mean", kl_coef=0.001, kl_penalty="low_var_kl", entropy_coef=0.0,
@@ -133,7 +132,7 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
     backends = ["transformers", "continuous"] if args.backend == "both" else [args.backend]
     samplers = {"transformers": TransformersSampler(policy, tok, ignore_eos=True)}
     if "continuous" in backends:
-        samplers["continuous"] = ContinuousSampler(policy, tok, seed=0)
+        samplers["continuous"] = ContinuousSampler(policy, tok)
     rows = []
     for step in range(args.steps):
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -161,7 +160,7 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
             ref = compute_logprobs(policy, batch, 1.0, args.micro_batch)
         sync()
         t2 = time.perf_counter()
-        m = update_policy(model, opt, sched, batch, adv[:, None] * batch.response_mask, settings, accelerator=acc,
+        m = update_policy(model, opt, batch, adv[:, None] * batch.response_mask, settings, accelerator=acc,
                           ref_logp=ref)
         sync()
         t3 = time.perf_counter()

@@ -94,14 +94,13 @@ for name, run in plan["runs"].items():
     before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=run["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     model, opt = acc.prepare(policy, opt)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                        loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,
                        max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=run_mini // world,
                        loss_scale_factor=12.0, micro_batch_seqs=run["micro"])
     adv = advantages[local] * batch.response_mask
-    m = update_policy(model, opt, sched, batch, adv, s, accelerator=acc, old_logp=old, ref_logp=ref)
+    m = update_policy(model, opt, batch, adv, s, accelerator=acc, old_logp=old, ref_logp=ref)
     vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
     m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))  # as the trainer reports them
     after = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}

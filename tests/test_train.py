@@ -125,3 +125,87 @@ def test_a_job_without_validation_file_runs_and_logs_no_val_metric(tmp_path):
     assert res.returncode == 0, res.stderr
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and not any("val_score_rewards_mean" in r for r in rows)
+
+
+def test_warmup_advances_once_per_training_step_and_actor_lr_is_the_rate_used(tmp_path):
+    """verl steps the learning-rate schedule once per training step, whatever the number of mini-batches:
+    with 2 mini-batches per step and lr_warmup_steps=2 the rate is lr/2 on step 1 and lr from step 2."""
+    model = build_model_dir(tmp_path / "model")
+    train, _ = write_data(tmp_path / "data", n_train=6, n_val=2)
+    job = write_job(tmp_path / "job.yaml", model, train, None, handler=write_varied_handler(tmp_path / "varied.py"),
+                    hyper={"batch_size": 2, "learning_rate": 0.001},
+                    engine={"mini_batch_size": 1, "lr_warmup_steps": 2, "micro_batch_size": 4})
+    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert [r["actor_lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == pytest.approx([0.0005, 0.001, 0.001])
+
+
+def test_a_non_finite_gradient_norm_skips_the_optimizer_step():
+    """One NaN must not poison the adapter or Adam's moments: the step is skipped, the gradients dropped."""
+    import math
+
+    import torch
+    from accelerate import Accelerator
+
+    from grpo.actor import UpdateSettings, update_policy
+    from grpo.config import LoraConfig
+    from grpo.models import add_lora
+    from grpo.rollout import pack
+    from grpo.tiny import build_random_qwen3
+    from grpo.tiny_data import build_tokenizer
+
+    torch.manual_seed(0)
+    policy = add_lora(build_random_qwen3(build_tokenizer()), LoraConfig(rank=4, alpha=8))
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = acc.prepare(policy, opt)
+    batch = pack([[5, 6, 7], [5, 6, 7]], [[8, 9], [10, 11]], 0)
+    s = UpdateSettings(temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
+                       loss_agg_mode="token-mean", kl_coef=0.0, kl_penalty="low_var_kl", entropy_coef=0.0,
+                       max_grad_norm=1.0, ppo_epochs=1, mini_batch_seqs=2, loss_scale_factor=2.0, micro_batch_seqs=2)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    adv = torch.full(batch.response_mask.shape, float("nan")) * batch.response_mask
+    m = update_policy(model, opt, batch, adv, s, accelerator=acc)
+    assert math.isnan(m["actor_grad_norm"])
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters() if p.requires_grad)
+    assert not opt.state and all(p.grad is None for p in policy.parameters())
+    # a finite step afterwards moves the adapter (B starts at 0 and gets a gradient)
+    m = update_policy(model, opt, batch, torch.ones(batch.response_mask.shape) * batch.response_mask * torch.tensor([[1.0], [-1.0]]), s, accelerator=acc)
+    assert math.isfinite(m["actor_grad_norm"]) and m["actor_grad_norm"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_every_caller_is_refused_a_directory_that_holds_a_run(tmp_path):
+    """The check is in train_and_report, which `grpo train` and `grpo quickstart` both call."""
+    from grpo.commands.train import train_and_report
+    from grpo.errors import UserError
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="already holds a run: pass --resume"):
+        train_and_report(None, tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_resume_picks_this_configs_newest_run_with_a_checkpoint(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from grpo.commands.train import default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    for name, ckpt in (("gsm8k-20260101-000000", True), ("gsm8k-20260102-000000", False),
+                       ("gsm8k-v2-20270101-000000", True), ("gsm8k-notes", False)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        if ckpt:
+            (tmp_path / "runs" / name / "checkpoints").mkdir()
+    assert default_run_dir(Path("configs/gsm8k.yaml"), resume=True) == Path("runs/gsm8k-20260101-000000")
+    fresh = default_run_dir(Path("configs/gsm8k.yaml"), resume=False)
+    assert fresh.parent == Path("runs") and fresh.name.startswith("gsm8k-2")
+
+
+def test_a_missing_handler_fails_before_the_model_loads_and_leaves_no_run_directory(tmp_path):
+    train, _ = write_data(tmp_path / "data", n_train=4, n_val=2)
+    job = write_job(tmp_path / "job.yaml", tmp_path / "no-such-model", train, None, handler=tmp_path / "missing.py")
+    res = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "missing.py" in res.stderr and "no-such-model" not in res.stderr
+    assert not (tmp_path / "run").exists()

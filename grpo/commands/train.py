@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,18 +26,27 @@ def add_arguments(p):
 
 
 def default_run_dir(config: Path, resume: bool) -> Path:
+    """runs/<config stem>-<YYYYmmdd-HHMMSS>; with `resume`, the newest such directory of this config that holds
+    a checkpoint (else the newest one). Only this config's own stamped names match: `gsm8k` does not pick up
+    `gsm8k-v2-...`."""
     if resume:
-        found = sorted(Path("runs").glob(f"{config.stem}-*"))
-        if found:
-            return found[-1]
+        stamp = re.compile(re.escape(config.stem) + r"-\d{8}-\d{6}")
+        found = sorted(d for d in Path("runs").glob(f"{config.stem}-*") if d.is_dir() and stamp.fullmatch(d.name))
+        with_ckpt = [d for d in found if (d / "checkpoints").is_dir()]
+        if with_ckpt or found:
+            return (with_ckpt or found)[-1]
     return Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool = True) -> int:
-    """Run the job; print where the run, metrics, plot and adapter are (the last line). Exit status."""
+    """Run the job; print where the run, metrics, plot and adapter are (the last line). Exit status.
+    Refuses a directory that already holds a run unless `resume` (every caller: train, quickstart)."""
+    from grpo.errors import UserError
     from grpo.reward import RewardError
     from grpo.trainer import Trainer
 
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --output-dir")
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
     try:
         summary = trainer.train()
@@ -64,7 +74,6 @@ def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool
 
 def run(args) -> int:
     from grpo.config import load_config, print_warnings
-    from grpo.errors import UserError
 
     cfg = load_config(args.config, args.overrides)
     print_warnings(cfg)
@@ -74,6 +83,4 @@ def run(args) -> int:
         print(dry_run(cfg, str(args.config)))
         return 0
     run_dir = args.output_dir or default_run_dir(args.config, args.resume)
-    if not args.resume and (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --output-dir")
     return train_and_report(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
