@@ -15,8 +15,8 @@ gradient; tests/test_trl_parity.py shows the two losses and gradients equal with
 update epoch, on-policy (no old-log-prob pass in either), temperature 1.0, top-k off, top-p 1.0, the same
 GSM8K Lambda handler as the reward (rewards/gsm8k.py; ours through its RewardRunner, TRL in-process).
 
-Ours runs through `grpo.trainer.Trainer.step`, the code path `grpo train` uses; fixed mode passes
-`ignore_eos=True` to `grpo.rollout.generate` (there is no engine config field for it). TRL runs
+Ours runs through `grpo.trainer.Trainer.step`, the code path `grpo train` uses; fixed mode sets
+`engine.ignore_eos` (the default transformers rollout backend then ignores end tokens). TRL runs
 `GRPOTrainer.train()`; its time split comes from timing wrappers around its own methods.
 
 Printed per engine: median completion tokens/s over the measured steps (warm-up steps excluded), median
@@ -68,11 +68,9 @@ def _peak_memory_mb() -> float:
 def run_ours(a) -> dict:
     import functools
 
-    from grpo import algorithms, rollout, trainer as trainer_mod
+    from grpo import algorithms, trainer as trainer_mod
     from grpo.config import parse_config
 
-    if a.fixed:
-        trainer_mod.generate = functools.partial(rollout.generate, ignore_eos=True)
     algorithms.group_normalized_advantages = functools.partial(algorithms.group_normalized_advantages, eps=ADV_EPS)
     job = {"model": a.model_dir, "training_file": a.data,
            "method": {"type": "reinforcement", "reinforcement": {
@@ -84,6 +82,7 @@ def run_ours(a) -> dict:
                       "kl_penalty": "low_var_kl", "loss_agg_mode": "token-mean", "ppo_epochs": 1,
                       "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "temperature": 1.0, "top_p": 1.0,
                       "micro_batch_size": a.prompts * a.group, "log_with": ["none"], "log_samples": 0,
+                      "ignore_eos": a.fixed,
                       "lora": LORA, "reward": {"concurrency": 1}}}
     cfg = parse_config(job)
     with tempfile.TemporaryDirectory() as run_dir:
