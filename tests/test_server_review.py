@@ -1,12 +1,21 @@
-"""The server's smaller guarantees, each on real processes: the server never loads torch for jobs-only
-use; its path helpers stay torch-free; generation pads with the real pad id."""
+"""The server's smaller guarantees, on real processes (a `grpo serve` on loopback, the real openai
+package): path helpers and jobs-only use never load torch; generation pads with the real pad id;
+/v1/models lists checkpoints from their directories and retrieves one model directly."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import textwrap
 
-from helpers_engine import PYTHON, REPO, cli_env
+import httpx
+import openai
+import pytest
+
+from helpers_engine import PYTHON, REPO, cli_env, write_data
+from server_helpers import start_server
 
 
 def test_server_modules_and_checkpoint_paths_do_not_import_torch(tmp_path):
@@ -48,3 +57,75 @@ def test_generation_pads_with_the_tokenizers_pad_id_even_when_it_is_zero():
     tok.pad_token = None  # no pad token at all: the first end token stands in
     assert tok.pad_token_id is None
     assert generation_config(loaded, max_new_tokens=5, temperature=0, top_p=1.0).pad_token_id == tok.eos_token_id
+
+
+# -- a real server on loopback, its state partly prepared on disk beforehand -------------------------------
+KEY = "review-key-0123456789"
+HANDLER = "def lambda_handler(event, context):\n    return [{'id': t['id'], 'aggregate_reward_score': 0.0} for t in event]\n"
+
+
+def job_body(model: str, training_file: str) -> dict:
+    return {"model": model, "training_file": training_file, "method": {"type": "reinforcement", "reinforcement": {
+        "grader": {"type": "lambda", "lambda": {"function": "zero.py"}},
+        "hyperparameters": {"n_epochs": 1, "batch_size": 2, "training_sample_per_prompt": 2}}}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A server whose state directory already holds, as an earlier server would have left it, a finished
+    job (checkpoints at steps 2 and 4, a metrics.jsonl that is not UTF-8) created with the server's own
+    code."""
+    from grpo.api import jobs as J
+    from grpo.api.store import Store
+
+    d = tmp_path_factory.mktemp("review")
+    handlers = d / "handlers"
+    handlers.mkdir()
+    (handlers / "zero.py").write_text(HANDLER)
+    model = d / "model"  # a directory is all job creation checks; no trainer runs for the prepared job
+    model.mkdir()
+    train, _ = write_data(d / "data", n_train=4, n_val=1)
+    state = d / "state"
+    store = Store(state)
+    try:
+        data_doc = {"id": "file-" + "a" * 24, "object": "file", "bytes": train.stat().st_size, "created_at": 1,
+                    "filename": "train.jsonl", "purpose": "fine-tune", "status": "processed", "expires_at": None,
+                    "status_details": None}
+        shutil.copyfile(train, store.files_dir / f"{data_doc['id']}.jsonl")
+        store.add_file(data_doc)
+        job = J.create_job(store, job_body(str(model), data_doc["id"]), handlers)
+        job = store.update_job(job["id"], status="succeeded", fine_tuned_model=J.fine_tuned_model_id(job),
+                               finished_at=job["created_at"] + 5)
+        run = J.run_dir(store, job["id"])
+        for step in (2, 4):
+            (run / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
+            (run / "checkpoints" / f"step-{step:06d}" / "state.json").write_text(json.dumps({"step": step}))
+            os.utime(run / "checkpoints" / f"step-{step:06d}" / "state.json", (1_700_000_000 + step,) * 2)
+        (run / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    finally:
+        store.close()
+    with start_server(state, handlers, KEY) as (url, key, proc):
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        yield {"client": client, "http": http, "proc": proc, "state": state, "job": job, "train": train,
+               "model": model, "dir": d}
+        http.close()
+
+
+def test_models_list_from_checkpoint_directories_and_retrieve_one_directly(served):
+    """/v1/models lists checkpoints from their directories, without reading any metrics.jsonl (the
+    prepared run's is not UTF-8, so a listing that read it would fail); retrieve finds one id directly
+    and gives the same object the list has."""
+    client, job = served["client"], served["job"]
+    ft = job["fine_tuned_model"]
+    listed = {m.id: m for m in client.models.list()}
+    assert {str(served["model"]), ft, f"{ft}:ckpt-step-2", f"{ft}:ckpt-step-4"} <= set(listed)
+    assert listed[f"{ft}:ckpt-step-4"].created == 1_700_000_004  # when its state.json was written
+    assert listed[str(served["model"])].owned_by == "system" and listed[ft].owned_by == "grpo-local"
+    for mid, m in listed.items():
+        assert client.models.retrieve(mid).model_dump() == m.model_dump(), mid
+    for missing in (f"{ft}:ckpt-step-3", f"{ft}:ckpt-step-02", f"{ft}x", "ft:other:grpo:" + job["id"],
+                    f"ft:{job['model']}:grpo:ftjob-{'0' * 24}", "no-such-model"):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.models.retrieve(missing)
+        assert e.value.body["code"] == "model_not_found", missing

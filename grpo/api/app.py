@@ -255,10 +255,10 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}")
     def retrieve_model(model_id: str):
-        for m in J.model_objects(store, cfg.base_models, started):
-            if m["id"] == model_id:
-                return m
-        raise not_found("model", model_id, "model_not_found", "model")
+        found = J.model_object(store, model_id, cfg.base_models, started)
+        if found is None:
+            raise not_found("model", model_id, "model_not_found", "model")
+        return found
 
     def load_model(body: dict):
         from grpo.errors import UserError

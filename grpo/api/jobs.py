@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -202,6 +203,15 @@ def _numeric(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _checkpoint_created(ckpt: Path) -> int | None:
+    """When a checkpoint was written (its state.json, written last), or None when it is not there."""
+    try:
+        st = (ckpt / "state.json").stat()
+    except OSError:  # removed while listing
+        return None
+    return int(st.st_mtime) if stat.S_ISREG(st.st_mode) else None
+
+
 def checkpoint_objects(store: Store, job: dict) -> list[dict]:
     """OpenAI's FineTuningJobCheckpoint for each checkpoint on disk, newest first; `metrics` holds the
     step's metrics line (Bedrock's names) with `step`."""
@@ -211,9 +221,8 @@ def checkpoint_objects(store: Store, job: dict) -> list[dict]:
     rows = {r.get("step"): r for r in read_jsonl(run / "metrics.jsonl")}
     out = []
     for step, path in reversed(list_checkpoints(run)):
-        try:
-            created = int((path / "state.json").stat().st_mtime)
-        except OSError:  # removed while listing
+        created = _checkpoint_created(path)
+        if created is None:
             continue
         out.append({"object": "fine_tuning.job.checkpoint", "id": checkpoint_id(job["id"], step), "created_at": created,
                     "fine_tuned_model_checkpoint": checkpoint_model_id(job, step), "fine_tuning_job_id": job["id"],
@@ -257,14 +266,21 @@ def resolve_model(store: Store, model_id: str, base_models: dict[str, str]) -> t
     return None
 
 
+def _model(mid: str, created: int, owner: str) -> dict:
+    return {"id": mid, "object": "model", "created": created, "owned_by": owner}
+
+
 def model_objects(store: Store, base_models: dict[str, str], started: int) -> list[dict]:
-    """/v1/models: base models (--model and those of jobs), fine-tuned models, checkpoint models."""
+    """/v1/models: base models (--model and those of jobs), fine-tuned models, checkpoint models.
+    Checkpoints are found from their directories (no run's metrics are read)."""
+    from grpo.checkpoint import list_checkpoints
+
     out, seen = [], set()
 
     def add(mid: str, created: int, owner: str) -> None:
         if mid not in seen:
             seen.add(mid)
-            out.append({"id": mid, "object": "model", "created": created, "owned_by": owner})
+            out.append(_model(mid, created, owner))
 
     for name in base_models:
         add(name, started, "system")
@@ -274,9 +290,33 @@ def model_objects(store: Store, base_models: dict[str, str], started: int) -> li
     for job in jobs:
         if job["status"] == "succeeded" and job.get("fine_tuned_model"):
             add(job["fine_tuned_model"], job.get("finished_at") or job["created_at"], ORG)
-        for ck in reversed(checkpoint_objects(store, job)):
-            add(ck["fine_tuned_model_checkpoint"], ck["created_at"], ORG)
+        for step, path in list_checkpoints(run_dir(store, job["id"])):
+            created = _checkpoint_created(path)
+            if created is not None:
+                add(checkpoint_model_id(job, step), created, ORG)
     return out
+
+
+def model_object(store: Store, model_id: str, base_models: dict[str, str], started: int) -> dict | None:
+    """The /v1/models entry listed under `model_id`, looked up directly (a fine-tuned or checkpoint id
+    names its job; one checkpoint directory is looked at), or None."""
+    from grpo.checkpoint import checkpoint_dir
+
+    if model_id in base_models:
+        return _model(model_id, started, "system")
+    m = MODEL_ID.match(model_id)
+    job = store.get_job(m["job"]) if m else None
+    if job is not None and m["step"] is None:
+        if job["status"] == "succeeded" and job.get("fine_tuned_model") == model_id:
+            return _model(model_id, job.get("finished_at") or job["created_at"], ORG)
+    elif job is not None and checkpoint_model_id(job, int(m["step"])) == model_id:
+        created = _checkpoint_created(checkpoint_dir(run_dir(store, job["id"]), int(m["step"])))
+        if created is not None:
+            return _model(model_id, created, ORG)
+    for job in store.all_jobs():  # oldest first, as the list has it
+        if job["model"] == model_id:
+            return _model(model_id, job["created_at"], "system")
+    return None
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
