@@ -1,6 +1,6 @@
 """The server's smaller guarantees, on real processes (a `grpo serve` on loopback, the real openai
-package): path helpers and jobs-only use never load torch; generation pads with the real pad id;
-/v1/models lists checkpoints from their directories and retrieves one model directly."""
+package): path helpers and jobs-only use never load torch; generation pads with the real pad id; an
+internal error tells the client nothing of the server's insides; file content streams from disk."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from helpers_engine import PYTHON, REPO, cli_env, write_data
-from server_helpers import start_server
+from helpers_engine import PYTHON, REPO, cli_env, write_data, write_records
+from server_helpers import server_log, start_server, wait_for
 
 
 def test_server_modules_and_checkpoint_paths_do_not_import_torch(tmp_path):
@@ -129,3 +129,37 @@ def test_models_list_from_checkpoint_directories_and_retrieve_one_directly(serve
         with pytest.raises(openai.NotFoundError) as e:
             client.models.retrieve(missing)
         assert e.value.body["code"] == "model_not_found", missing
+
+
+def test_an_internal_error_is_generic_to_the_client_and_logged_once(served):
+    """An unexpected exception (here: a run's metrics.jsonl that is not UTF-8) is a 500 whose message
+    says nothing of the server's files or code; the server's log names the request and has the traceback
+    once."""
+    job, state = served["job"], served["state"]
+    before = server_log(state)
+    r = served["http"].get(f"/fine_tuning/jobs/{job['id']}/checkpoints")
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["message"].startswith("The server had an error")
+    assert str(state) not in r.text and "Unicode" not in r.text and "utf-8" not in r.text
+    log = wait_for(lambda: (t := server_log(state)[len(before):]).count("Traceback") and t, 10, "the traceback")
+    assert f"internal error on GET /v1/fine_tuning/jobs/{job['id']}/checkpoints: UnicodeDecodeError" in log
+    assert log.count("Traceback (most recent call last)") == 1, log
+    with pytest.raises(openai.InternalServerError):
+        served["client"].fine_tuning.jobs.checkpoints.list(job["id"])
+
+
+def test_file_content_streams_and_is_404_once_gone_from_disk(served):
+    client, state, d = served["client"], served["state"], served["dir"]
+    big = write_records(d / "big.jsonl", [{"messages": [{"role": "user", "content": f"question {i} " + "x" * 200}],
+                                           "reference_answer": str(i)} for i in range(1500)])
+    assert big.stat().st_size > 5 * 64 * 1024  # several of the streamed chunks
+    f = client.files.create(file=big.open("rb"), purpose="fine-tune")
+    got = served["http"].get(f"/files/{f.id}/content")
+    assert got.status_code == 200 and got.content == big.read_bytes()
+    assert got.headers["content-type"] == "application/jsonl"
+    assert int(got.headers["content-length"]) == big.stat().st_size
+    (state / "files" / f"{f.id}.jsonl").unlink()  # lost behind the server's back
+    with pytest.raises(openai.NotFoundError) as e:
+        client.files.content(f.id)
+    assert e.value.body["code"] == "file_not_found" and str(state) not in e.value.body["message"]

@@ -12,8 +12,8 @@ import hmac
 import json
 import os
 import re
+import sys
 import time
-import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grpo.api import chat
@@ -133,8 +133,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request, exc: Exception):
-        traceback.print_exception(exc)
-        return _error(500, f"The server had an error while processing your request: {type(exc).__name__}: {exc}",
+        # The client learns only that it failed: the exception's text can hold paths on this machine or SQL.
+        # Here one line names the request; Starlette re-raises the exception after this response, and
+        # uvicorn logs its traceback (once) below that line.
+        print(f"grpo serve: internal error on {request.method} {request.url.path}: {type(exc).__name__}",
+              file=sys.stderr, flush=True)
+        return _error(500, "The server had an error while processing your request; its log has the details.",
                       type="server_error")
 
     # -- files ---------------------------------------------------------------------------------
@@ -199,9 +203,15 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str):
+        """Streamed from disk in chunks (an upload may be hundreds of MiB), never read whole."""
         get_file(file_id)
         path = store.files_dir / f"{file_id}.jsonl"
-        return Response(path.read_bytes(), media_type="application/jsonl")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ApiError(404, f"The content of file '{file_id}' is no longer on this server's disk",
+                           param="file_id", code="file_not_found") from None
+        return FileResponse(path, media_type="application/jsonl", stat_result=st)
 
     # -- fine-tuning jobs ------------------------------------------------------------------------
     def get_job(job_id: str) -> dict:
