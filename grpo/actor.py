@@ -299,9 +299,9 @@ def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor
     for _ in range(s.ppo_epochs):
         for mb_start in range(0, n, s.mini_batch_seqs):
             mb_idx = torch.arange(mb_start, min(mb_start + s.mini_batch_seqs, n))
-            row_tokens = batch.response_mask[mb_idx].sum(dim=-1)
-            # seqs = rows with >= 1 response token (a row masked out entirely, e.g. a skipped failure, is no sequence)
-            counts = torch.stack([row_tokens.sum(), (row_tokens > 0).sum().float()]).to(accelerator.device)
+            # this process's tokens and sequences (rows with >= 1 response token: a row masked out entirely, e.g. a
+            # skipped failure, is no sequence), summed over processes: agg_loss's global denominators
+            counts = torch.tensor(alg.loss_denominators([batch.response_mask[mb_idx]]), device=accelerator.device)
             g_tokens, g_seqs = accelerator.reduce(counts, reduction="sum").tolist()
             micro = [mb_idx[i:i + s.micro_batch_seqs] for i in range(0, len(mb_idx), s.micro_batch_seqs)]
             for j, idx in enumerate(micro):

@@ -13,13 +13,16 @@ detached (a constant in the gradient), with cap C (2.0 in the paper and verl's d
 bounds the variance that an untruncated ratio would add; w_t = 1 when the two engines agree.
 
 Pure tensor functions, no model and no I/O. The transformers backend needs none of this (it samples from
-the policy it trains, so w_t = 1 exactly); it applies only to the vLLM path, which is not measured here.
+the policy it trains, so w_t = 1 exactly); it applies to the continuous and vLLM backends (grpo.samplers), whose weights multiply each token's
+clipped loss in grpo.algorithms.policy_loss_clipped (`rollout_is_weights`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from grpo.algorithms import LOG_RATIO_CLAMP
 
 TIS_CAP = 2.0  # C: Yao et al. and verl's default
 
@@ -41,19 +44,12 @@ def tis_weights(old_log_prob: Tensor, sampler_log_prob: Tensor, response_mask: T
     mask = response_mask.to(old_log_prob.dtype)
     log_ratio = (old_log_prob - sampler_log_prob).detach() * mask
     if level == "token":
-        w = torch.exp(log_ratio.clamp(-20.0, 20.0))
+        w = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     elif level == "sequence":
-        w = torch.exp(log_ratio.sum(dim=-1, keepdim=True).clamp(-20.0, 20.0)).expand_as(log_ratio)
+        w = torch.exp(log_ratio.sum(dim=-1, keepdim=True).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).expand_as(log_ratio)
     else:
         raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
     return w.clamp(max=cap) * mask
-
-
-def apply_tis(token_loss: Tensor, weights: Tensor) -> Tensor:
-    """The per-token policy-gradient loss reweighted by TIS weights (aggregate it as usual afterwards)."""
-    if token_loss.shape != weights.shape:
-        raise ValueError(f"token_loss {tuple(token_loss.shape)} and weights {tuple(weights.shape)} differ")
-    return token_loss * weights.detach()
 
 
 def sampler_mismatch_metrics(old_log_prob: Tensor, sampler_log_prob: Tensor, response_mask: Tensor, *,
@@ -67,7 +63,7 @@ def sampler_mismatch_metrics(old_log_prob: Tensor, sampler_log_prob: Tensor, res
     if n == 0:
         return {k: float("nan") for k in ("rollout_kl_k1", "rollout_kl_k3", "rollout_tis_weight_mean",
                                           "rollout_tis_clipfrac")}
-    d = (old_log_prob - sampler_log_prob).detach()[mask].double().clamp(-20.0, 20.0)
+    d = (old_log_prob - sampler_log_prob).detach()[mask].double().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(d)
     return {"rollout_kl_k1": float(-d.mean()),
             "rollout_kl_k3": float((ratio - 1 - d).mean()),

@@ -197,7 +197,7 @@ class Trainer:
         # DDP's collectives).
         batch = pack(rollout.prompt_ids, rollout.response_ids, self.tok.pad_token_id)
         batch.response_mask[[i for i in range(len(rollout)) if result.scores[i] is None]] = 0.0
-        token_adv = adv[:, None] * batch.response_mask
+        token_adv = alg.broadcast_to_tokens(adv, batch.response_mask)
         timing["adv"] = time.perf_counter() - t
 
         # 4. log-probs the update needs: the reference (adapter off) for KL, the old policy if off-policy or if

@@ -160,7 +160,7 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
             ref = compute_logprobs(policy, batch, 1.0, args.micro_batch)
         sync()
         t2 = time.perf_counter()
-        m = update_policy(model, opt, batch, adv[:, None] * batch.response_mask, settings, accelerator=acc,
+        m = update_policy(model, opt, batch, alg.broadcast_to_tokens(adv, batch.response_mask), settings, accelerator=acc,
                           ref_logp=ref)
         sync()
         t3 = time.perf_counter()
