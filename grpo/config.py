@@ -350,11 +350,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raw = yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or []) if overrides else raw
+    if overrides and isinstance(raw, dict):  # anything else gets parse_config's "must be a mapping"
+        raw = apply_overrides(raw, overrides)
     key_lines: dict[tuple, int | str] = yaml_key_lines(text)
     for item in overrides or []:
         key_lines[tuple(item.partition("=")[0].strip().split("."))] = "--set"

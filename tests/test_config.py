@@ -115,6 +115,13 @@ def test_missing_required_fields_and_non_mapping():
     assert "model" in error_of(body(model="   "))
 
 
+def test_a_non_mapping_file_with_overrides_is_still_called_a_non_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- model\n- x\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(path, ["model=y"])
+
+
 def test_mini_batch_must_divide_batch():
     msg = error_of(body({"batch_size": 8}, engine={"mini_batch_size": 3}))
     assert "engine.mini_batch_size (3) must divide hyperparameters.batch_size (8)" in msg
