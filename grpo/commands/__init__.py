@@ -1,5 +1,5 @@
 """One module per top-level `grpo` command.
 
-Each module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`. `grpo.cli`
-imports a command's module only when that command runs, so `grpo --help` stays fast (no torch import).
+Each module defines `add_arguments(parser)` and `run(args) -> int` (its one-line help is in `grpo.cli.COMMANDS`).
+`grpo.cli` imports a command's module only when that command runs, so `grpo --help` stays fast (no torch import).
 """

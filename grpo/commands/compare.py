@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HELP = "the parity check: compare two runs' metrics, with a verdict and a picture"
-
 
 def add_arguments(p):
     p.description = ("Compare two run directories (local runs, or Bedrock jobs pulled with `grpo pull`): align by "

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "validate Bedrock RFT JSONL, or build it from GSM8K"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")

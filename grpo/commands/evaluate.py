@@ -14,8 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-HELP = "sample and grade a model (base or adapter) on a data file"
-
 
 def _count(text: str) -> int:
     """argparse type: an integer >= 1."""

@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-HELP = "draw a run's metrics as the walkthrough's six panels"
-
 
 def add_arguments(p):
     p.add_argument("run", type=Path, help="run directory (holds metrics.jsonl)")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HELP = "turn a job's events into a local run directory (metrics.jsonl, checkpoints)"
-
 
 def add_arguments(p):
     from grpo.remote import add_connection_arguments

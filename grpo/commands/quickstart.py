@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-HELP = "make the tiny model, train it with GRPO on arithmetic, plot the curve"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 

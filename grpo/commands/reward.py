@@ -29,7 +29,6 @@ import sys
 import time
 from collections import Counter
 
-HELP = "the reward lab: run a Lambda-contract handler over data and report"
 ERROR_LINES = 8  # lines of each failure's message shown in the text report
 
 

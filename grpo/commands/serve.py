@@ -9,8 +9,6 @@ import secrets
 import sys
 from pathlib import Path
 
-HELP = "a local OpenAI-compatible server: files, fine-tuning jobs, chat completions"
-
 
 def add_arguments(p):
     p.description = ("Serve Bedrock RFT's OpenAI-compatible API locally: /v1/files, /v1/fine_tuning/jobs (events, "

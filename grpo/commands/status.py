@@ -6,7 +6,6 @@ import json
 import sys
 import time
 
-HELP = "show a fine-tuning job's status and latest metrics"
 SHOWN = ("critic_rewards_mean", "val_score_rewards_mean", "actor_pg_loss", "actor_entropy", "actor_grad_norm",
          "critic_advantages_mean", "response_length_mean")
 

@@ -11,8 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "upload the files and create the job on Bedrock (or any OpenAI-compatible server)"
-
 
 def add_arguments(p):
     from grpo.remote import add_connection_arguments

@@ -7,8 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "run a GRPO job from a Bedrock-shaped YAML config"
-
 
 def add_arguments(p):
     p.description = ("Run a GRPO job. CONFIG is the body of Bedrock's fine_tuning.jobs.create (model, training_file, "
