@@ -87,7 +87,9 @@ def flow(env, server):
                                             extra_body=body("stuck.py"))
     assert [j.id for j in client.fine_tuning.jobs.list(limit=10).data] == [second.id, job.id]
     wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", 60, "the first job to run")
-    assert client.fine_tuning.jobs.retrieve(second.id).status == "queued"  # one job at a time by default
+    # one job at a time by default: the second waits queued once validated (its validation may come a tick later)
+    assert wait_for(lambda: (s := client.fine_tuning.jobs.retrieve(second.id).status) != "validating_files" and s,
+                    10, "the second job to be validated") == "queued"
     done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j, 150,
                     "the first job to finish")
     assert done.status == "succeeded", (done.error, server_log(env["dir"] / "state")[-3000:])

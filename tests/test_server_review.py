@@ -1,6 +1,7 @@
 """The server's smaller guarantees, on real processes (a `grpo serve` on loopback, the real openai
 package): path helpers and jobs-only use never load torch; generation pads with the real pad id; an
-internal error tells the client nothing of the server's insides; file content streams from disk."""
+internal error tells the client nothing of the server's insides; file content streams from disk;
+/v1/models lists checkpoints from their directories; the job worker reuses the upload's validation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import textwrap
+from pathlib import Path
 
 import httpx
 import openai
@@ -74,7 +76,7 @@ def job_body(model: str, training_file: str) -> dict:
 def served(tmp_path_factory):
     """A server whose state directory already holds, as an earlier server would have left it, a finished
     job (checkpoints at steps 2 and 4, a metrics.jsonl that is not UTF-8) created with the server's own
-    code."""
+    code, and an invalid file with no record of the upload's check."""
     from grpo.api import jobs as J
     from grpo.api.store import Store
 
@@ -93,6 +95,9 @@ def served(tmp_path_factory):
                     "status_details": None}
         shutil.copyfile(train, store.files_dir / f"{data_doc['id']}.jsonl")
         store.add_file(data_doc)
+        legacy = dict(data_doc, id="file-" + "b" * 24, filename="legacy.jsonl")  # uploaded by an older server:
+        (store.files_dir / f"{legacy['id']}.jsonl").write_text('{"messages": []}\n')  # no record of a check
+        store.add_file(legacy)
         job = J.create_job(store, job_body(str(model), data_doc["id"]), handlers)
         job = store.update_job(job["id"], status="succeeded", fine_tuned_model=J.fine_tuned_model_id(job),
                                finished_at=job["created_at"] + 5)
@@ -108,7 +113,7 @@ def served(tmp_path_factory):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         yield {"client": client, "http": http, "proc": proc, "state": state, "job": job, "train": train,
-               "model": model, "dir": d}
+               "model": model, "dir": d, "legacy": legacy}
         http.close()
 
 
@@ -163,3 +168,53 @@ def test_file_content_streams_and_is_404_once_gone_from_disk(served):
     with pytest.raises(openai.NotFoundError) as e:
         client.files.content(f.id)
     assert e.value.body["code"] == "file_not_found" and str(state) not in e.value.body["message"]
+
+
+def job_status(client, job_id: str):
+    return client.fine_tuning.jobs.retrieve(job_id).status
+
+
+def messages(client, job_id: str) -> list[str]:
+    return [e.message for e in reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=100)))]
+
+
+def test_the_worker_reuses_the_uploads_validation_and_never_loads_torch(served):
+    """The worker moves a job validating_files -> queued with its events, without reading the uploaded
+    bytes again: changed behind the server's back after their upload (which never happens through the
+    API), they are not looked at. The job is launched (its trainer then cancelled); after that and the
+    /v1/models calls, the server process has not loaded torch."""
+    client, http, state = served["client"], served["http"], served["state"]
+    f = client.files.create(file=served["train"].open("rb"), purpose="fine-tune")
+    raw = [http.get(f"/files/{f.id}").json(), *http.get("/files").json()["data"]]
+    assert raw[0] == f.model_dump() and all(not k.startswith("_") for doc in raw for k in doc)  # server-only field
+    (state / "files" / f"{f.id}.jsonl").write_text("this is not JSON\n")
+    job = client.fine_tuning.jobs.create(**job_body(str(served["model"]), f.id))
+    assert job.status == "validating_files"
+    wait_for(lambda: job_status(client, job.id) in ("running", "failed", "cancelled"), 30, "the job to start")
+    try:
+        client.fine_tuning.jobs.cancel(job.id)
+    except openai.BadRequestError as e:  # the trainer found nothing to train on first (not the worker)
+        assert e.body["code"] == "job_not_cancellable"
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "cancelled" or done.error.code == "training_failed", done.error
+    said = messages(client, job.id)
+    assert said.index(f"Validating training file: {f.id}") < said.index("Files validated, moving job to queued state")
+    assert "Fine-tuning job started" in said or done.status == "cancelled"
+
+    client.models.list()
+    client.models.retrieve(f"{served['job']['fine_tuned_model']}:ckpt-step-2")
+    maps = Path(f"/proc/{served['proc'].pid}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps
+
+
+def test_a_file_without_a_record_of_its_check_is_validated_by_the_worker(served):
+    """A file an older server stored (no record of the upload's check) is read and checked by the worker:
+    the job fails naming the file, its line and field."""
+    client, legacy = served["client"], served["legacy"]
+    job = client.fine_tuning.jobs.create(**job_body(str(served["model"]), legacy["id"]))
+    done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status != "validating_files" and j, 30,
+                    "the worker to validate the file")
+    assert done.status == "failed" and done.error.code == "invalid_training_file", done.error
+    assert done.error.param == "training_file" and f"{legacy['id']}:1: messages" in done.error.message
+    assert f"Validating training file: {legacy['id']}" in messages(client, job.id)
+

@@ -51,6 +51,11 @@ class ServerConfig:
     job_env: dict | None = None  # environment of trainer subprocesses (default: the server's)
 
 
+def file_object(doc: dict) -> dict:
+    """OpenAI's FileObject: the stored doc without the server's own `_` fields (the upload's validation)."""
+    return {k: v for k, v in doc.items() if not k.startswith("_")}
+
+
 def page(items: list[dict], has_more: bool) -> dict:
     return {"object": "list", "data": items, "has_more": has_more,
             "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}
@@ -177,9 +182,11 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         notes = [str(w).replace(str(tmp), name) for w in rep.warnings]
         doc = {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()), "filename": name,
                "purpose": purpose, "status": "processed", "expires_at": None,
-               "status_details": "; ".join(notes) or None}
+               "status_details": "; ".join(notes) or None,
+               # what the job worker would check again: these bytes never change (jobs hard-link them)
+               J.UPLOAD_VALIDATION: {"allow_small": True, "problems": len(rep.problems)}}
         store.add_file(doc)
-        return doc
+        return file_object(doc)
 
     @app.get("/v1/files")
     def list_files(purpose: str | None = None, limit: str | None = None, after: str | None = None,
@@ -188,11 +195,11 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             raise bad_request(f"order: expected 'asc' or 'desc', got {order!r}", "order")
         got = store.list_files(purpose=purpose, limit=parse_limit(limit, 10000, 10000), after=after,
                                desc=order == "desc")
-        return page(list(got), got.has_more)
+        return page([file_object(f) for f in got], got.has_more)
 
     @app.get("/v1/files/{file_id}")
     def retrieve_file(file_id: str):
-        return get_file(file_id)
+        return file_object(get_file(file_id))
 
     @app.delete("/v1/files/{file_id}")
     def delete_file(file_id: str):

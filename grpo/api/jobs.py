@@ -32,6 +32,7 @@ ORG = "grpo-local"
 GRADER_PARAM = "method.reinforcement.grader.lambda.function"
 MODEL_ID = re.compile(r"^ft:(?P<base>.+):grpo:(?P<job>ftjob-[0-9a-f]{24})(?::ckpt-step-(?P<step>\d+))?$")
 TERMINAL = ("succeeded", "failed", "cancelled")
+UPLOAD_VALIDATION = "_validation"  # a file doc's record of the upload's check (grpo.data.validate_file)
 
 
 # -- ids -------------------------------------------------------------------------------------
@@ -92,6 +93,13 @@ def _file_path(store: Store, body: dict, field: str, required: bool) -> Path | N
     return store.files_dir / f"{ident}.jsonl"
 
 
+def validated_at_upload(file_doc: dict | None) -> bool:
+    """Whether the upload checked the file as the job worker would (validate_file, allow_small) and found
+    no problem. Files uploaded by an older server have no record: the worker checks those itself."""
+    record = (file_doc or {}).get(UPLOAD_VALIDATION)
+    return isinstance(record, dict) and record.get("allow_small") is True and record.get("problems") == 0
+
+
 def _error_param(err: ValidationError) -> str | None:
     first = err.errors()[0]["loc"] if err.errors() else ()
     return ".".join(str(p) for p in first) or None
@@ -139,7 +147,8 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def create_job(store: Store, body, handlers_dir: Path) -> dict:
-    """Validate the body, write `jobs/<id>/job.yaml`, record the job (status validating_files)."""
+    """Validate the body, write `jobs/<id>/job.yaml`, record the job (status validating_files) with the
+    files whose upload already validated them (`validated_at_upload`: the worker does not read them again)."""
     raw, cfg, metadata = validate_body(store, body, handlers_dir)
     job_id = new_id("ftjob-")
     d = job_dir(store, job_id)
@@ -149,6 +158,8 @@ def create_job(store: Store, body, handlers_dir: Path) -> dict:
             _link(Path(raw[field]), d / name)
             raw[field] = str(d / name)
     (d / "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    checked = [f for f in ("training_file", "validation_file")
+               if raw.get(f) and validated_at_upload(store.get_file(body[f]))]
     h = cfg.hyperparameters
     doc = {"id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "status": "validating_files",
            "model": cfg.model, "training_file": body["training_file"], "validation_file": body.get("validation_file"),
@@ -156,7 +167,8 @@ def create_job(store: Store, body, handlers_dir: Path) -> dict:
            "hyperparameters": {"batch_size": h.batch_size, "learning_rate_multiplier": h.learning_rate_multiplier,
                                "n_epochs": h.n_epochs},
            "reasoning_effort": h.reasoning_effort, "local_model": cfg.local_model,
-           "fine_tuned_model": None, "finished_at": None, "trained_tokens": None, "error": None, "pid": None}
+           "fine_tuned_model": None, "finished_at": None, "trained_tokens": None, "error": None, "pid": None,
+           "validated_at_upload": checked}
     store.add_job(doc)
     store.add_event(job_id, make_event(f"Created fine-tuning job: {job_id}"))
     for w in cfg.warnings():
