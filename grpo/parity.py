@@ -80,6 +80,19 @@ class Run:
         return len(self.series(metric)[0]) > 0
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A run file holding one JSON object; anything else is a UserError naming the file (and line)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it: {e}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected {what}, got {type(value).__name__}")
+    return value
+
+
 def load_run(path: str | Path, label: str | None = None) -> Run:
     """A run directory's metrics (one row per step, sorted, the last row of a repeated step wins) and
     summary; `grpo plot` and `grpo compare` both read runs with it. A file that cannot be read is a
@@ -101,14 +114,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     rows = [by_step[s] for s in sorted(by_step)]
     summary = {}
     if (path / "summary.json").is_file():
-        try:
-            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path / 'summary.json'}:{e.lineno}: invalid JSON: {e.msg}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path / 'summary.json'}: cannot read it: {e}") from None
-        if not isinstance(summary, dict):
-            raise UserError(f"{path / 'summary.json'}: expected a JSON object, got {type(summary).__name__}")
+        summary = read_json_object(path / "summary.json", "a JSON object")
     totals = [r["total_steps"] for r in rows if isinstance(r.get("total_steps"), int)]
     planned = summary.get("total_steps")
     total = totals[-1] if totals else planned if isinstance(planned, int) and planned > 0 else rows[-1]["step"]
@@ -301,14 +307,7 @@ def run_thresholds(run_dir: str | Path):
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return HealthThresholds()
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path}: expected a JSON object (the run's config), got {type(cfg).__name__}")
+    cfg = read_json_object(path, "a JSON object (the run's config)")
     engine = cfg.get("engine")
     health = engine.get("health") if isinstance(engine, dict) else None
     if health is None:

@@ -15,37 +15,23 @@ import tempfile
 from pathlib import Path
 
 
-def _count(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(parse, ok, expected: str, bound: str):
+    """An argparse type: `parse(text)` (int or float) for which `ok(value)` holds; else "expected <expected>"
+    (not a number) or "must be <bound>"."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return convert
 
 
-def _non_negative(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+_count = _number(int, lambda v: v >= 1, "an integer >= 1", ">= 1")
+_non_negative = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number", "a finite number >= 0")
+_top_p = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "in (0, 1]")
 
 
 def add_arguments(p):
