@@ -4,7 +4,7 @@ on this project's CI machines (no GPU), so only the parts below that do not need
 (grpo.rollout.generate), which samples from exactly the policy being trained.
 
 How the pieces fit (the design TRL's and verl's colocated modes use):
-  1. vLLM runs in the training process on the same GPU, in sleep mode: `sleep()` before the update frees
+  1. vLLM runs in the training process on the same GPU, in sleep mode: `sleep()` after each rollout frees
      its KV cache and moves its weights to CPU; `wake_up()` brings them back for the next rollout.
   2. After each optimizer step the LoRA adapter is folded into the base weights (`merged_weights`, out of
      place: the training weights are never modified) and loaded into vLLM's model (`sync`).

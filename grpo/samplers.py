@@ -3,7 +3,7 @@
 Every backend has the same three calls, in the order the trainer makes them each step:
 
     sampled = sampler.generate(prompts, n=G, ...)   # RolloutBatch + each token's log-prob under the sampler
-    sampler.sleep()                                 # before the update: give the accelerator's memory back
+    sampler.sleep()                                 # right after: its memory back for the log-prob and update passes
     sampler.sync(policy)                            # after the optimizer step: the sampler sees the new weights
 
 - "transformers" (default): grpo.rollout.generate on the policy being trained. It samples from exactly the
