@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpo.errors import UserError
-from grpo.health import HealthThresholds
+from grpo.health_thresholds import HealthThresholds
 
 # Bedrock model ids on the OpenAI-compatible path -> the open-weights checkpoints they serve.
 BEDROCK_MODEL_IDS = {
@@ -151,7 +151,7 @@ class EngineConfig(_Strict):
     @field_validator("kl_penalty")
     @classmethod
     def _known_kl_penalty(cls, v: str) -> str:
-        from grpo.algorithms import KL_PENALTIES  # imports torch: only when the field is given
+        from grpo.algorithms.core import KL_PENALTIES  # imports torch: only when the field is given
 
         if v not in KL_PENALTIES:
             close = difflib.get_close_matches(v, list(KL_PENALTIES), n=1)

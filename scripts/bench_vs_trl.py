@@ -15,7 +15,7 @@ gradient; tests/test_trl_parity.py shows the two losses and gradients equal with
 update epoch, on-policy (no old-log-prob pass in either), temperature 1.0, top-k off, top-p 1.0, the same
 GSM8K Lambda handler as the reward (rewards/gsm8k.py; ours through its RewardRunner, TRL in-process).
 
-Ours runs through `grpo.trainer.Trainer.step`, the code path `grpo train` uses; fixed mode sets
+Ours runs through `grpo.training.trainer.Trainer.step`, the code path `grpo train` uses; fixed mode sets
 `engine.ignore_eos` (the default transformers rollout backend then ignores end tokens). TRL runs
 `GRPOTrainer.train()`; its time split comes from timing wrappers around its own methods.
 
@@ -68,7 +68,8 @@ def _peak_memory_mb() -> float:
 def run_ours(a) -> dict:
     import functools
 
-    from grpo import algorithms, trainer as trainer_mod
+    from grpo import algorithms
+    from grpo import trainer as trainer_mod
     from grpo.config import parse_config
 
     algorithms.group_normalized_advantages = functools.partial(algorithms.group_normalized_advantages, eps=ADV_EPS)
@@ -110,8 +111,8 @@ def run_trl(a) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.config import LoraConfig
-    from grpo.models import peft_lora_config
-    from grpo.reward import make_trajectory
+    from grpo.models.loading import peft_lora_config
+    from grpo.reward.runner import make_trajectory
 
     spec = importlib.util.spec_from_file_location("gsm8k_handler", HANDLER)
     handler = importlib.util.module_from_spec(spec)
@@ -190,8 +191,8 @@ def build_inputs(work: Path, a) -> tuple[str, str, str]:
     import torch
 
     from grpo.data import gsm8k_to_records, read_gsm8k_file
-    from grpo.tiny import build_random_qwen3
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
 
     model_dir = work / "model"
     tok = build_tokenizer()

@@ -1,10 +1,10 @@
 """GPU smoke run: a few GRPO steps on the real Qwen3-32B / GPT-OSS-20B architectures, and what they cost.
 
-The models are built at full size from their architectures (grpo.plan.KNOWN_CONFIGS) with random bf16
+The models are built at full size from their architectures (grpo.training.dry_run.KNOWN_CONFIGS) with random bf16
 weights, directly on the GPU: no hub, nothing written to disk. Each step goes through the engine's own code:
-chat-template prompts (the real templates, grpo/templates), LoRA by grpo.models.add_lora (experts included
+chat-template prompts (the real templates, grpo/templates), LoRA by grpo.models.loading.add_lora (experts included
 for GPT-OSS), gradient checkpointing, grpo.rollout.generate, the reference log-probs with the adapter off and
-grpo.actor.update_policy (chunked log-probs). Random scores stand in for a reward (a random model's answers
+grpo.training.actor.update_policy (chunked log-probs). Random scores stand in for a reward (a random model's answers
 are all wrong), so the update is a real one with real shapes.
 
 Generation is measured for each rollout backend of grpo.samplers (--backend): "transformers" (our decode
@@ -65,14 +65,14 @@ def build(kind: str, args, device):
     from transformers import AutoModelForCausalLM
 
     from grpo.config import LoraConfig
-    from grpo.models import add_lora, chat_tokenizer, enable_gradient_checkpointing
-    from grpo.plan import inspect_model, model_config
+    from grpo.models.loading import add_lora, chat_tokenizer, enable_gradient_checkpointing
+    from grpo.training.dry_run import inspect_model, model_config
 
     tok = chat_tokenizer(kind)
     lora = LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank)
     torch.manual_seed(0)
     if args.tiny:
-        from grpo.tiny import build_random_gpt_oss, build_random_qwen3
+        from grpo.models.tiny import build_random_gpt_oss, build_random_qwen3
 
         model = (build_random_qwen3 if kind == "qwen3" else build_random_gpt_oss)(tok)
         config = model.config
@@ -95,7 +95,7 @@ def build(kind: str, args, device):
 
 def prompts_for(tok, n: int, length: int) -> list[list[int]]:
     """`n` chat-template prompts of at least `length` tokens (a GSM8K-style question, repeated)."""
-    from grpo.rollout import encode_prompt
+    from grpo.rollout.prompts import encode_prompt
 
     out = []
     for i in range(n):
@@ -109,11 +109,11 @@ def prompts_for(tok, n: int, length: int) -> list[list[int]]:
 def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
     import torch
 
-    from grpo import algorithms as alg
-    from grpo.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
-    from grpo.rollout import pack
-    from grpo.samplers import ContinuousSampler, TransformersSampler, logprob_tensor
-    from grpo.tis import sampler_mismatch_metrics
+    from grpo.algorithms import core as alg
+    from grpo.algorithms.tis import sampler_mismatch_metrics
+    from grpo.batch import pack
+    from grpo.rollout.samplers import ContinuousSampler, TransformersSampler, logprob_tensor
+    from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
 
     cuda = device.type == "cuda"
     if cuda:

@@ -24,7 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from grpo.parity import ABS, BEDROCK_STEP_METRICS, METRIC_KINDS, VAL_METRIC, align, load_run, metric_stats
+from grpo.remote.parity import ABS, BEDROCK_STEP_METRICS, METRIC_KINDS, VAL_METRIC, align, metric_stats
+from grpo.remote.runs import load_run
 
 FLOORS = {ABS: 0.02, "rel": 0.05}
 

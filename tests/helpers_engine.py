@@ -19,7 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 GSM8K_HANDLER = REPO / "rewards" / "gsm8k.py"
 PYTHON = sys.executable
-# Wall-clock fields outside grpo.metrics.VOLATILE_PREFIXES: the reward runner's seconds per step.
+# Wall-clock fields outside grpo.training.metrics.VOLATILE_PREFIXES: the reward runner's seconds per step.
 VOLATILE_EXTRA = ("reward_seconds",)
 
 VARIED_HANDLER = '''\
@@ -52,8 +52,8 @@ def build_model_dir(path: Path, *, seed: int = 0, **overrides) -> Path:
     """Save a tiny random Qwen3 (fp32) and its tokenizer into `path`; same seed, same weights."""
     import torch
 
-    from grpo.tiny import build_random_qwen3
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
 
     path = Path(path)
     tok = build_tokenizer()
@@ -72,7 +72,7 @@ def write_records(path: Path, records: list[dict]) -> Path:
 
 def write_data(directory: Path, *, n_train: int = 8, n_val: int = 4, seed: int = 0) -> tuple[Path, Path]:
     """train.jsonl and validation.jsonl of synthetic arithmetic records (Bedrock RFT format)."""
-    from grpo.tiny_data import make_arithmetic_records
+    from grpo.models.tiny_data import make_arithmetic_records
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -138,8 +138,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def stable_metrics(row: dict) -> dict:
-    """A metrics row without the fields that are wall-clock measurements (grpo.metrics.VOLATILE_PREFIXES)."""
-    from grpo.metrics import VOLATILE_PREFIXES
+    """A metrics row without the fields that are wall-clock measurements (grpo.training.metrics.VOLATILE_PREFIXES)."""
+    from grpo.training.metrics import VOLATILE_PREFIXES
 
     return {k: v for k, v in row.items() if not k.startswith(VOLATILE_PREFIXES + VOLATILE_EXTRA)}
 

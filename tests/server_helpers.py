@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
 from helpers_engine import PYTHON, REPO, cli_env
 
 

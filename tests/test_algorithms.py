@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo import algorithms as alg
+from grpo.algorithms import core as alg
 
 torch.set_num_threads(1)
 D = torch.float64

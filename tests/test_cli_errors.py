@@ -109,7 +109,7 @@ def test_connect_timeout_is_retried_then_reported(aws_env):
     connect times out (ConnectTimeoutError, not EndpointConnectionError), and that is retried."""
     import socket
 
-    from grpo.lambda_client import LambdaInvoker, parse_arn
+    from grpo.reward.lambda_client import LambdaInvoker, parse_arn
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -216,7 +216,6 @@ def quickstart_until_training(tmp_path: Path, config: dict):
     """`grpo quickstart` with `config` (configs/quickstart.yaml changed by it): the data is written, then
     the run stops at once as a user error, because the output directory already holds a run."""
     import yaml
-
     from helpers_engine import REPO
 
     job = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text(encoding="utf-8"))
@@ -236,7 +235,7 @@ def quickstart_until_training(tmp_path: Path, config: dict):
 
 def test_quickstart_writes_the_files_the_config_names_and_nothing_else(tmp_path):
     from grpo.data import load_records
-    from grpo.tiny_data import make_arithmetic_records
+    from grpo.models.tiny_data import make_arithmetic_records
 
     folder = tmp_path / "data"
     folder.mkdir()

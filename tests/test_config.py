@@ -8,10 +8,10 @@ import math
 
 import pytest
 import yaml
+from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_job, write_records
 
 from grpo.config import BEDROCK_MODEL_IDS, apply_overrides, load_config, parse_config
 from grpo.errors import UserError
-from helpers_engine import (build_model_dir, read_jsonl, run_grpo, write_data, write_job, write_records)
 
 HP = "method.reinforcement.hyperparameters"
 # Trainer bug (patch sent to the lead): the filter's warning event is written before the run directory
@@ -243,7 +243,7 @@ def test_cli_bad_config_exits_2_with_error_and_no_traceback(tmp_path, content, e
 @pytest.fixture(scope="module")
 def long_prompt_job(tmp_path_factory):
     """6 training prompts of which 2 are long, 2 validation prompts of which 1 is long."""
-    from grpo.tiny_data import make_arithmetic_records
+    from grpo.models.tiny_data import make_arithmetic_records
 
     d = tmp_path_factory.mktemp("maxlen")
     model = build_model_dir(d / "model")

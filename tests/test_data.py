@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from grpo.data import (GSM8K_SUFFIX, Problem, Record, convert_gsm8k, gsm8k_to_records,
-                       load_records, validate_file, write_jsonl)
+from grpo.data import (
+    GSM8K_SUFFIX,
+    Problem,
+    Record,
+    convert_gsm8k,
+    gsm8k_to_records,
+    load_records,
+    validate_file,
+    write_jsonl,
+)
 from grpo.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

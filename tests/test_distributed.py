@@ -1,6 +1,6 @@
 """Gradient accumulation and the number of processes do not change the math.
 
-`grpo.actor.update_policy` normalises every micro-batch loss by the mini-batch's global token (or
+`grpo.training.actor.update_policy` normalises every micro-batch loss by the mini-batch's global token (or
 sequence) count, as current verl does. So one process on all 16 rows, and two CPU processes (DDP over
 gloo, started by `accelerate launch`) on 8 rows each, with different micro-batch sizes, must give the
 same adapter after the same optimizer steps, and the same reported losses.
@@ -29,9 +29,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers_engine import (PYTHON, REPO, build_model_dir, cli_env, read_jsonl, write_data, write_job,
-                            write_varied_handler)
+from helpers_engine import (
+    PYTHON,
+    REPO,
+    build_model_dir,
+    cli_env,
+    read_jsonl,
+    write_data,
+    write_job,
+    write_varied_handler,
+)
 
 ROWS, MINI = 16, 8  # 16 sequences, 8 per optimizer step (2 steps per epoch)
 ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
@@ -44,10 +51,10 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from grpo.actor import UpdateSettings, compute_logprobs, update_policy
+from grpo.training.actor import UpdateSettings, compute_logprobs, update_policy
 from grpo.config import LoraConfig
-from grpo.models import load_policy
-from grpo.rollout import PackedBatch, pack
+from grpo.models.loading import load_policy
+from grpo.batch import PackedBatch, pack
 
 model_dir, plan_path, out_path = sys.argv[1:4]
 plan = json.load(open(plan_path))

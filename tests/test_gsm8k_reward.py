@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo.reward import make_trajectory
+from grpo.reward.runner import make_trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -156,7 +156,7 @@ def test_verl_flexible_comma_difference_is_exactly_two():
 
 def test_through_the_runner_in_worker_processes():
     """The same 5,276 solutions through RewardRunner (workers, env from the runner, answer checks)."""
-    from grpo.reward import RewardRunner
+    from grpo.reward.runner import RewardRunner
 
     rows = _labelled()
     event = [make_trajectory(rid, 0, PROMPT, sol, ref) for rid, sol, ref, _ in rows]

@@ -12,8 +12,9 @@ import random
 
 import pytest
 
-from grpo import health
-from grpo.health import ALARM_NAMES, HealthMonitor, HealthThresholds, scan
+from grpo import health_thresholds as health
+from grpo.health_thresholds import ALARM_NAMES, HealthThresholds
+from grpo.training.health import HealthMonitor, scan
 
 
 def clamp(x, lo=0.0, hi=1.0):

@@ -18,7 +18,7 @@ def constant_handler(score: float) -> str:
 def test_a_real_quickstart_run_raises_no_alarm():
     # tests/fixtures/quickstart_metrics.jsonl: `grpo quickstart` on this machine (validation 0.41 -> 0.945,
     # stopped early at step 90), copied as it was written.
-    from grpo.health import scan
+    from grpo.training.health import scan
 
     rows = read_jsonl(FIXTURES / "quickstart_metrics.jsonl")
     assert len(rows) == 90 and rows[-1]["val_score_rewards_mean"] >= 0.9

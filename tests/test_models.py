@@ -11,12 +11,14 @@ import types
 import pytest
 import torch
 
-from grpo.actor import _full_logits, adapter_disabled, compute_logprobs, forward_logprobs
+from grpo.algorithms.tis import sampler_mismatch_metrics, tis_weights
+from grpo.batch import pack
 from grpo.config import LoraConfig
 from grpo.errors import UserError
-from grpo.models import add_lora, chat_tokenizer, enable_gradient_checkpointing, load_base_model
-from grpo.rollout import encode_prompt, pack, split_reasoning
-from grpo.tis import sampler_mismatch_metrics, tis_weights
+from grpo.models.forward import _full_logits, forward_logprobs
+from grpo.models.loading import add_lora, chat_tokenizer, enable_gradient_checkpointing, load_base_model
+from grpo.rollout.prompts import encode_prompt, split_reasoning
+from grpo.training.actor import adapter_disabled, compute_logprobs
 
 torch.set_num_threads(1)
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -29,7 +31,7 @@ def toks():
 
 
 def _policy(kind, tok, seed=0, **lora):
-    from grpo.tiny import build_random_gpt_oss, build_random_qwen3
+    from grpo.models.tiny import build_random_gpt_oss, build_random_qwen3
 
     torch.manual_seed(seed)
     model = (build_random_qwen3 if kind == "qwen3" else build_random_gpt_oss)(tok)
@@ -100,7 +102,7 @@ def test_gpt_oss_lora_covers_attention_and_the_moe_experts(toks):
 def test_expert_lora_needs_dropout_zero_and_can_be_switched_off(toks):
     with pytest.raises(UserError, match="dropout"):
         _policy("gpt_oss", toks["gpt_oss"], dropout=0.1)
-    from grpo.tiny import build_random_gpt_oss
+    from grpo.models.tiny import build_random_gpt_oss
 
     off = types.SimpleNamespace(rank=4, alpha=8, dropout=0.0, target_modules="all-linear", target_parameters=[])
     policy = add_lora(build_random_gpt_oss(toks["gpt_oss"]), off)
@@ -154,7 +156,7 @@ def test_chunked_logprobs_under_gradient_checkpointing_and_a_fully_masked_row(to
 # -- loading options -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpt_oss_dir(tmp_path_factory, toks):
-    from grpo.tiny import build_random_gpt_oss
+    from grpo.models.tiny import build_random_gpt_oss
 
     path = tmp_path_factory.mktemp("gpt_oss")
     torch.manual_seed(0)
@@ -190,7 +192,7 @@ def test_an_mxfp4_checkpoint_is_dequantized_and_refuses_4bit(gpt_oss_dir, tmp_pa
 # -- the vLLM path's weight sync (the part that runs without vLLM) -------------------------------------------
 @pytest.mark.parametrize("kind", ["qwen3", "gpt_oss"])
 def test_merged_weights_equal_peft_merge_and_leave_the_policy_untouched(toks, kind):
-    from grpo.rollout_vllm import merged_weights
+    from grpo.rollout.vllm import merged_weights
 
     policy = _policy(kind, toks[kind])
     before = {n: p.clone() for n, p in policy.named_parameters()}

@@ -8,12 +8,11 @@ import random
 import subprocess
 
 import pytest
-
 from helpers_engine import run_grpo
 
 from grpo.errors import UserError
-from grpo.parity import (DEFAULT_TOLERANCES, Tolerance, align, compare_runs, health_alarms, load_run, metric_stats,
-                         parse_tolerances, run_thresholds)
+from grpo.remote.parity import DEFAULT_TOLERANCES, Tolerance, align, compare_runs, metric_stats, parse_tolerances
+from grpo.remote.runs import health_alarms, load_run, run_thresholds
 
 
 def make_rows(steps: int, *, total: int | None = None, seed: int = 0, reward_shift: float = 0.0,

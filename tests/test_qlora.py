@@ -13,13 +13,15 @@ import math
 
 import pytest
 import torch
+from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_job, write_varied_handler
 from safetensors.torch import load_file
 
-from grpo.actor import forward_logprobs
+from grpo.batch import pack
 from grpo.config import LoraConfig
-from grpo.models import count_parameters, load_base_model, load_policy, load_tokenizer
-from grpo.rollout import encode_prompt, generate, pack
-from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_job, write_varied_handler
+from grpo.models.forward import forward_logprobs
+from grpo.models.loading import count_parameters, load_base_model, load_policy, load_tokenizer
+from grpo.rollout.generate import generate
+from grpo.rollout.prompts import encode_prompt
 
 torch.set_num_threads(1)
 LORA = LoraConfig(rank=4, alpha=8)

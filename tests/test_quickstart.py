@@ -7,13 +7,12 @@ import json
 import statistics
 
 import pytest
-
 from helpers_engine import REPO, read_jsonl, run_grpo
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from grpo.tiny import ensure_tiny_model
+    from grpo.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(progress=False)  # cached across runs: ~/.cache/grpo or $GRPO_CACHE
 
@@ -53,7 +52,7 @@ def _write_slice(tmp_path, steps: int) -> None:
     """The quickstart's own data files, cut to `steps` batches of its batch size."""
     import yaml
 
-    from grpo.tiny_data import write_quickstart_data
+    from grpo.models.tiny_data import write_quickstart_data
 
     batch = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())["method"]["reinforcement"][
         "hyperparameters"]["batch_size"]

@@ -8,13 +8,19 @@ import json
 
 import pytest
 import yaml
-
 from helpers_engine import cli_env, run_grpo
 
 from grpo.config import parse_config
 from grpo.errors import UserError
-from grpo.remote import (DOCUMENTED_HYPERPARAMETERS, RefreshingToken, bedrock_region, build_job_request, metrics_rows,
-                         resolve_api_key, resolve_base_url)
+from grpo.remote.client import (
+    DOCUMENTED_HYPERPARAMETERS,
+    RefreshingToken,
+    bedrock_region,
+    build_job_request,
+    metrics_rows,
+    resolve_api_key,
+    resolve_base_url,
+)
 
 BEDROCK_URL = "https://bedrock-mantle.us-west-2.api.aws/v1"
 ARN = "arn:aws:lambda:us-west-2:123456789012:function:gsm8k-reward"
@@ -284,7 +290,7 @@ def test_pull_writes_a_run_directory_like_a_local_run(served):
 
 
 def test_paging_through_events_and_checkpoints(served):
-    from grpo.remote import list_checkpoints, list_events
+    from grpo.remote.client import list_checkpoints, list_events
 
     client, job_id = client_for(served), served["job"]["id"]
     every = list_events(client, job_id, page_size=100)

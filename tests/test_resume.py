@@ -18,10 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_engine import (
+    PYTHON,
+    REPO,
+    build_model_dir,
+    cli_env,
+    read_jsonl,
+    run_grpo,
+    stable_metrics,
+    write_data,
+    write_job,
+    write_varied_handler,
+)
 from safetensors.torch import load_file
-
-from helpers_engine import (PYTHON, REPO, build_model_dir, cli_env, read_jsonl, run_grpo, stable_metrics,
-                            write_data, write_job, write_varied_handler)
 
 TOTAL_STEPS = 8
 

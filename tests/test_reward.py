@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 
 from grpo.errors import UserError
-from grpo.reward import (RewardError, RewardRunner, check_answer, make_trajectory, plan_batches,
-                         split_trajectory_id, trajectory_id)
+from grpo.reward.runner import (
+    RewardError,
+    RewardRunner,
+    check_answer,
+    make_trajectory,
+    plan_batches,
+    split_trajectory_id,
+    trajectory_id,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lambda_emulator import LambdaEmulator  # noqa: E402

@@ -3,17 +3,20 @@
 import pytest
 import torch
 
-from grpo.actor import compute_logprobs, forward_logprobs
-from grpo.models import chat_template_kwargs
-from grpo.rollout import encode_prompt, generate, pack, split_reasoning
+from grpo.batch import pack
+from grpo.models.forward import forward_logprobs
+from grpo.models.loading import chat_template_kwargs
+from grpo.rollout.generate import generate
+from grpo.rollout.prompts import encode_prompt, split_reasoning
+from grpo.training.actor import compute_logprobs
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from grpo.tiny import build_random_qwen3
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -45,7 +48,7 @@ def test_split_reasoning_plain_text_strips_special_tokens():
 
 def test_reasoning_effort_reaches_the_chat_template(tiny):
     _, tok = tiny
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.tiny_data import build_tokenizer
 
     t = build_tokenizer()
     t.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"

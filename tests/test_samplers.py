@@ -4,20 +4,21 @@ and sampler-mismatch metrics), and the backends that cannot run say so in one li
 
 import pytest
 import torch
-
-from grpo.actor import compute_logprobs
-from grpo.config import LoraConfig
-from grpo.models import add_lora, chat_tokenizer
-from grpo.rollout import encode_prompt, pack
-from grpo.samplers import ContinuousSampler, TransformersSampler, logprob_tensor
 from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_job, write_varied_handler
+
+from grpo.batch import pack
+from grpo.config import LoraConfig
+from grpo.models.loading import add_lora, chat_tokenizer
+from grpo.rollout.prompts import encode_prompt
+from grpo.rollout.samplers import ContinuousSampler, TransformersSampler, logprob_tensor
+from grpo.training.actor import compute_logprobs
 
 torch.set_num_threads(1)
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def _policy(kind):
-    from grpo.tiny import build_random_gpt_oss, build_random_qwen3
+    from grpo.models.tiny import build_random_gpt_oss, build_random_qwen3
 
     tok = chat_tokenizer(kind)
     torch.manual_seed(0)

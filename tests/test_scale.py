@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers_engine import REPO, cli_env, read_jsonl, run_grpo, write_data, write_job
+
 from grpo.config import LoraConfig, load_config
 from grpo.errors import UserError
-from grpo.plan import GIB, estimate_memory, inspect_model, make_plan, model_config, setup_for
+from grpo.training.dry_run import GIB, estimate_memory, inspect_model, make_plan, model_config, setup_for
 
 torch.set_num_threads(1)
 QWEN, GPT_OSS = REPO / "configs" / "gsm8k_qwen3_32b.yaml", REPO / "configs" / "gsm8k_gpt_oss_20b.yaml"
@@ -105,8 +105,8 @@ def test_dry_run_plan_for_qwen3_and_its_errors(tmp_path):
 
 
 def test_dry_run_counts_equal_the_real_models(tmp_path):
-    from grpo.models import chat_tokenizer, count_parameters, load_policy
-    from grpo.tiny import build_random_gpt_oss
+    from grpo.models.loading import chat_tokenizer, count_parameters, load_policy
+    from grpo.models.tiny import build_random_gpt_oss
 
     tok = chat_tokenizer("gpt_oss")
     build_random_gpt_oss(tok).save_pretrained(tmp_path)
@@ -147,8 +147,8 @@ def lambda_handler(event, context):
 def test_training_steps_on_tiny_models_with_the_real_templates(tmp_path, kind, effort, gc):
     from safetensors.torch import load_file
 
-    from grpo.models import chat_tokenizer
-    from grpo.tiny import build_random_gpt_oss, build_random_qwen3
+    from grpo.models.loading import chat_tokenizer
+    from grpo.models.tiny import build_random_gpt_oss, build_random_qwen3
 
     tok = chat_tokenizer(kind)
     torch.manual_seed(0)

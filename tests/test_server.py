@@ -17,7 +17,6 @@ import signal
 import httpx
 import openai
 import pytest
-
 from helpers_engine import VARIED_HANDLER, build_model_dir, read_jsonl, write_data, write_records
 from server_helpers import gone, pids_with, server_log, sse_data, start_server, wait_for
 
@@ -126,7 +125,7 @@ def test_events_paginate_newest_first_and_plot(flow, server, tmp_path):
     assert {d["fine_tuned_model_checkpoint"] for d in ckpt_events} == {
         f"{job.fine_tuned_model}:ckpt-step-{s}" for s in (2, 4)}
 
-    from grpo.plot import plot_runs
+    from grpo.remote.plot import plot_runs
 
     png = plot_runs([(job.id, [e.data for e in metrics])], tmp_path / "events.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from helpers_engine import PYTHON, REPO, cli_env, write_data, write_records
 from server_helpers import server_log, start_server, wait_for
 
@@ -31,7 +30,7 @@ def test_server_modules_and_checkpoint_paths_do_not_import_torch(tmp_path):
         import sys
         from pathlib import Path
         import grpo.api.app
-        from grpo.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints
+        from grpo.training.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints
         run = Path({str(run)!r})
         assert [s for s, _ in list_checkpoints(run)] == [2, 10]
         assert latest_checkpoint(run) == checkpoint_dir(run, 10)
@@ -47,7 +46,7 @@ def test_server_modules_and_checkpoint_paths_do_not_import_torch(tmp_path):
 def test_generation_pads_with_the_tokenizers_pad_id_even_when_it_is_zero():
     """The tiny model's tokenizer pads with id 0 (<|endoftext|>); 0 is a real id, not "no pad token"."""
     from grpo.api.inference import Loaded, generation_config
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.tiny_data import build_tokenizer
 
     tok = build_tokenizer()
     assert tok.pad_token_id == 0 and tok.eos_token_id != 0

@@ -9,9 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo import tiny
-from grpo.tiny_data import (FINAL_FORMATS, SUFFIX, build_tokenizer, make_arithmetic_records,
-                            pretrain_examples, write_quickstart_data)
+from grpo.models import tiny as tiny
+from grpo.models.tiny_data import (
+    FINAL_FORMATS,
+    SUFFIX,
+    build_tokenizer,
+    make_arithmetic_records,
+    pretrain_examples,
+    write_quickstart_data,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,15 @@ peft's format, the plot, and `grpo eval` on the trained adapter."""
 import json
 
 import pytest
-
-from helpers_engine import (build_model_dir, read_jsonl, run_grpo, train_with_handler, write_data, write_job,
-                            write_varied_handler)
+from helpers_engine import (
+    build_model_dir,
+    read_jsonl,
+    run_grpo,
+    train_with_handler,
+    write_data,
+    write_job,
+    write_varied_handler,
+)
 
 REQUIRED = [
     "step", "total_steps", "critic_rewards_mean", "critic_rewards_max", "critic_rewards_min", "critic_score_mean",
@@ -147,12 +153,12 @@ def test_a_non_finite_gradient_norm_skips_the_optimizer_step():
     import torch
     from accelerate import Accelerator
 
-    from grpo.actor import UpdateSettings, update_policy
+    from grpo.batch import pack
     from grpo.config import LoraConfig
-    from grpo.models import add_lora
-    from grpo.rollout import pack
-    from grpo.tiny import build_random_qwen3
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.loading import add_lora
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
+    from grpo.training.actor import UpdateSettings, update_policy
 
     torch.manual_seed(0)
     policy = add_lora(build_random_qwen3(build_tokenizer()), LoraConfig(rank=4, alpha=8))

@@ -6,7 +6,7 @@ loss with its own `GRPOTrainer._compute_loss` (loss_type "dapo": token mean over
 0.001, epsilon 0.2, use_bias_correction_kl off: TRL 1.16 turns it on by default, which multiplies the KL by the
 importance ratio, same value but another gradient than verl's k3) and its own reference log-probs (adapter disabled, its fused LM head). Ours: grpo.actor's
 log-probs (shared-prompt path and plain path) and grpo.algorithms' clipped loss + 0.001 x k3 KL, token-mean,
-as grpo.actor.update_policy combines them. Loss values agree within 1e-5 (absolute); LoRA gradients within
+as grpo.training.actor.update_policy combines them. Loss values agree within 1e-5 (absolute); LoRA gradients within
 0.1% of each tensor's norm (fp32 rounding).
 """
 
@@ -15,9 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo import algorithms as alg  # noqa: E402
-from grpo.actor import adapter_disabled, compute_logprobs, forward_logprobs  # noqa: E402
-from grpo.rollout import pack  # noqa: E402
+from grpo.algorithms import core as alg  # noqa: E402
+from grpo.models.forward import forward_logprobs
+from grpo.rollout.batch import pack  # noqa: E402
+from grpo.training.actor import adapter_disabled, compute_logprobs  # noqa: E402
 
 BETA, EPS = 0.001, 0.2
 
@@ -29,9 +30,9 @@ def setup(tmp_path_factory):
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.config import LoraConfig
-    from grpo.models import peft_lora_config
-    from grpo.tiny import build_random_qwen3
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.loading import peft_lora_config
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -176,13 +177,13 @@ def test_off_policy_clipped_loss_equals_trls(setup):
 
 
 def test_merged_lora_decoding_is_the_adapter_path_and_restores_every_weight():
-    """grpo.rollout.merged_lora (used while sampling): the same logits to fp32 rounding, LoRA on the tied lm_head
+    """grpo.models.merge.merged_lora (used while sampling): the same logits to fp32 rounding, LoRA on the tied lm_head
     included, and afterwards every parameter bitwise as before; nothing is merged under a disabled adapter."""
     from grpo.config import LoraConfig
-    from grpo.models import add_lora
-    from grpo.rollout import merged_lora
-    from grpo.tiny import build_random_qwen3
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.loading import add_lora
+    from grpo.models.merge import merged_lora
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()

@@ -42,8 +42,8 @@ class ModelCache:
                 return self._models[key]
             import torch
 
-            from grpo.models import load_for_inference, load_tokenizer, pick_dtype
-            from grpo.rollout import end_token_ids, special_tokens
+            from grpo.models.loading import load_for_inference, load_tokenizer, pick_dtype
+            from grpo.rollout.prompts import end_token_ids, special_tokens
 
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             tok = load_tokenizer(base)
@@ -56,7 +56,7 @@ class ModelCache:
 
 
 def encode(loaded: Loaded, messages: list[dict], effort: str) -> list[int]:
-    from grpo.rollout import encode_prompt
+    from grpo.rollout.prompts import encode_prompt
 
     return encode_prompt(loaded.tokenizer, messages, reasoning_effort=effort)
 
@@ -138,7 +138,7 @@ def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, m
 
 class TextSplitter:
     """Tokens in, (content delta, reasoning delta) out: the decoded text so far is split with
-    `grpo.rollout.split_reasoning` (Qwen3 `<think>`, harmony channels). A delta is given only while
+    `grpo.rollout.prompts.split_reasoning` (Qwen3 `<think>`, harmony channels). A delta is given only while
     the new text extends what was already sent; text ending in an incomplete character, or in part of
     a thinking tag that a tokenizer spells in several tokens, waits for the next token."""
 
@@ -151,7 +151,7 @@ class TextSplitter:
     def _split(self) -> tuple[str, str, bool]:
         """(content, reasoning, undecided): undecided while the text could still become a reasoning
         opener that is not a single token (`<thi` of `<think>`)."""
-        from grpo.rollout import split_reasoning
+        from grpo.rollout.prompts import split_reasoning
 
         text = self.loaded.tokenizer.decode(self.ids, skip_special_tokens=False)
         content, reasoning = split_reasoning(text, self.loaded.specials)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from grpo.api.errors import bad_request
 from grpo.api.store import Store, new_id
 from grpo.config import JobConfig, format_validation_error
-from grpo.metrics import make_event, read_jsonl
+from grpo.rundir import RunDir, make_event, read_jsonl
 
 ORG = "grpo-local"
 GRADER_PARAM = "method.reinforcement.grader.lambda.function"
@@ -227,10 +227,10 @@ def _checkpoint_created(ckpt: Path) -> int | None:
 def checkpoint_objects(store: Store, job: dict) -> list[dict]:
     """OpenAI's FineTuningJobCheckpoint for each checkpoint on disk, newest first; `metrics` holds the
     step's metrics line (Bedrock's names) with `step`."""
-    from grpo.checkpoint import list_checkpoints
+    from grpo.training.checkpoint import list_checkpoints
 
     run = run_dir(store, job["id"])
-    rows = {r.get("step"): r for r in read_jsonl(run / "metrics.jsonl")}
+    rows = {r.get("step"): r for r in read_jsonl(RunDir(run).metrics)}
     out = []
     for step, path in reversed(list_checkpoints(run)):
         created = _checkpoint_created(path)
@@ -244,7 +244,7 @@ def checkpoint_objects(store: Store, job: dict) -> list[dict]:
 
 def trained_tokens(store: Store, job_id: str) -> int:
     """Sum of `perf_total_num_tokens` (prompt + response tokens of every sequence each step trained on)."""
-    rows = read_jsonl(run_dir(store, job_id) / "metrics.jsonl")
+    rows = read_jsonl(RunDir(run_dir(store, job_id)).metrics)
     return int(sum(r.get("perf_total_num_tokens", 0) for r in rows))
 
 
@@ -252,8 +252,8 @@ def resolve_model(store: Store, model_id: str, base_models: dict[str, str]) -> t
     """(base model path, adapter dir or None, default reasoning effort) for a model id, or None.
 
     Known ids: --model NAME, a job's model, a succeeded job's fine_tuned_model, a checkpoint's model."""
-    from grpo.checkpoint import checkpoint_dir, latest_checkpoint
-    from grpo.models import resolve_model_path
+    from grpo.models.loading import resolve_model_path
+    from grpo.training.checkpoint import checkpoint_dir, latest_checkpoint
 
     m = MODEL_ID.match(model_id)
     if m:
@@ -285,7 +285,7 @@ def _model(mid: str, created: int, owner: str) -> dict:
 def model_objects(store: Store, base_models: dict[str, str], started: int) -> list[dict]:
     """/v1/models: base models (--model and those of jobs), fine-tuned models, checkpoint models.
     Checkpoints are found from their directories (no run's metrics are read)."""
-    from grpo.checkpoint import list_checkpoints
+    from grpo.training.checkpoint import list_checkpoints
 
     out, seen = [], set()
 
@@ -312,7 +312,7 @@ def model_objects(store: Store, base_models: dict[str, str], started: int) -> li
 def model_object(store: Store, model_id: str, base_models: dict[str, str], started: int) -> dict | None:
     """The /v1/models entry listed under `model_id`, looked up directly (a fine-tuned or checkpoint id
     names its job; one checkpoint directory is looked at), or None."""
-    from grpo.checkpoint import checkpoint_dir
+    from grpo.training.checkpoint import checkpoint_dir
 
     if model_id in base_models:
         return _model(model_id, started, "system")

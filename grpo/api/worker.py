@@ -25,7 +25,7 @@ from pathlib import Path
 from grpo.api import jobs as J
 from grpo.api.errors import ApiError
 from grpo.api.store import Store
-from grpo.metrics import make_event, read_jsonl
+from grpo.rundir import RunDir, make_event, read_jsonl
 
 
 def descendants(root: int) -> list[int]:
@@ -183,7 +183,7 @@ class JobManager:
             self.store.add_event(job["id"], make_event("Files validated, moving job to queued state"))
 
     def _launch(self, job: dict) -> None:
-        from grpo.checkpoint import latest_checkpoint
+        from grpo.training.checkpoint import latest_checkpoint
 
         d = J.job_dir(self.store, job["id"])
         run = d / "run"
@@ -216,7 +216,7 @@ class JobManager:
         if job["status"] != "running":
             return
         try:
-            summary = json.loads((J.run_dir(self.store, job_id) / "summary.json").read_text())
+            summary = json.loads(RunDir(J.run_dir(self.store, job_id)).summary.read_text())
         except (OSError, ValueError):
             summary = {}
         if code == 0 and summary.get("status") == "succeeded":
@@ -249,7 +249,7 @@ class JobManager:
 
     def sync_events(self, job_id: str, force: bool = False) -> None:
         """Mirror the run's events.jsonl into SQLite (skipped when the file has not changed)."""
-        path = J.run_dir(self.store, job_id) / "events.jsonl"
+        path = RunDir(J.run_dir(self.store, job_id)).events
         with self._sync_lock:
             try:
                 st = path.stat()

@@ -27,7 +27,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from grpo.parity import compare_runs, format_report, health_alarms, load_run, parse_tolerances, plot_comparison
+    from grpo.remote.parity import compare_runs, format_report, parse_tolerances, plot_comparison
+    from grpo.remote.runs import health_alarms, load_run
 
     overrides = parse_tolerances(args.tolerance)
     a, b = load_run(args.run_a), load_run(args.run_b)

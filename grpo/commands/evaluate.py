@@ -70,8 +70,8 @@ def add_arguments(p):
 
 def _remote(args, records, runner):
     from grpo.errors import UserError
-    from grpo.evaluation import sample_and_score_remote
-    from grpo.remote import api_errors, make_client, resolve_base_url
+    from grpo.remote.client import api_errors, make_client, resolve_base_url
+    from grpo.remote.evaluate import sample_and_score_remote
 
     if args.adapter:
         raise UserError("--adapter is for a local model; with --base-url give the endpoint's model id "
@@ -91,9 +91,9 @@ def _local(args, records, runner):
     import torch
 
     from grpo.config import local_model_id
-    from grpo.evaluation import sample_and_score
-    from grpo.models import load_for_inference, load_tokenizer, pick_dtype, resolve_model_path
-    from grpo.samplers import ContinuousSampler
+    from grpo.models.loading import load_for_inference, load_tokenizer, pick_dtype, resolve_model_path
+    from grpo.rollout.samplers import ContinuousSampler
+    from grpo.training.validation import sample_and_score
 
     torch.manual_seed(args.seed)
     path = resolve_model_path(local_model_id(args.model))
@@ -128,8 +128,8 @@ def run(args) -> int:
     from grpo.config import BEDROCK_MODEL_IDS
     from grpo.data import load_records, write_jsonl
     from grpo.errors import UserError
-    from grpo.health import HealthMonitor
-    from grpo.reward import RewardRunner
+    from grpo.reward.runner import RewardRunner
+    from grpo.training.health import HealthMonitor
 
     if not args.base_url and args.temperature == 0:
         raise UserError("--temperature 0: local sampling draws from softmax(logits / temperature) and needs "

@@ -9,7 +9,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from grpo.plot import plot_run
+    from grpo.remote.plot import plot_run
 
     print(plot_run(args.run, args.out))
     return 0

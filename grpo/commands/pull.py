@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_arguments(p):
-    from grpo.remote import add_connection_arguments
+    from grpo.remote.client import add_connection_arguments
 
     p.add_argument("job", help="fine-tuning job id (ftjob-...)")
     p.add_argument("--out", type=Path, default=None, help="run directory to write (default runs/<JOB>)")
@@ -21,7 +21,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from grpo.remote import api_errors, make_client, pull_job, resolve_base_url
+    from grpo.remote.client import api_errors, make_client, pull_job, resolve_base_url
 
     url = resolve_base_url(args.base_url)
     out = args.out or Path("runs") / args.job

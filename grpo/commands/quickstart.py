@@ -19,7 +19,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     from grpo.config import load_config, print_warnings
-    from grpo.tiny_data import write_quickstart_data
+    from grpo.models.tiny_data import write_quickstart_data
 
     t0 = time.time()
     cfg = load_config(args.config, args.overrides)
@@ -31,7 +31,7 @@ def run(args) -> int:
     if any(missing):
         written = write_quickstart_data(*missing)
         print(f"wrote the quickstart data: {', '.join(str(p) for p in written if p is not None)}")
-    from grpo.models import resolve_model_path
+    from grpo.models.loading import resolve_model_path
 
     print(f"model: {resolve_model_path(cfg.local_model, progress=not args.no_progress)}")
     run_dir = args.output_dir or Path("runs") / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"

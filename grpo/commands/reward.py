@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         args._reward_parser.print_help()
         return 0 if args.reward_command is None else 2
     from grpo.data import load_records
-    from grpo.reward import RewardRunner, make_trajectory
+    from grpo.reward.runner import RewardRunner, make_trajectory
 
     env = {}
     for item in args.env:

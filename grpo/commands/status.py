@@ -11,7 +11,7 @@ SHOWN = ("critic_rewards_mean", "val_score_rewards_mean", "actor_pg_loss", "acto
 
 
 def add_arguments(p):
-    from grpo.remote import add_connection_arguments
+    from grpo.remote.client import add_connection_arguments
 
     p.add_argument("job", help="fine-tuning job id (ftjob-...)")
     add_connection_arguments(p)
@@ -41,7 +41,7 @@ def describe(job: dict, metrics: dict | None) -> str:
 
 def run(args) -> int:
     from grpo.errors import UserError
-    from grpo.remote import TERMINAL_STATUSES, api_errors, as_dict, latest_metrics, make_client, resolve_base_url
+    from grpo.remote.client import TERMINAL_STATUSES, api_errors, as_dict, latest_metrics, make_client, resolve_base_url
 
     if args.interval <= 0:
         raise UserError(f"--interval {args.interval}: must be > 0")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def add_arguments(p):
-    from grpo.remote import add_connection_arguments
+    from grpo.remote.client import add_connection_arguments
 
     p.description = ("Create a reinforcement fine-tuning job from the same YAML that `grpo train` runs: the engine "
                      "section stays local, training_file/validation_file are uploaded and replaced by file ids. "
@@ -35,8 +35,17 @@ def add_arguments(p):
 
 def run(args) -> int:
     from grpo.config import load_config
-    from grpo.remote import (api_errors, as_dict, bedrock_region, build_job_request, make_client, resolve_base_url,
-                             resolve_file, submit_job, warn)
+    from grpo.remote.client import (
+        api_errors,
+        as_dict,
+        bedrock_region,
+        build_job_request,
+        make_client,
+        resolve_base_url,
+        resolve_file,
+        submit_job,
+        warn,
+    )
 
     cfg = load_config(args.config, args.overrides)
     url = resolve_base_url(args.base_url)

@@ -40,10 +40,11 @@ def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool
     """Run the job; print where the run, metrics, plot and adapter are (the last line). Exit status.
     Refuses a directory that already holds a run unless `resume` (every caller: train, quickstart)."""
     from grpo.errors import UserError
-    from grpo.reward import RewardError
-    from grpo.trainer import Trainer
+    from grpo.reward.runner import RewardError
+    from grpo.rundir import RunDir, read_jsonl
+    from grpo.training.trainer import Trainer
 
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and RunDir(run_dir).metrics.exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --output-dir")
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
     try:
@@ -53,20 +54,19 @@ def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool
               "checkpoint once the handler is fixed)", file=sys.stderr)
         return 1
     if trainer.is_main:
-        from grpo.plot import plot_run
+        from grpo.remote.plot import plot_run
 
         png = plot_run(run_dir)
         final = summary["final"]
         base, val = summary["baseline_val_score_rewards_mean"], final.get("val_score_rewards_mean")
-        from grpo.metrics import read_jsonl
 
-        tail = [r["critic_rewards_mean"] for r in read_jsonl(run_dir / "metrics.jsonl")][-10:]
+        tail = [r["critic_rewards_mean"] for r in read_jsonl(RunDir(run_dir).metrics)][-10:]
         line = (f"done: {summary['steps']} steps, critic_rewards_mean {final.get('critic_rewards_mean', float('nan')):.3f} "
                 f"(mean of the last {len(tail)} steps {sum(tail) / max(len(tail), 1):.3f})")
         if base is not None and val is not None:
             line += f", validation reward {base:.3f} -> {val:.3f}"
         print(line + (" (stopped early)" if summary["stopped_early"] else ""))
-        print(f"run: {run_dir}  metrics: {run_dir / 'metrics.jsonl'}  plot: {png}  adapter: {summary['adapter']}")
+        print(f"run: {run_dir}  metrics: {RunDir(run_dir).metrics}  plot: {png}  adapter: {summary['adapter']}")
     return 0
 
 
@@ -76,7 +76,7 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print_warnings(cfg)
     if args.dry_run:
-        from grpo.plan import dry_run
+        from grpo.training.dry_run import dry_run
 
         print(dry_run(cfg, str(args.config)))
         return 0

@@ -18,21 +18,27 @@ says how, scripts/parity_tolerances.py computes them).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from grpo.errors import UserError
-from grpo.metrics import BEDROCK_STEP_METRICS, read_jsonl
+from grpo.remote.runs import Run
+from grpo.training.metrics import BEDROCK_STEP_METRICS
 
 VAL_METRIC = "val_score_rewards_mean"
+
+
 ABS, REL = "abs", "rel"
+
+
 # How a metric's gap is measured when it has no default tolerance entry: abs for [0, 1]-scale metrics.
 METRIC_KINDS = {"critic_rewards_mean": ABS, "critic_advantages_mean": ABS, "actor_pg_loss": ABS,
                 VAL_METRIC: ABS, "actor_entropy": REL, "actor_grad_norm": REL, "response_length_mean": REL}
+
+
 EDGE_FRACTION = 0.1  # start / end = mean of this share of the overlap (at least one point)
 
 
@@ -56,69 +62,6 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "response_length_mean": Tolerance(0.12, REL),
     VAL_METRIC: Tolerance(0.18, ABS),
 }
-
-
-@dataclass
-class Run:
-    path: Path
-    label: str
-    rows: list[dict]
-    total_steps: int
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def last_step(self) -> int:
-        return int(self.rows[-1]["step"])
-
-    def series(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        pts = [(r["step"], r[metric]) for r in self.rows if isinstance(r.get(metric), (int, float))
-               and not isinstance(r.get(metric), bool) and math.isfinite(r[metric])]
-        arr = np.asarray(pts, dtype=float).reshape(-1, 2)
-        return arr[:, 0], arr[:, 1]
-
-    def has(self, metric: str) -> bool:
-        return len(self.series(metric)[0]) > 0
-
-
-def read_json_object(path: Path, what: str) -> dict:
-    """A run file holding one JSON object; anything else is a UserError naming the file (and line)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it: {e}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected {what}, got {type(value).__name__}")
-    return value
-
-
-def load_run(path: str | Path, label: str | None = None) -> Run:
-    """A run directory's metrics (one row per step, sorted, the last row of a repeated step wins) and
-    summary; `grpo plot` and `grpo compare` both read runs with it. A file that cannot be read is a
-    UserError naming it."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such run directory")
-    by_step: dict[int, dict] = {}
-    try:
-        rows = read_jsonl(path / "metrics.jsonl")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path / 'metrics.jsonl'}: cannot read it: {e}") from None
-    for row in rows:
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            by_step[row["step"]] = row
-    if not by_step:
-        raise UserError(f"{path}: no metrics.jsonl with any step in it (is this a run directory? "
-                        "`grpo pull JOB --out DIR` makes one from a remote job)")
-    rows = [by_step[s] for s in sorted(by_step)]
-    summary = {}
-    if (path / "summary.json").is_file():
-        summary = read_json_object(path / "summary.json", "a JSON object")
-    totals = [r["total_steps"] for r in rows if isinstance(r.get("total_steps"), int)]
-    planned = summary.get("total_steps")
-    total = totals[-1] if totals else planned if isinstance(planned, int) and planned > 0 else rows[-1]["step"]
-    return Run(path, label or path.name, rows, int(total), summary)
 
 
 def parse_tolerances(items: list[str]) -> dict[str, Tolerance]:
@@ -296,43 +239,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_thresholds(run_dir: str | Path):
-    """The thresholds a run was configured with (`engine.health` of its config.json, which the trainer
-    writes), else the defaults. UserError naming the file when it is not valid JSON or its thresholds
-    are not valid ones."""
-    from dataclasses import fields
-
-    from grpo.health import HealthThresholds
-
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return HealthThresholds()
-    cfg = read_json_object(path, "a JSON object (the run's config)")
-    engine = cfg.get("engine")
-    health = engine.get("health") if isinstance(engine, dict) else None
-    if health is None:
-        return HealthThresholds()
-    if not isinstance(health, dict):
-        raise UserError(f"{path}: engine.health: expected an object, got {type(health).__name__}")
-    unknown = sorted(set(health) - {f.name for f in fields(HealthThresholds)})
-    if unknown:
-        raise UserError(f"{path}: engine.health: unknown field(s) {', '.join(unknown)}")
-    try:
-        return HealthThresholds(**health)
-    except ValueError as e:  # names the field: engine.health.window: must be >= 1, got 0
-        raise UserError(f"{path}: {e}") from None
-    except TypeError as e:  # a value of the wrong type ("10" < 1)
-        raise UserError(f"{path}: engine.health: {e}") from None
-
-
-def health_alarms(run: Run) -> list:
-    """The run's health alarms (grpo.health.scan), with the thresholds it ran with when it says."""
-    from grpo.health import scan
-
-    return scan(run.rows, baseline_val=run.summary.get("baseline_val_score_rewards_mean"),
-                thresholds=run_thresholds(run.path))
-
-
 def plot_comparison(a: Run, b: Run, report: dict, out: Path, alarms: dict | None = None) -> Path:
     """One panel per compared metric, both runs on each, outside-the-overlap shaded, verdict in the title."""
     import matplotlib
@@ -340,9 +246,7 @@ def plot_comparison(a: Run, b: Run, report: dict, out: Path, alarms: dict | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grpo.plot import save_figure
-
-    from grpo.plot import TITLES
+    from grpo.remote.plot import TITLES, save_figure
 
     metrics = list(report["metrics"])
     cols = min(3, len(metrics))

@@ -20,7 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(name: str, *, progress: bool = True) -> str:
     """A local path or hub id; `grpo:tiny-arith` builds (once, cached) the embedded tiny model."""
     if name == TINY_MODEL:
-        from grpo.tiny import ensure_tiny_model
+        from grpo.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(progress=progress))
     return name
@@ -257,7 +257,7 @@ def chat_tokenizer(name: str, *, vocab_size: int = 384):
     (tests, and scripts/gpu_smoke.py, where no hub is reachable)."""
     from tokenizers import AddedToken
 
-    from grpo.tiny_data import build_tokenizer
+    from grpo.models.tiny_data import build_tokenizer
 
     spec = TEMPLATE_TOKENS.get(name)
     if spec is None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported by the trainer; `grpo compare`/`plot` do not pay for it
     import torch
+from grpo.rundir import RunDir, _append_lines, make_event, read_jsonl
 
 # The six the OpenAI-compatible path reports per step (spec section 3), in the walkthrough's order.
 BEDROCK_STEP_METRICS = ("critic_rewards_mean", "actor_pg_loss", "actor_entropy", "actor_grad_norm",
                         "critic_advantages_mean", "response_length_mean")
+
+
 # Fields that differ run to run even with the same seed (wall-clock), left out of equality checks.
 VOLATILE_PREFIXES = ("timing_s_", "perf_", "reward_seconds")
 
@@ -59,43 +60,13 @@ def reward_metrics(summary: dict) -> dict:
             if isinstance(v, (int, float)) and k != "reward_seconds"}  # wall-clock: timing_s_reward has it
 
 
-def make_event(message: str, *, type: str = "message", level: str = "info", data: dict | None = None) -> dict:
-    ev = {"object": "fine_tuning.job.event", "id": f"ftevent-{uuid.uuid4().hex[:24]}", "created_at": int(time.time()),
-          "level": level, "type": type, "message": message}
-    if data is not None:
-        ev["data"] = data
-    return ev
-
-
-def _append_lines(path: Path, rows: list[dict]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash mid-write: drop it
-                continue
-    return rows
-
-
 class RunLog:
     """metrics.jsonl + events.jsonl (+ TensorBoard via the accelerator), main process only."""
 
     def __init__(self, run_dir: Path, accelerator=None, *, enabled: bool = True):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.events_path = self.run_dir / "events.jsonl"
+        self.metrics_path = RunDir(self.run_dir).metrics
+        self.events_path = RunDir(self.run_dir).events
         self.accelerator = accelerator
         self.enabled = enabled
 
@@ -103,7 +74,7 @@ class RunLog:
         """On resume: keep exactly the lines of steps up to the checkpoint (one line per step)."""
         if not self.enabled:
             return
-        for path, get in ((self.metrics_path, lambda r: r.get("step")), (self.run_dir / "samples.jsonl", lambda r: r.get("step")),
+        for path, get in ((self.metrics_path, lambda r: r.get("step")), (RunDir(self.run_dir).samples, lambda r: r.get("step")),
                           (self.events_path, lambda r: (r.get("data") or {}).get("step"))):
             rows = [r for r in read_jsonl(path) if get(r) is None or get(r) <= step]
             tmp = path.with_suffix(".tmp")

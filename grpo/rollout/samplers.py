@@ -18,18 +18,13 @@ Every backend has the same three calls, in the order the trainer makes them each
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
 from grpo.errors import UserError
-from grpo.rollout import RolloutBatch, end_token_ids, generate, special_tokens
-
-
-@dataclass
-class Sampled:
-    batch: RolloutBatch
-    logprobs: list[list[float]] | None  # per response token, under the sampler; None: the sampler is the policy
+from grpo.rollout.batch import RolloutBatch, Sampled
+from grpo.rollout.generate import generate
+from grpo.rollout.prompts import end_token_ids, special_tokens
 
 
 class TransformersSampler:
@@ -153,7 +148,7 @@ class ContinuousSampler:
 
 
 def logprob_tensor(logprobs: list[list[float]], prompt_ids: list[list[int]], width: int) -> torch.Tensor:
-    """Per-response-token log-probs laid out like grpo.rollout.pack's response_mask [N, width]: token j of
+    """Per-response-token log-probs laid out like grpo.batch.pack's response_mask [N, width]: token j of
     row i's response sits at column len(prompt_i) - 1 + j (the position that predicts it); 0 elsewhere."""
     out = torch.zeros((len(logprobs), width), dtype=torch.float32)
     for i, (lp, p) in enumerate(zip(logprobs, prompt_ids)):
@@ -174,7 +169,7 @@ def make_sampler(engine, policy, tokenizer, model_path: str, *, seed: int = 0, m
     if backend == "continuous":
         return ContinuousSampler(policy, tokenizer, ignore_eos=engine.ignore_eos)
     if backend == "vllm":
-        from grpo.rollout_vllm import VLLMRollout
+        from grpo.rollout.vllm import VLLMRollout
 
         return VLLMRollout(model_path, tokenizer, max_model_len=max_model_len, ignore_eos=engine.ignore_eos,
                            gpu_memory_utilization=engine.rollout.gpu_memory_utilization,

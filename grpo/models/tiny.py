@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from grpo.tiny_data import DATA_VERSION, IM_END, build_tokenizer, pretrain_examples
+from grpo.models.tiny_data import DATA_VERSION, IM_END, build_tokenizer, pretrain_examples
 
 #: The temperature the tiny model is measured and trained at (the quickstart's rollout temperature).
 TRAINING_TEMPERATURE = 1.0

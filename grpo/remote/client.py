@@ -25,6 +25,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from grpo.errors import UserError
+from grpo.rundir import RunDir
 
 BEDROCK_HOST = re.compile(r"^bedrock-mantle\.([a-z0-9-]+)\.api\.aws$")
 # The only hyperparameters Bedrock documents on its OpenAI-compatible path (spec section 4).
@@ -357,8 +358,8 @@ def pull_job(client, job_id: str, out_dir: Path, *, base_url: str = "") -> dict:
     rows = metrics_rows(events)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write_json_atomic(out_dir / "events.jsonl", "".join(json.dumps(e) + "\n" for e in events))
+    _write_json_atomic(RunDir(out_dir).metrics, "".join(json.dumps(r) + "\n" for r in rows))
+    _write_json_atomic(RunDir(out_dir).events, "".join(json.dumps(e) + "\n" for e in events))
     _write_json_atomic(out_dir / "checkpoints.json", json.dumps(checkpoints, indent=2))
     baseline = next((e["data"]["val_score_rewards_mean"] for e in events if isinstance(e.get("data"), dict)
                      and e["data"].get("step") == 0 and "val_score_rewards_mean" in e["data"]), None)
@@ -371,7 +372,7 @@ def pull_job(client, job_id: str, out_dir: Path, *, base_url: str = "") -> dict:
                "fine_tuned_model": job.get("fine_tuned_model"), "error": job.get("error"),
                "checkpoints": len(checkpoints), "events": len(events), "source": base_url, "job": job,
                "pulled_at": int(time.time())}
-    _write_json_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    _write_json_atomic(RunDir(out_dir).summary, json.dumps(summary, indent=2))
     return summary
 
 

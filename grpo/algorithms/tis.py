@@ -14,7 +14,7 @@ bounds the variance that an untruncated ratio would add; w_t = 1 when the two en
 
 Pure tensor functions, no model and no I/O. The transformers backend needs none of this (it samples from
 the policy it trains, so w_t = 1 exactly); it applies to the continuous and vLLM backends (grpo.samplers), whose weights multiply each token's
-clipped loss in grpo.algorithms.policy_loss_clipped (`rollout_is_weights`).
+clipped loss in grpo.algorithms.core.policy_loss_clipped (`rollout_is_weights`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grpo.algorithms import LOG_RATIO_CLAMP
+from grpo.algorithms.core import LOG_RATIO_CLAMP
 
 TIS_CAP = 2.0  # C: Yao et al. and verl's default
 

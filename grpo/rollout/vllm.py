@@ -10,7 +10,7 @@ How the pieces fit (the design TRL's and verl's colocated modes use):
      place: the training weights are never modified) and loaded into vLLM's model (`sync`).
   3. vLLM returns each sampled token's log-prob under *its* numerics (bf16 kernels, maybe fp8). The trainer
      then computes the old log-probs with the training engine and reweights the policy-gradient loss by
-     the truncated importance ratio (grpo.tis.tis_weights), logging grpo.tis.sampler_mismatch_metrics.
+     the truncated importance ratio (grpo.algorithms.tis.tis_weights), logging grpo.algorithms.tis.sampler_mismatch_metrics.
 
 Install: `pip install 'grpo[vllm]'` (vllm>=0.10.2, for `logprobs_mode`) on a CUDA machine. Limits, unmeasured:
 the engine loads the checkpoint at `model` itself, so a GPT-OSS MXFP4 checkpoint loads in vLLM's MXFP4 layout,
@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import torch
 
 from grpo.errors import UserError
-from grpo.rollout import RolloutBatch, special_tokens
-from grpo.samplers import Sampled
+from grpo.rollout.batch import RolloutBatch, Sampled
+from grpo.rollout.prompts import special_tokens
 
 
 def merged_weights(policy, adapter: str = "default") -> Iterator[tuple[str, torch.Tensor]]:

@@ -24,7 +24,7 @@ from grpo.errors import UserError
 #: The Bedrock models' architectures, copied from their config.json on the Hugging Face hub (retrieved
 #: 2026-11): huggingface.co/Qwen/Qwen3-32B/blob/main/config.json and
 #: huggingface.co/openai/gpt-oss-20b/blob/main/config.json. GPT-OSS's `quantization_config` (MXFP4 experts)
-#: is left out: training dequantizes the experts to bf16 (grpo.models.load_base_model).
+#: is left out: training dequantizes the experts to bf16 (grpo.models.loading.load_base_model).
 KNOWN_CONFIGS: dict[str, dict] = {
     "Qwen/Qwen3-32B": {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
@@ -59,13 +59,13 @@ def model_config(name: str):
     from transformers import AutoConfig, Qwen3Config
 
     if name == TINY_MODEL:
-        from grpo.tiny import RECIPE, default_cache_dir, recipe_hash
+        from grpo.models.tiny import RECIPE, default_cache_dir, recipe_hash
 
         cached = default_cache_dir() / f"tiny-qwen3-{recipe_hash(RECIPE)}" / "config.json"
         if cached.is_file():
             return AutoConfig.from_pretrained(cached.parent), f"{cached.parent} (the cached tiny model)"
         cfg = Qwen3Config(**RECIPE["model"], vocab_size=RECIPE["tokenizer_vocab_size"])
-        return cfg, "grpo.tiny.RECIPE (not built yet; vocabulary size approximate)"
+        return cfg, "grpo.models.tiny.RECIPE (not built yet; vocabulary size approximate)"
     if Path(name).is_dir():
         try:
             return AutoConfig.from_pretrained(name), f"{name}/config.json"
@@ -124,7 +124,7 @@ def inspect_model(config, lora) -> ModelInfo:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from grpo.models import lora_target_parameters, peft_lora_config, quiet_transformers
+    from grpo.models.loading import lora_target_parameters, peft_lora_config, quiet_transformers
 
     quiet_transformers()
     with torch.device("meta"):
@@ -185,7 +185,7 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
     out = {"weights": weights / shard, "adapter": info.trainable * 16 / shard}  # fp32 weights, grads, Adam m and v
     if s.sharded:  # a layer is gathered whole for its forward/backward (and the next one prefetched)
         out["weights"] += 2 * (weights - info.embedding * s.dtype_bytes - info.lm_head * s.dtype_bytes) / info.layers
-    from grpo.rollout import GEN_BATCH
+    from grpo.rollout.generate import GEN_BATCH
 
     types = info.layer_types or ["full_attention"] * info.layers
     if job.engine.rollout.backend == "continuous":
@@ -220,8 +220,8 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
 
 
 def setup_for(job: JobConfig, info: ModelInfo, world: int = 1, sharded: bool = False) -> Setup:
-    from grpo.actor import LOGPROB_CHUNK
-    from grpo.models import model_options
+    from grpo.models.forward import LOGPROB_CHUNK
+    from grpo.models.loading import model_options
 
     e, opts = job.engine, model_options(job.engine)
     attn = opts["attn_implementation"] or ("eager" if info.model_type == "gpt_oss" else "sdpa")

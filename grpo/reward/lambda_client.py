@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 
 from grpo.errors import UserError
-from grpo.reward_workers import CallOutcome, format_lambda_error
+from grpo.reward.workers import CallOutcome, format_lambda_error
 
 ARN_RE = re.compile(
     r"arn:(aws[a-zA-Z-]*):lambda:([a-z]{2}(?:-[a-z]+)+-\d+):(\d{12}):function:([A-Za-z0-9_-]{1,64})"
@@ -83,8 +83,7 @@ class LambdaInvoker:
         return random.uniform(0.0, min(self.retry_max_s, self.retry_base_s * 2 ** attempt))
 
     def call(self, payload: bytes) -> CallOutcome:
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError,
-                                         ReadTimeoutError, SSLError)
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ReadTimeoutError, SSLError
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         last = ""

@@ -15,18 +15,20 @@ from pathlib import Path
 
 import torch
 
-from grpo import algorithms as alg
-from grpo.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
-from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo.algorithms import core as alg
+from grpo.algorithms.tis import sampler_mismatch_metrics, tis_weights
+from grpo.batch import pack
 from grpo.config import JobConfig
 from grpo.errors import UserError
-from grpo.evaluation import build_trajectories, sample_and_score
-from grpo.health import HealthMonitor
-from grpo.metrics import RunLog, data_metrics, reward_metrics
-from grpo.reward import RewardError
-from grpo.rollout import encode_prompt, pack
-from grpo.samplers import logprob_tensor, make_sampler
-from grpo.tis import sampler_mismatch_metrics, tis_weights
+from grpo.reward.runner import RewardError
+from grpo.rollout.prompts import encode_prompt
+from grpo.rollout.samplers import logprob_tensor, make_sampler
+from grpo.rundir import RunDir, read_jsonl
+from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
+from grpo.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo.training.health import HealthMonitor
+from grpo.training.metrics import RunLog, data_metrics, reward_metrics
+from grpo.training.validation import build_trajectories, sample_and_score
 
 
 def _group_scores(scores: torch.Tensor, groups: torch.Tensor) -> list[list[float]]:
@@ -42,8 +44,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from grpo.data import load_records
-        from grpo.models import load_policy, load_tokenizer, model_options, pick_dtype, resolve_model_path
-        from grpo.reward import RewardRunner, resolve_handler
+        from grpo.models.loading import load_policy, load_tokenizer, model_options, pick_dtype, resolve_model_path
+        from grpo.reward.runner import RewardRunner, resolve_handler
 
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         e, h = cfg.engine, cfg.hyperparameters
@@ -138,11 +140,10 @@ class Trainer:
         self.start_step = state.pop("step")
         self.state.update(state)
         self.log.truncate_after(self.start_step)
-        from grpo.metrics import read_jsonl
 
         if self.state.get("baseline_val") is not None:
             self.health.check_baseline(self.state["baseline_val"])
-        for row in read_jsonl(self.run_dir / "metrics.jsonl"):  # the alarms so far fire again silently
+        for row in read_jsonl(RunDir(self.run_dir).metrics):  # the alarms so far fire again silently
             self.health.update(row)
         self.log.event(f"Resumed from checkpoint at step {self.start_step}")
 
@@ -286,7 +287,7 @@ class Trainer:
         rows = [{"step": step, "id": records[rollout.group[i]].id, "sample": rollout.sample[i], "score": scores[i],
                  "response": rollout.contents[i], "reasoning_content": rollout.reasoning[i],
                  "truncated": rollout.truncated[i]} for i in range(0, len(rollout), max(1, len(rollout) // n))][:n]
-        with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+        with RunDir(self.run_dir).samples.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def validate(self) -> float | None:
@@ -324,7 +325,7 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.model_dump(by_alias=True), indent=2))
+            RunDir(self.run_dir).config.write_text(json.dumps(cfg.model_dump(by_alias=True), indent=2))
         if self.acc.trackers == [] and cfg.engine.log_with and cfg.engine.log_with != ["none"]:
             self.acc.init_trackers("tensorboard", config={"learning_rate": cfg.learning_rate})
         if self.start_step == 0:
@@ -392,12 +393,12 @@ class Trainer:
     def _fail(self, step: int, message: str) -> None:
         self.log.event(message, type="error", level="error", data={"step": step})
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(
+            RunDir(self.run_dir).summary.write_text(json.dumps(
                 {"status": "failed", "steps": step - 1, "total_steps": self.total_steps, "error": message}, indent=2))
         self.runner.close()
 
     def _finish(self, step: int, last: dict | None, stopped_early: bool) -> dict:
-        from grpo.checkpoint import latest_checkpoint as latest
+        from grpo.training.checkpoint import latest_checkpoint as latest
 
         ckpt = latest(self.run_dir)
         summary = {"status": "succeeded", "steps": step, "total_steps": self.total_steps, "stopped_early": stopped_early,
@@ -407,6 +408,6 @@ class Trainer:
                    "adapter": str(ckpt / "adapter") if ckpt else None, "model": self.model_path,
                    "health": self.health.summary()}
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            RunDir(self.run_dir).summary.write_text(json.dumps(summary, indent=2))
             self.log.event("The job has successfully completed", data={"step": step})
         return summary

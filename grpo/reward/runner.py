@@ -135,14 +135,14 @@ class HandlerSpec:
     text: str
     path: str | None = None  # local file
     function: str = "lambda_handler"
-    arn: Any = None  # grpo.lambda_client.LambdaArn
+    arn: Any = None  # grpo.reward.lambda_client.LambdaArn
 
 
 def resolve_handler(handler: str) -> HandlerSpec:
     """A file path, ``path:function`` or a Lambda ARN; a UserError says what is wrong."""
     text = str(handler).strip()
     if text.startswith("arn:"):
-        from grpo.lambda_client import parse_arn
+        from grpo.reward.lambda_client import parse_arn
 
         return HandlerSpec(text, arn=parse_arn(text))
     path, function = text, "lambda_handler"
@@ -282,7 +282,7 @@ class RewardRunner:
         self._lock = threading.Lock()
         self._log_dir: str | None = None
         if self.spec.arn is not None:
-            from grpo.lambda_client import LambdaInvoker
+            from grpo.reward.lambda_client import LambdaInvoker
 
             if env:
                 raise UserError("reward env variables apply to local handler files only; a deployed "
@@ -293,7 +293,7 @@ class RewardRunner:
                 max_retries=max_retries, retry_base_s=retry_base_s, retry_max_s=retry_max_s,
                 max_pool_connections=max_concurrency)
         else:
-            from grpo.reward_workers import HandlerLoadError, WorkerPool
+            from grpo.reward.workers import HandlerLoadError, WorkerPool
 
             self._log_dir = tempfile.mkdtemp(prefix="grpo-reward-")
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grpo.metrics import BEDROCK_STEP_METRICS
+from grpo.training.metrics import BEDROCK_STEP_METRICS
 
 TITLES = {
     "critic_rewards_mean": "reward (critic_rewards_mean)",
@@ -65,8 +65,8 @@ def save_figure(fig, out: Path) -> Path:
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """A run directory's panels (default RUN/metrics.png), its health alarms marked. The run is read as
-    `grpo compare` reads it (grpo.parity.load_run, health_alarms): a bad file is a UserError naming it."""
-    from grpo.parity import health_alarms, load_run
+    `grpo compare` reads it (grpo.remote.runs.load_run, health_alarms): a bad file is a UserError naming it."""
+    from grpo.remote.runs import health_alarms, load_run
 
     run = load_run(run_dir, label=Path(run_dir).resolve().name)
     return plot_runs([(run.label, run.rows)], out or run.path / "metrics.png", title=run.label,

@@ -1,0 +1,61 @@
+"""Decoding with the LoRA adapter merged out of place (one matmul per layer instead of three), restored after."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+#: Largest total size of merged weight copies `merged_lora` makes (bytes); above it the adapter path runs.
+MERGE_LIMIT_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def merged_lora(model):
+    """Decode with each LoRA Linear's weight merged out of place (W + scale * B @ A), so a decode step is one
+    matmul per layer instead of three (on CPU the adapter's small ops cost as much as the base's). Only for
+    float32 weights, where the merged product equals the adapter path to float32 rounding (the sampled
+    distribution is the policy's); the originals are put back untouched (no subtract-to-unmerge drift),
+    tied weights included. Anything else (half precision, quantized or non-Linear bases, a disabled or
+    multiple active adapters, copies over MERGE_LIMIT_BYTES) runs the adapter path unchanged."""
+    plan = _merge_plan(model)
+    if not plan:
+        yield
+        return
+    saved = []
+    try:
+        for mod, name, delta in plan:
+            base = mod.base_layer
+            saved.append((mod, base.weight))
+            base.weight = torch.nn.Parameter(base.weight.detach() + delta, requires_grad=False)
+            mod.merged_adapters.append(name)
+        yield
+    finally:
+        for mod, weight in saved:
+            mod.base_layer.weight = weight
+            mod.merged_adapters.clear()
+
+
+def _merge_plan(model):
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return []
+    mods = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged_adapters")]
+    if not mods:
+        return []
+    plan, total = [], 0
+    for m in mods:
+        active = [a for a in m.active_adapters if a in m.lora_A]
+        if (not isinstance(m, LoraLinear) or type(m.base_layer) is not torch.nn.Linear or m.disable_adapters
+                or m.merged_adapters or len(active) != 1 or m.base_layer.weight.dtype != torch.float32
+                or getattr(m, "use_dora", {}).get(active[0], False) or m.fan_in_fan_out):
+            return []
+        a = active[0]
+        with torch.no_grad():
+            delta = (m.lora_B[a].weight @ m.lora_A[a].weight) * m.scaling[a]
+        total += delta.numel() * delta.element_size()
+        if total > MERGE_LIMIT_BYTES:
+            return []
+        plan.append((m, a, delta))
+    return plan

@@ -1,0 +1,126 @@
+"""Group sampling with transformers: each prompt's `training_sample_per_prompt` responses from the policy being
+trained (the default rollout backend). One decode loop, top-p filtering, the group's prompt run once where the
+decoder allows it (grpo.models.kv_cache) and the LoRA adapter merged for decoding (grpo.models.merge).
+`response_length` counts every generated token, thinking included."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from grpo.batch import left_pad
+from grpo.models.kv_cache import cache_kwarg, cache_of, shares_prefix
+from grpo.models.merge import merged_lora
+from grpo.rollout.batch import RolloutBatch
+from grpo.rollout.prompts import end_token_ids, special_tokens
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' TopPLogitsWarper: drop the least likely tokens whose total probability is <= 1 - top_p."""
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, descending=False)
+    drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    drop[..., -1:] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+                          top_p: float, ends: list[int], pad: int, ignore_eos: bool, device) -> list[list[int]]:
+    """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
+    an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
+    every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
+    transformers' sampling does. Finished rows get `pad` until every row is finished."""
+    kw = cache_kwarg(model)
+    ids, mask = left_pad(chunk, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = cache_of(out)
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
+    next_pos = mask.sum(dim=1, keepdim=True)
+    rows = mask.shape[0]
+    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    end_ids = torch.tensor(ends, device=device)
+    one = torch.ones((rows, 1), dtype=mask.dtype, device=device)
+    for step in range(max_new_tokens):
+        probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+        nxt = torch.multinomial(probs, 1).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens[:, step] = nxt
+        if not ignore_eos:
+            done |= torch.isin(nxt, end_ids)
+            if bool(done.all()):
+                break
+        if step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, one], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    logits_to_keep=1, **{kw: cache})
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1]
+    return tokens.tolist()
+
+
+#: Sequences (prompts x samples) per decode call of `generate`; grpo.plan sizes the KV cache from it.
+GEN_BATCH = 64
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False) -> RolloutBatch:
+    """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
+    (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
+
+    Decoders for which `shares_prefix` holds (Qwen3, Qwen2, Llama: full attention, a plain KV cache) run
+    each prompt's prefill once for its whole group and decode with their own loop
+    (`_sample_shared_prefix`); others go through transformers' `generate` with `num_return_sequences`,
+    which prefills every copy of the prompt. `ignore_eos`: every response is `max_new_tokens` long (end
+    tokens may be sampled and do not stop it), for benchmarks at equal work."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    ends = end_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
+    gen_cfg = GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if ignore_eos else 0,
+        eos_token_id=None if ignore_eos else ends, pad_token_id=pad, num_return_sequences=n,
+    )
+    specials = special_tokens(tokenizer)
+    out = RolloutBatch()
+    was_training = model.training
+    model.eval()
+    per_call = max(1, batch_size // n)
+    shared = shares_prefix(model)
+    try:
+        # The LoRA merge (shared-prefix decoders) once for the whole call: the weights do not change within it.
+        with merged_lora(model) if shared else contextlib.nullcontext():
+            for start in range(0, len(prompts), per_call):
+                chunk = prompts[start:start + per_call]
+                if shared:
+                    new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                top_p=top_p, ends=ends, pad=pad, ignore_eos=ignore_eos, device=device)
+                else:
+                    ids, mask = left_pad(chunk, pad)
+                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+                    new = seqs[:, ids.shape[1]:].tolist()
+                for row, toks in enumerate(new):
+                    resp, hit_end = [], False
+                    for t in toks:
+                        resp.append(t)
+                        if not ignore_eos and t in ends:
+                            hit_end = True
+                            break
+                    if not resp:
+                        resp = [ends[0]]
+                        hit_end = True
+                    out.add(tokenizer, chunk[row // n], resp, truncated=not hit_end, group=start + row // n,
+                            sample=row % n, specials=specials)
+    finally:
+        model.train(was_training)
+    return out
