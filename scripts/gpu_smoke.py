@@ -7,7 +7,7 @@ for GPT-OSS), gradient checkpointing, grpo.rollout.generate, the reference log-p
 grpo.training.actor.update_policy (chunked log-probs). Random scores stand in for a reward (a random model's answers
 are all wrong), so the update is a real one with real shapes.
 
-Generation is measured for each rollout backend of grpo.samplers (--backend): "transformers" (our decode
+Generation is measured for each rollout backend of grpo.rollout.samplers (--backend): "transformers" (our decode
 loop / transformers generate) and "continuous" (transformers' continuous batching: paged attention, CUDA
 graphs), with the ratio between them, and for "continuous" the mismatch between its log-probs and the
 trainer's (rollout_kl_k3, the mean TIS weight): what engine.rollout.backend should default to on a GPU.
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sample (transformers backend: "
                    "end tokens ignored; continuous: until an end token, rare for random weights)")
     p.add_argument("--backend", choices=["transformers", "continuous", "both"], default="both",
-                   help="rollout backends to time (grpo.samplers)")
+                   help="rollout backends to time (grpo.rollout.samplers)")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
     p.add_argument("--layers", type=int, default=None, help="use fewer decoder layers than the real model")
     p.add_argument("--lora-rank", type=int, default=32)

@@ -11,7 +11,7 @@ The tolerance is K x the largest gap over all pairs (default K = 2: two runs tha
 should pass with room; a systematic shift of twice the seed noise should not), rounded up to two
 significant digits, never below a floor (0.02 absolute, 5% relative) so a metric that happens to be
 identical across seeds does not get a zero tolerance. Prints a table, and the dict to paste into
-grpo/parity.py (DEFAULT_TOLERANCES); --json prints everything as JSON.
+grpo/remote/parity.py (DEFAULT_TOLERANCES); --json prints everything as JSON.
 """
 
 from __future__ import annotations
