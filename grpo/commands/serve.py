@@ -79,6 +79,7 @@ def run(args) -> int:
     app = create_app(cfg)
     print(f"grpo serve: http://{args.host}:{args.port}/v1  state: {args.state_dir.resolve()}  "
           f"handlers: {args.handlers_dir.resolve()}", flush=True)
+    print(f"console: http://{args.host}:{args.port}/console/  (sign in with the API key)", flush=True)
     if generated:
         print(f"API key (generated for this run; set --api-key or GRPO_API_KEY to choose one): {key}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
