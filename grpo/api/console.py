@@ -130,7 +130,8 @@ class ConsoleGate:
         headers = Headers(scope=scope)
         if path.startswith("/v1"):
             csrf = None if "authorization" in headers else self.sessions.csrf(_session_token(headers, scope))
-            if csrf is not None:  # a signed-in page calling the API: the same bearer check as any client
+            if csrf is not None and not cross_site(headers, scope):  # a console page calling the API: the same
+                # bearer check as any client (a request from another origin, e.g. another port, is not let in)
                 if method not in SAFE_METHODS and not self._csrf_ok(headers, scope, csrf):
                     return await self._csrf_refused(scope, receive, send)
                 scope = {**scope, "headers": [*scope["headers"], (b"authorization", f"Bearer {self.key}".encode())]}
@@ -147,6 +148,8 @@ class ConsoleGate:
             return await self.app(scope, receive, send)
         token = _session_token(headers, scope)
         csrf = self.sessions.csrf(token)
+        if csrf is not None and cross_site(headers, scope) and path.startswith(("/console/api/", "/console/static/")):
+            csrf = None  # the pages' data and scripts are for the console's own pages only
         bearer = self._bearer_ok(headers) if path.startswith("/console/api/") else False
         if csrf is None and not bearer:
             if method == "GET" and not path.startswith(("/console/api/", "/console/static/")):

@@ -13,6 +13,7 @@
   function renderJob(d) {
     const j = d.job;
     state.job = j;
+    document.body.dataset.status = j.status;
     C.clear($("title"), C.el("span", { class: "mono", text: j.id }), " ", C.status(j.status));
     const fact = (label, value, mono) => C.el("div", {}, C.el("span", { text: label }),
       value instanceof Node ? value : C.el("b", { class: mono ? "mono" : null, text: value === null || value === undefined || value === "" ? "—" : value }));
@@ -154,6 +155,8 @@
         C.el("td", {}, C.el("span", { class: "lvl lvl-" + String(e.level).replace(/[^a-z]/g, ""), text: e.level })),
         C.el("td", { class: "message" }, C.el("pre", { text: e.message })),
         C.el("td", { class: "mono muted", text: eventDetail(e) }))))));
+    const hidden = state.events.length - shown.length;
+    $("events-note").textContent = hidden ? `${hidden} per-step metrics events hidden` : "";
     $("older").classList.toggle("hidden", !state.olderCursor);
   }
 
@@ -187,7 +190,6 @@
       renderCheckpoints(ck.data);
       await loadEvents();
       $("updated").textContent = C.TERMINAL.has(d.job.status) ? "" : "live: updated " + C.time(Date.now() / 1000).slice(11);
-      document.body.dataset.status = d.job.status;
       if (C.TERMINAL.has(d.job.status) && timer) { clearInterval(timer); timer = null; }
     } catch (e) {
       C.fail($("error"), e);
