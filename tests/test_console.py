@@ -216,7 +216,12 @@ def test_jobs_list_shows_every_job_with_user_text_as_text(site, browser, shots):
 def test_finished_job_page(site, browser, shots):
     job = site["done"]
     browser.get(f"{site['url']}/console/jobs/{job}")
-    wait(browser, lambda d: d.execute_script("return document.body.dataset.points") == "4")
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.points") == "5")  # the baseline + 4 steps
+    baseline = next(e.data["val_score_rewards_mean"] for e in site["client"].fine_tuning.jobs.list_events(job, limit=100)
+                    if (e.data or {}).get("step") == 0 and "val_score_rewards_mean" in e.data)
+    cols = httpx.get(f"{site['url']}/console/api/jobs/{job}/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert cols["steps"] == [0, 1, 2, 3, 4] and cols["series"]["val_score_rewards_mean"][0] == baseline
+    assert cols["series"]["critic_rewards_mean"][0] is None
     charts = browser.find_elements("css selector", ".chart")
     assert [c.get_attribute("data-metric") for c in charts] == [
         "critic_rewards_mean", "actor_pg_loss", "actor_entropy", "actor_grad_norm", "critic_advantages_mean",

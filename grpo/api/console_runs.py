@@ -143,23 +143,47 @@ class RunReader:
         return self.hide_paths(text)
 
     # -- chart data ----------------------------------------------------------------------------
+    @staticmethod
+    def _baseline(run: Path) -> float | None:
+        """The base model's validation reward (the trainer's step-0 event, near the top of events.jsonl),
+        for a run whose summary.json is not written yet."""
+        try:
+            with open(RunDir(run).events, "rb") as f:
+                head = f.read(TAIL_BYTES).decode("utf-8", "replace").splitlines()
+        except OSError:
+            return None
+        for line in head:
+            try:
+                data = json.loads(line).get("data")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(data, dict) and data.get("step") == 0 and _num(data.get(VAL_METRIC)) is not None:
+                return _num(data[VAL_METRIC])
+        return None
+
     def _load(self, run: Path, label: str):
         from grpo.remote.runs import health_alarms, load_run
 
         try:
             r = load_run(run, label=label)
+            if r.summary.get("baseline_val_score_rewards_mean") is None and self._inside(RunDir(run).events):
+                r.summary["baseline_val_score_rewards_mean"] = self._baseline(run)
             return r, health_alarms(r)
         except UserError as e:
             raise ApiError(400, self.hide_paths(str(e)), param="run", code="invalid_run") from None
 
     @staticmethod
     def series(run) -> dict:
-        """Columns for the charts: steps, the six step metrics, validation reward, the handler's own
-        `reward_<name>_mean` metrics (JSON null where a step has no finite value)."""
+        """Columns for the charts: steps, the six step metrics, validation reward (the base model's at step
+        0 when the run has it), the handler's own `reward_<name>_mean` metrics (null where a step has none)."""
         handler = sorted({k for r in run.rows for k in r if HANDLER_METRIC.match(k) and k != "reward_score_mean"})
         keys = [*BEDROCK_STEP_METRICS, VAL_METRIC, *handler[:MAX_HANDLER_METRICS]]
-        return {"label": run.label, "total_steps": run.total_steps, "steps": [r["step"] for r in run.rows],
-                "series": {k: [_num(r.get(k)) for r in run.rows] for k in keys},
+        rows = run.rows
+        base = _num(run.summary.get("baseline_val_score_rewards_mean"))
+        if base is not None and rows[0]["step"] > 0:
+            rows = [{"step": 0, VAL_METRIC: base}, *rows]
+        return {"label": run.label, "total_steps": run.total_steps, "steps": [r["step"] for r in rows],
+                "series": {k: [_num(r.get(k)) for r in rows] for k in keys},
                 "reward_metrics": handler[:MAX_HANDLER_METRICS]}
 
     def chart_data(self, job_id: str) -> dict:
