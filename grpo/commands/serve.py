@@ -14,7 +14,9 @@ def add_arguments(p):
     p.description = ("Serve Bedrock RFT's OpenAI-compatible API locally: /v1/files, /v1/fine_tuning/jobs (events, "
                      "checkpoints, cancel), /v1/models, /v1/chat/completions and /v1/responses. Jobs run `grpo train` in "
                      "worker processes; all state lives under --state-dir (SQLite + files), so a restart loses nothing "
-                     "and a job that was running resumes from its last checkpoint.")
+                     "and a job that was running resumes from its last checkpoint. A console for people (jobs, live "
+                     "charts, events, checkpoints, compare) is at /console/ on the same port: sign in with the API key "
+                     "(docs/console.md).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--state-dir", type=Path, default=Path(".grpo-server"),
