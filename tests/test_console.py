@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-
 from helpers_engine import VARIED_HANDLER, build_model_dir, run_grpo, write_data
 from server_helpers import server_log, start_server, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 try:
-    import selenium  # noqa: F401
+    import selenium
 except ImportError:  # pragma: no cover - the dev extra installs it
     selenium = None
 pytestmark = pytest.mark.skipif(
@@ -71,12 +69,12 @@ def site(tmp_path_factory):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         tid = client.files.create(file=train.open("rb"), purpose="fine-tune").id
         vid = client.files.create(file=val.open("rb"), purpose="fine-tune").id
-        create = lambda handler, **kw: client.fine_tuning.jobs.create(  # noqa: E731
+        create = lambda handler, **kw: client.fine_tuning.jobs.create(
             model=str(model), training_file=tid, validation_file=vid, extra_body=body(handler, **kw)).id
         done = create("named.py", hyper={"eval_interval": 2}, metadata={"name": XSS_NAME})
         failed = create("broken.py")
         running = create("paced.py", hyper={"n_epochs": 6})
-        status = lambda j: client.fine_tuning.jobs.retrieve(j).status  # noqa: E731
+        status = lambda j: client.fine_tuning.jobs.retrieve(j).status
         final = wait_for(lambda: (s := status(done)) in ("succeeded", "failed", "cancelled") and s, 240,
                          "the first job to finish")
         assert final == "succeeded", server_log(state)[-3000:]
@@ -267,7 +265,7 @@ def test_running_job_updates_live_then_cancel_button(site, browser, shots):
     wait(browser, lambda d: int(d.execute_script("return document.body.dataset.points")) > first, timeout=90)
     assert browser.find_element("id", "updated").text.startswith("live")
     browser.save_screenshot(str(shots / "console_job_running.png"))
-    status = lambda d: d.execute_script("return document.body.dataset.status")  # noqa: E731
+    status = lambda d: d.execute_script("return document.body.dataset.status")
     actions = set(browser.execute_script("return Array.from(C.actions)"))  # the job routes this server's API has
     assert "cancel" in actions and bool(browser.find_elements("id", "pause")) == ("pause" in actions)
     if "pause" in actions and "resume" in actions:  # running -> pausing -> paused, then back in the queue

@@ -58,12 +58,13 @@
     const xs = (run) => run.steps.map((s) => (frac ? s / run.total_steps : s));
     const marks = ["a", "b"].flatMap((k, i) => (r.alarms["run_" + k] || []).map((a) =>
       ({ x: frac ? a.step / got[k].total_steps : a.step, name: `${k.toUpperCase()}: ${a.name}`, color: C.COLORS[i] })));
+    // both runs on one x grid: the union of their x values, each run null where it has no point
+    const xa = xs(got.a), xb = xs(got.b);
+    const grid = Array.from(new Set(xa.concat(xb))).sort((p, q) => p - q);
+    const ia = new Map(xa.map((x, i) => [x, i])), ib = new Map(xb.map((x, i) => [x, i]));
+    const on = (run, index, m) => grid.map((x) => (index.has(x) ? (run.series[m] || [])[index.get(x)] ?? null : null));
     for (const m of Object.keys(r.metrics)) {
-      // both runs on one x grid: the union of their x values, each run null where it has no point
-      const xa = xs(got.a), xb = xs(got.b);
-      const grid = Array.from(new Set(xa.concat(xb))).sort((p, q) => p - q);
-      const at = (x, run, xr) => { const i = xr.indexOf(x); return i < 0 ? null : (run.series[m] || [])[i] ?? null; };
-      const data = [grid, grid.map((x) => at(x, got.a, xa)), grid.map((x) => at(x, got.b, xb))];
+      const data = [grid, on(got.a, ia, m), on(got.b, ib, m)];
       const res = r.metrics[m];
       const title = `${C.TITLES[m] || m}: ${res.verdict}` + ("level_gap" in res ? ` (gap ${C.num(res.level_gap, 3)} / tol ${C.num(res.tolerance, 3)})` : "");
       const dashed = m === C.VAL;
