@@ -160,6 +160,7 @@ def test_nothing_without_the_key_and_csrf_on_state_changes(site):
         assert forged.status_code == 401
         bad = anon.post("/console/login", data={"key": "wrong", "next": "/console/"})
         assert bad.status_code == 303 and "failed=1" in bad.headers["location"] and "set-cookie" not in bad.headers
+        assert anon.post("/console/login", content=b"key=" + b"k" * 100_000).status_code == 413
         other = anon.post("/console/login", data={"key": KEY}, headers={"Origin": "http://evil.example"})
         assert other.status_code == 403 and "set-cookie" not in other.headers
         ok = anon.post("/console/login", data={"key": KEY, "next": "https://evil.example/"})

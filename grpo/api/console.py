@@ -44,6 +44,7 @@ SESSION_S = 12 * 3600
 MAX_SESSIONS = 256
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOGIN_FAIL_DELAY_S = 1.0
+MAX_LOGIN_BYTES = 8192
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff",
@@ -232,8 +233,12 @@ def add_console(app: FastAPI, cfg) -> None:
 
     @app.post("/console/login", include_in_schema=False)
     async def login(request: Request):
-        body = await request.body()
-        form = parse_qs(body[:8192].decode("utf-8", "replace"))
+        body = b""
+        async for chunk in request.stream():  # anyone may post here: read a small form, never a big body
+            body += chunk
+            if len(body) > MAX_LOGIN_BYTES:
+                return _json(413, "The sign-in form is larger than it can be.", "request_too_large")
+        form = parse_qs(body.decode("utf-8", "replace"))
         nxt = _safe_next((form.get("next") or [None])[0])
         if cross_site(request.headers, request.scope):
             return _json(403, "Sign in from this server's own login page.", "csrf_failed")

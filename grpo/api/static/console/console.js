@@ -156,7 +156,8 @@ C.STEP_INCRS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500, 5
 C.tick = function (v, incr) {
   if (v === null || v === undefined) return "";
   if (Math.abs(v) >= 1e5 || (v !== 0 && Math.abs(v) < 1e-4 && incr < 1e-4)) return v.toExponential(1);
-  const decimals = Math.min(8, Math.max(0, Math.ceil(-Math.log10(incr) - 1e-9)));
+  let decimals = 0;  // the fewest that write the spacing exactly (0.025 -> 3)
+  while (decimals < 8 && Math.abs(Math.round(incr * 10 ** decimals) - incr * 10 ** decimals) > 1e-6) decimals++;
   return v.toFixed(decimals);
 };
 

@@ -197,5 +197,5 @@
   }
   await C.session();
   await refresh();
-  if (!C.TERMINAL.has(state.job && state.job.status)) timer = setInterval(refresh, 2000);
+  if (!C.TERMINAL.has(state.job && state.job.status)) timer = setInterval(() => { if (!document.hidden) refresh(); }, 2000);
 })();

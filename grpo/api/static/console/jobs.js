@@ -46,5 +46,5 @@
   }
   await C.session();
   await refresh();
-  setInterval(refresh, 3000);
+  setInterval(() => { if (!document.hidden) refresh(); }, 3000);  // a hidden tab does not poll
 })();
