@@ -93,6 +93,8 @@ class RunReader:
     def last_step(self, run: Path) -> tuple[int | None, int | None]:
         """(step, total_steps) of the last metrics line, read from the file's tail."""
         path = RunDir(run).metrics
+        if not self._inside(path):
+            return None, None
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, os.SEEK_END)
