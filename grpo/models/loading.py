@@ -234,7 +234,7 @@ def chat_template_kwargs(reasoning_effort: str) -> dict[str, Any]:
 
 
 # -- chat templates --------------------------------------------------------------------------------------------
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 #: The special tokens each stored template writes (besides the ChatML ones the tiny tokenizer already has).
 TEMPLATE_TOKENS = {
     "qwen3": {"special": [], "added": ["<think>", "</think>"], "eos": "<|im_end|>"},
