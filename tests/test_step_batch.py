@@ -105,3 +105,19 @@ def test_actor_mfu_counts_flops_as_verl():
         pytest.skip("a GPU outside the table")
     assert actor_mfu(cfg, [3, 2], 2.0, 1) == pytest.approx(flops / 2.0 / peak)
     assert actor_mfu(types.SimpleNamespace(model_type="gpt_oss"), [3], 1.0, 1) is None
+
+
+def test_update_settings_are_the_algorithm_section_by_name():
+    from grpo.config import parse_config
+    from grpo.training.actor import UpdateSettings
+
+    body = {"model": "m", "training_file": "t.jsonl", "method": {"type": "reinforcement", "reinforcement": {
+        "grader": {"lambda": {"function": "h.py"}},
+        "hyperparameters": {"batch_size": 8, "training_sample_per_prompt": 4, "inference_max_tokens": 32}}},
+        "engine": {"temperature": 0.9, "kl_coef": 0.0, "algorithm": {
+            "policy_loss": "vanilla", "clip_ratio_high": 0.28, "loss_agg_mode": "seq-mean-token-sum-norm",
+            "mini_batch_size": 4, "micro_batch_size": 3, "ppo_epochs": 2, "max_grad_norm": 0.5}}}
+    s = UpdateSettings.from_config(parse_config(body), world=2)
+    assert (s.clip_ratio_high, s.loss_agg_mode, s.kl_coef, s.ppo_epochs, s.max_grad_norm, s.policy_loss) == (
+        0.28, "seq-mean-token-sum-norm", 0.0, 2, 0.5, "vanilla")
+    assert (s.temperature, s.mini_batch_seqs, s.micro_batch_seqs, s.loss_scale_factor) == (0.9, 4 // 2 * 4, 3, 32.0)
