@@ -4,11 +4,10 @@ Reference: verl ``verl/trainer/ppo/core_algos.py`` and ``verl/utils/torch_functi
 pins verl 0.9.1, see /work/shared/BEDROCK_RFT.md section 5). Every formula is written out in the
 docstring of the function that computes it. Shapes: B sequences, T response tokens (padded), V vocab.
 
-Registries (name -> function), the extension points the trainer and actor look names up in (the config's
-``engine.algorithm.adv_estimator`` / ``policy_loss`` are validated against them); a new estimator or loss is
-a function decorated with ``@register_adv_est("name")`` / ``@register_policy_loss("name")`` (verl's
-``core_algos`` style) with the calling convention written at the decorator. Each ``get_*`` accessor raises
-ValueError naming the known names:
+Registries (name -> function): the trainer and actor look ``engine.algorithm``'s names up here, and the config
+validates them here. A new estimator or loss is a function decorated with ``@register_adv_est("name")`` /
+``@register_policy_loss("name")`` (verl's ``core_algos`` style; calling conventions at the registries). Each
+``get_*`` accessor raises ValueError naming the known names:
   ADVANTAGE_ESTIMATORS  "grpo" -> group_normalized_advantages
   POLICY_LOSSES         "vanilla" -> policy_loss_clipped
   KL_PENALTIES          k1/kl, abs, k2/mse, k3/low_var_kl, and each name + "+" (straight-through k2 grad)
@@ -61,6 +60,8 @@ POLICY_LOSSES: dict[str, Callable[..., "PolicyLossOutput"]] = {}
 
 
 def _register(registry: dict, kind: str, name: str) -> Callable[[Callable], Callable]:
+    """A decorator that puts its function in ``registry`` under ``name`` (a name taken by another is an error)."""
+
     def deco(fn: Callable) -> Callable:
         if name in registry and registry[name] is not fn:
             raise ValueError(f"{kind} {name!r} is already registered ({registry[name].__name__})")
@@ -71,12 +72,10 @@ def _register(registry: dict, kind: str, name: str) -> Callable[[Callable], Call
 
 
 def register_adv_est(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: register an advantage estimator under ``name`` (see ADVANTAGE_ESTIMATORS' convention)."""
     return _register(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
 
 
 def register_policy_loss(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: register a policy loss under ``name`` (see POLICY_LOSSES' convention)."""
     return _register(POLICY_LOSSES, "policy loss", name)
 
 

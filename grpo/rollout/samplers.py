@@ -21,8 +21,8 @@ import dataclasses
 
 import torch
 
-from grpo.errors import UserError
 from grpo.batch import StepBatch
+from grpo.errors import UserError
 from grpo.rollout.batch import RolloutBatch
 from grpo.rollout.generate import generate
 from grpo.rollout.prompts import end_token_ids, pad_token_id, special_tokens

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
-from grpo.errors import UserError
 from grpo.batch import StepBatch
+from grpo.errors import UserError
 from grpo.rollout.batch import RolloutBatch
 from grpo.rollout.prompts import pad_token_id, special_tokens
 
