@@ -25,7 +25,7 @@ BEDROCK_STEP_METRICS = ("critic_rewards_mean", "actor_pg_loss", "actor_entropy",
 
 
 # Fields that differ run to run even with the same seed (wall-clock), left out of equality checks.
-VOLATILE_PREFIXES = ("timing_s_", "perf_", "reward_seconds")
+VOLATILE_PREFIXES = ("timing_s_", "timing_per_token_ms_", "perf_", "reward_seconds")
 
 
 def _stats(prefix: str, x: "torch.Tensor") -> dict[str, float]:
