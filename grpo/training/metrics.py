@@ -244,6 +244,25 @@ class RunLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             os.replace(tmp, path)
 
+    def amend_step(self, step: int, extra: dict) -> None:
+        """Add `extra` to step `step`'s metrics line and event: values known only once the line is written (the
+        checkpoint's save time, saved after the line so that a checkpoint never outlives its step's line). Each
+        file is rewritten whole and replaced atomically."""
+        if not self.enabled:
+            return
+        for path, data in ((self.metrics_path, lambda r: r if r.get("step") == step else None),
+                           (self.events_path, lambda r: r.get("data") if r.get("type") == "metrics" else None)):
+            rows = read_jsonl(path)
+            hit = next((d for d in map(data, reversed(rows)) if isinstance(d, dict) and d.get("step") == step), None)
+            if hit is None:
+                continue
+            hit.update(extra)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, path)
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log(extra, step=step)
+
     def event(self, message: str, **kw) -> None:
         if self.enabled:
             _append_lines(self.events_path, [make_event(message, **kw)])

@@ -237,9 +237,11 @@ class Trainer:
         s["evals_without_improvement"] += 1
         return self.cfg.hyperparameters.early_stopping and s["evals_without_improvement"] >= e.early_stopping_patience
 
-    def _checkpoint(self, step: int) -> Path:
-        return save_checkpoint(self.run_dir, step, accelerator=self.acc, model=self.model, optimizer=self.optimizer,
+    def _checkpoint(self, step: int) -> None:
+        path = save_checkpoint(self.run_dir, step, accelerator=self.acc, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, state=self.state)
+        self.log.event(f"Checkpoint created at step {step}", type="checkpoint",
+                       data={"step": step, "path": str(path)})
 
     # -- the job ---------------------------------------------------------------------------
     def train(self) -> dict:
@@ -284,24 +286,22 @@ class Trainer:
                 with marked_timer("testing", timing):
                     m["val_score_rewards_mean"] = self.validate()
                 stopped_early = self._early_stop(m["val_score_rewards_mean"]) and step < self.total_steps
-            alarms = self.health.update(m)
-            stop_alarm = self.health.stop_alarm if self.health.should_stop else None
-            saved = None
-            if step % cfg.engine.checkpoint_interval == 0 or step == self.total_steps or stopped_early or stop_alarm:
-                with marked_timer("save_checkpoint", timing):  # before the step's line, which reports its time
-                    saved = self._checkpoint(step)
             m.update({f"timing_s_{k}": v for k, v in timing.items()})
             self.log.step(m)
-            for alarm in alarms:
+            for alarm in self.health.update(m):
                 self._alarm(alarm, bar)
-            if saved is not None:
-                self.log.event(f"Checkpoint created at step {step}", type="checkpoint", data={"step": step, "path": str(saved)})
             last = m
             post = {"reward": f"{m['critic_rewards_mean']:.3f}", "len": f"{m['response_length_mean']:.0f}"}
             if "val_score_rewards_mean" in m:
                 post["val"] = f"{m['val_score_rewards_mean']:.3f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
+            stop_alarm = self.health.stop_alarm if self.health.should_stop else None
+            if step % cfg.engine.checkpoint_interval == 0 or step == self.total_steps or stopped_early or stop_alarm:
+                with marked_timer("save_checkpoint", timing):
+                    self._checkpoint(step)
+                m["timing_s_save_checkpoint"] = timing["save_checkpoint"]
+                self.log.amend_step(step, {"timing_s_save_checkpoint": timing["save_checkpoint"]})
             if stopped_early:
                 self.log.event(f"Early stopping at step {step}: validation reward has not improved for "
                                f"{cfg.engine.early_stopping_patience} evaluations")
