@@ -58,11 +58,9 @@ class Processes:
         return x[~x.isnan()]
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Each value averaged over the processes (same keys on every process)."""
+        """Each value averaged over the processes (same keys on every process), as float32 on any world size."""
         import torch
 
-        if self.world == 1:
-            return dict(values)
         keys = sorted(values)
         vals = torch.tensor([values[k] for k in keys], device=self.acc.device)
         return dict(zip(keys, self.acc.reduce(vals, reduction="mean").tolist()))
