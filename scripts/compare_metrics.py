@@ -3,7 +3,8 @@
 Reads two runs' metrics.jsonl (run directories or the files), pairs the rows by `step`, and compares every
 metric the two runs share, bit for bit by default (`--tol` for an absolute tolerance). Wall-clock metrics
 (timing_s_*, timing_per_token_ms_*, perf_*, reward_seconds) differ run to run even with the same seed and are
-left out; keys only one run has (a metric added or removed) are listed, not compared.
+left out; keys only one run has (a metric added or removed) are listed, not compared. When both are run
+directories, their samples.jsonl rows (the logged responses and scores) of the paired steps are compared too.
 
     python scripts/compare_metrics.py /work/baseline/qs /tmp/batch/qs [--min-steps 30] [--tol 1e-6]
 
@@ -29,6 +30,14 @@ def read_rows(path: Path) -> dict[int, dict]:
             row = json.loads(line)
             rows[row["step"]] = row
     return rows
+
+
+def samples_of(run: Path, steps: set[int]) -> list[dict] | None:
+    path = run / "samples.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("step") in steps]
 
 
 def same(a, b, tol: float) -> bool:
@@ -70,8 +79,12 @@ def main(argv=None) -> int:
     p.add_argument("--min-steps", type=int, default=30, help="fewest paired steps that make a verdict")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
-    report = compare(read_rows(a.base), read_rows(a.new), a.tol)
-    ok = report["steps_paired"] >= a.min_steps and not report["differing"]
+    base, new = read_rows(a.base), read_rows(a.new)
+    report = compare(base, new, a.tol)
+    steps = set(base) & set(new)
+    sa, sb = samples_of(a.base, steps), samples_of(a.new, steps)
+    report["samples_equal"] = None if sa is None or sb is None else sa == sb
+    ok = report["steps_paired"] >= a.min_steps and not report["differing"] and report["samples_equal"] is not False
     if a.json:
         print(json.dumps({**report, "ok": ok}, indent=2))
         return 0 if ok else 1
@@ -79,9 +92,11 @@ def main(argv=None) -> int:
           f"({'bit for bit' if a.tol == 0 else f'tolerance {a.tol:g}'}; {', '.join(VOLATILE)} left out)")
     print(f"only in base: {', '.join(report['only_in_base']) or 'none'}")
     print(f"only in new: {', '.join(report['only_in_new']) or 'none'}")
+    if report["samples_equal"] is not None:
+        print(f"samples.jsonl rows of the paired steps: {'identical' if report['samples_equal'] else 'DIFFER'}")
     for k, d in sorted(report["differing"].items()):
         print(f"DIFFERS {k}: {d['steps']} step(s), first at step {d['first_step']}, max |diff| {d['max_abs_diff']:.3g}")
-    print("SAME" if ok else "NOT THE SAME" if report["differing"] else "TOO FEW STEPS")
+    print("SAME" if ok else "TOO FEW STEPS" if report["steps_paired"] < a.min_steps else "NOT THE SAME")
     return 0 if ok else 1
 
 
