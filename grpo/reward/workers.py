@@ -1,6 +1,6 @@
 """Persistent worker processes that run a local Lambda handler file, isolated from the trainer.
 
-Each worker is ``python -m grpo.reward_workers PATH FUNCTION TIMEOUT``: it imports the handler once,
+Each worker is ``python -m grpo.reward.workers PATH FUNCTION TIMEOUT``: it imports the handler once,
 then serves calls over its stdin/stdout pipes until stdin closes. A handler that raises is reported
 with its own traceback; one that hangs past the timeout is dumped (faulthandler on SIGUSR1, so the
 report shows where it hung), killed and replaced; one that kills the interpreter (``os._exit``,
@@ -203,7 +203,7 @@ class _Worker:
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - the child's fd 2, O_APPEND so truncation works
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "grpo.reward_workers", path, function, repr(timeout_s)],
+            [sys.executable, "-m", "grpo.reward.workers", path, function, repr(timeout_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, close_fds=True,
             start_new_session=True,  # its own process group: Ctrl-C goes to the trainer, which closes
         )                            # us; kill() takes the handler's own subprocesses down with it
@@ -286,7 +286,8 @@ class WorkerPool:
     """``n`` persistent workers for one handler; ``call`` is thread-safe (one call per worker at once)."""
 
     def __init__(self, path: str, function: str, n: int, timeout_s: float, log_dir: Path,
-                 startup_timeout_s: float = 120.0, env: dict[str, str] | None = None):
+                 startup_timeout_s: float = 120.0, env: dict[str, str] | None = None,
+                 pass_env: list[str] | tuple = ()):
         import queue
 
         self.path, self.function, self.timeout_s = path, function, timeout_s
@@ -295,7 +296,7 @@ class WorkerPool:
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
         self._serial, self._closed = 0, False
-        self.env = {**_worker_env(Path(path)), **(env or {})}
+        self.env = handler_env(Path(path), env, pass_env)
         workers = [self._spawn() for _ in range(n)]
         try:
             for w in workers:
@@ -361,16 +362,40 @@ class WorkerPool:
             w.kill()
 
 
-def _worker_env(handler: Path) -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # so `-m grpo.reward_workers` imports
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+# A handler's environment is explicit (handler_env): this base, taken from the starting process's environment,
+# plus what Lambda's runtime sets, plus what is configured. Nothing else: not GRPO_API_KEY, not the server's
+# GRPO_SERVER_PID, not AWS credentials or other tokens, unless configured.
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "SHELL", "TERM",
+            "VIRTUAL_ENV", "PYTHONPATH", "SYSTEMROOT", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR",
+            "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+            "https_proxy", "no_proxy", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES",
+            "AWS_REGION", "AWS_DEFAULT_REGION")
+BASE_PREFIXES = ("LC_",)
+# Where boto3 would otherwise find credentials by itself (~/.aws files, the EC2 instance role): closed unless
+# the configuration names an AWS variable, as a judge handler calling Bedrock needs (AWS_PROFILE, or
+# AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY + AWS_SESSION_TOKEN, or AWS_BEARER_TOKEN_BEDROCK).
+NO_AMBIENT_AWS = {"AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                  "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def handler_env(handler: Path, env: dict[str, str] | None = None, pass_env: list[str] | tuple = (),
+                source: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a local handler's worker: BASE_ENV from `source` (default os.environ), Lambda's own
+    variables (AWS_LAMBDA_FUNCTION_NAME ...), the names in `pass_env` with their values in `source`, then `env`."""
+    source = os.environ if source is None else source
+    out = {k: v for k, v in source.items() if k in BASE_ENV or k.startswith(BASE_PREFIXES)}
+    root = str(Path(__file__).resolve().parent.parent.parent)  # so `-m grpo.reward.workers` imports
+    out["PYTHONPATH"] = root + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
     name = handler.stem
-    env.setdefault("AWS_LAMBDA_FUNCTION_NAME", name)
-    env.setdefault("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-    env.setdefault("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-    env.setdefault("AWS_LAMBDA_LOG_GROUP_NAME", f"/aws/lambda/{name}")
-    return env
+    out.update(AWS_LAMBDA_FUNCTION_NAME=name, AWS_LAMBDA_FUNCTION_VERSION="$LATEST",
+               AWS_LAMBDA_FUNCTION_MEMORY_SIZE="512", AWS_LAMBDA_LOG_GROUP_NAME=f"/aws/lambda/{name}")
+    configured = {k: source[k] for k in pass_env if k in source}
+    configured.update(env or {})
+    if not any(k.startswith("AWS_") and k not in ("AWS_REGION", "AWS_DEFAULT_REGION") for k in [*pass_env, *configured]):
+        out.update(NO_AMBIENT_AWS)
+    out.update(configured)
+    return out
 
 
 if __name__ == "__main__":

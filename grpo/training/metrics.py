@@ -81,6 +81,12 @@ class RunLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             os.replace(tmp, path)
 
+    def clear(self) -> None:
+        """On a resume with no checkpoint to resume from: the run starts over, its logs with it."""
+        if self.enabled:
+            for path in (self.metrics_path, self.events_path, RunDir(self.run_dir).samples, RunDir(self.run_dir).summary):
+                path.unlink(missing_ok=True)
+
     def event(self, message: str, **kw) -> None:
         if self.enabled:
             _append_lines(self.events_path, [make_event(message, **kw)])
