@@ -46,7 +46,7 @@ KNOWN_FIELDS = ("messages", "reference_answer", "id", "tools")
 GSM8K_SUFFIX = " Let's think step by step and output the final answer after '####'."
 BOM = "\ufeff"
 MAX_LINE_BYTES = 8 * 2**20  # a record line past this cannot travel to a Lambda (6 MiB) with its responses
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # where a lone surrogate could hide (lone_surrogate)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def _parse_line(raw: bytes, lineno: int) -> tuple[Any, tuple[str, str] | None, b
         text = text[1:]
     try:
         value = json.loads(text, parse_constant=_reject_constant)
-        if _SURROGATE_ESCAPE.search(raw):
+        if SURROGATE_ESCAPE.search(raw):
             where = lone_surrogate(value)
             if where:
                 return None, (where, "holds a lone surrogate escape (\\ud800-\\udfff without its pair): not "

@@ -1,12 +1,14 @@
 """Request size and shape limits: a request body is counted as it arrives (a chunked upload without
 Content-Length included) and refused with 413 once past the route's limit, before it is written or parsed
-whole; a JSON body nested deeper than `MAX_JSON_DEPTH` is a 400, never a RecursionError."""
+whole; a JSON body nested deeper than `MAX_JSON_DEPTH` is a 400, never a RecursionError, and so is one holding
+a lone surrogate (valid JSON, but not text: it could be neither tokenized nor echoed back as UTF-8)."""
 
 from __future__ import annotations
 
 import json
 
 from grpo.api.errors import ApiError, bad_request
+from grpo.data import SURROGATE_ESCAPE, lone_surrogate
 
 MAX_JSON_DEPTH = 64
 
@@ -86,10 +88,13 @@ def parse_json_object(raw: bytes) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"We could not parse the JSON body of your request ({e})") from None
     except RecursionError:
-        body = None
         raise bad_request(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     if _depth_over(body, MAX_JSON_DEPTH):
         raise bad_request(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    if SURROGATE_ESCAPE.search(raw or b""):
+        where = lone_surrogate(body)
+        if where:  # valid JSON, but no text: it could not be tokenized, nor echoed back in UTF-8
+            raise bad_request(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff without its pair)", where)
     return body

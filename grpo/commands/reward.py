@@ -183,15 +183,12 @@ def run(args: argparse.Namespace) -> int:
     from grpo.data import load_records
     from grpo.reward.runner import RewardRunner, make_trajectory
 
-    env, pass_env = {}, []
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not key.isidentifier():
-            raise UserError(f"--env {item!r}: expected KEY=VALUE or KEY")
-        if sep:
-            env[key] = value
-        else:
-            pass_env.append(key)
+    from grpo.reward.workers import parse_env_options
+
+    try:
+        env, pass_env = parse_env_options(args.env)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     records = load_records(args.data, allow_small=args.allow_small)
     note = None
     if args.responses is None and not args.reference_as_response:

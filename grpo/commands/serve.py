@@ -47,6 +47,8 @@ def add_arguments(p):
                    help="the most reward calls in flight a job may ask for (engine.reward.concurrency; default 8)")
     p.add_argument("--max-jobs", type=int, default=1, help="jobs trained at once; the rest wait queued (default 1)")
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest file upload, in MiB (default 512)")
+    p.add_argument("--max-request-mb", type=float, default=16,
+                   help="largest JSON request body (jobs, chat, responses), in MiB (default 16)")
     p.add_argument("--max-loaded-models", type=int, default=2, help="models kept loaded for inference (LRU, default 2)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="tokens generated when a request sets no max_tokens / max_output_tokens (default 1024)")
@@ -154,7 +156,7 @@ def run(args) -> int:
                        lambda_endpoint_url=args.lambda_endpoint_url, handler_env=handler_env,
                        handler_pass_env=pass_env, max_reward_concurrency=args.max_reward_concurrency,
                        max_jobs=args.max_jobs,
-                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_loaded_models=args.max_loaded_models,
+                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_json_bytes=int(args.max_request_mb * 2**20), max_loaded_models=args.max_loaded_models,
                        default_max_tokens=args.default_max_tokens)
     try:
         if not ipaddress.ip_address(args.host).is_loopback:

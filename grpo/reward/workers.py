@@ -379,6 +379,21 @@ NO_AMBIENT_AWS = {"AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": 
                   "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def parse_env_options(items: list[str], flag: str = "--env") -> tuple[dict[str, str], list[str]]:
+    """`KEY=VALUE` (set) and `KEY` (passed from this process's environment) options: (env, pass_env).
+    Raises ValueError naming a malformed one."""
+    env, names = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key.isidentifier():
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE or KEY")
+        if sep:
+            env[key] = value
+        else:
+            names.append(key)
+    return env, names
+
+
 def handler_env(handler: Path, env: dict[str, str] | None = None, pass_env: list[str] | tuple = (),
                 source: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a local handler's worker: BASE_ENV from `source` (default os.environ), Lambda's own
