@@ -15,8 +15,8 @@ operator's. So:
   clipping, KL, batching, checkpoint interval, reward batching...), each with bounds (`CLIENT_ENGINE`);
   paths, URLs, devices, precision, trackers that send data elsewhere and the handler environment's
   pass-through are the operator's (`OPERATOR_ENGINE` says why for each).
-- **Resources.** `inference_max_tokens` is at most the server's `--max-tokens`, reward calls in flight at most
-  `--max-reward-concurrency`, a reward call's timeout at most Lambda's 900 s.
+- **Resources.** `inference_max_tokens` is at most the server's max_tokens (32768, as for chat requests),
+  reward calls in flight at most `--max-reward-concurrency`, a reward call's timeout at most Lambda's 900 s.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def check_engine(raw_engine, policy: ServerPolicy, rules: dict = CLIENT_ENGINE, 
 
 
 def check_hyperparameters(hyper, policy: ServerPolicy) -> None:
-    """Bounds Bedrock's own schema leaves open: tokens sampled per response (the server's --max-tokens),
+    """Bounds Bedrock's own schema leaves open: tokens sampled per response (the server's max_tokens),
     prompts per step (the native API's 512), prompt length."""
     param = "method.reinforcement.hyperparameters"
     bounds = dict(HYPERPARAMETER_BOUNDS, inference_max_tokens=(1, policy.max_tokens))
