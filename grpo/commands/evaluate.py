@@ -140,7 +140,7 @@ def run(args) -> int:
     if args.out is not None:
         _check_out(args.out)
     records = load_records(args.data, allow_small=True)[: args.limit]
-    from grpo.reward.workers import parse_env_options
+    from grpo.reward.environment import parse_env_options
 
     try:
         env, pass_env = parse_env_options(args.env)

@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from grpo.data import load_records
     from grpo.reward.runner import RewardRunner, make_trajectory
 
-    from grpo.reward.workers import parse_env_options
+    from grpo.reward.environment import parse_env_options
 
     try:
         env, pass_env = parse_env_options(args.env)
