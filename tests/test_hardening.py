@@ -66,7 +66,7 @@ def test_resume_before_the_first_checkpoint_does_not_duplicate_history(tmp_path)
     (tmp_path / "release").touch()
     res = run_grpo("train", job, "--output-dir", run, "--resume", "--no-progress", timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "starting over from step 0 (the 1 step(s) logged before it stopped are discarded)" in res.stdout
+    assert "starting from step 0 (the 1 step(s) logged before it stopped are discarded)" in res.stdout
     assert f"removed {partial}" in res.stdout and not partial.exists()
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
     events = [e["message"] for e in read_jsonl(run / "events.jsonl")]

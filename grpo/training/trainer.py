@@ -140,7 +140,7 @@ class Trainer:
             logged = len(read_jsonl(RunDir(self.run_dir).metrics))
             if self.is_main:
                 self.log.clear()
-                print(f"no complete checkpoint in {self.run_dir}; starting over from step 0"
+                print(f"no checkpoint in {self.run_dir}; starting from step 0"
                       + (f" (the {logged} step(s) logged before it stopped are discarded)" if logged else ""))
             self.acc.wait_for_everyone()
             return
