@@ -226,3 +226,28 @@ def test_malformed_bodies_are_400_never_500(served):
 def test_an_orphaned_upload_is_removed_at_start(served):
     """Item 8: the fixture left a `.upload-file-*` (as a server killed mid-upload would) before starting."""
     assert not served["orphan"].exists()
+
+
+def test_every_engine_field_is_either_a_client_knob_or_the_operators():
+    """A new engine field must be placed: in the client's allowlist (with bounds) or with the operator."""
+    from pydantic import BaseModel
+
+    from grpo.api.policy import CLIENT_ENGINE, OPERATOR_ENGINE
+    from grpo.config import EngineConfig
+
+    def fields(model, prefix=""):
+        for name, f in model.model_fields.items():
+            sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+            if sub is not None and isinstance(CLIENT_ENGINE.get(prefix.split(".")[0] or name), dict):
+                yield from fields(sub, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    def placed(path):
+        rule = CLIENT_ENGINE
+        for part in path.split("."):
+            rule = rule.get(part) if isinstance(rule, dict) else rule
+        return rule is not None or path in OPERATOR_ENGINE
+
+    unplaced = [p for p in fields(EngineConfig) if not placed(p)]
+    assert unplaced == [], f"place these in grpo/api/policy.py (CLIENT_ENGINE or OPERATOR_ENGINE): {unplaced}"
