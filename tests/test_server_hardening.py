@@ -251,3 +251,45 @@ def test_every_engine_field_is_either_a_client_knob_or_the_operators():
 
     unplaced = [p for p in fields(EngineConfig) if not placed(p)]
     assert unplaced == [], f"place these in grpo/api/policy.py (CLIENT_ENGINE or OPERATOR_ENGINE): {unplaced}"
+
+
+def test_what_the_operator_allows_lands_in_the_jobs_config(tmp_path):
+    """The job.yaml a trainer reads holds the operator's choices: the served model for the job's Bedrock id,
+    the operator's Lambda endpoint for an allowed ARN, the operator's handler environment for a local file;
+    the quickstart's engine section (engine.model naming what the server serves for the id) is accepted."""
+    import shutil
+
+    import yaml
+
+    from grpo.api import jobs as J
+    from grpo.api.policy import ServerPolicy
+    from grpo.api.store import Store
+
+    train, _ = write_data(tmp_path / "data", n_train=2, n_val=1)
+    store = Store(tmp_path / "state")
+    try:
+        doc = {"id": "file-" + "c" * 24, "object": "file", "bytes": 1, "created_at": 1, "filename": "t.jsonl",
+               "purpose": "fine-tune", "status": "processed", "expires_at": None, "status_details": None}
+        shutil.copyfile(train, store.files_dir / f"{doc['id']}.jsonl")
+        store.add_file(doc)
+        (tmp_path / "handlers").mkdir()
+        (tmp_path / "handlers" / "gsm8k.py").write_text(ENVDUMP)
+        policy = ServerPolicy(handlers_dir=tmp_path / "handlers", base_models={"qwen.qwen3-32b": "grpo:tiny-arith"},
+                              invoke_lambdas=True, lambda_endpoint_url="http://127.0.0.1:4566",
+                              handler_env={"JUDGE_MODE": "strict"}, handler_pass_env=["AWS_PROFILE"])
+
+        def job_yaml(engine):
+            job = J.create_job(store, dict(body(model="qwen.qwen3-32b", training_file=doc["id"]), engine=engine),
+                               policy)
+            return yaml.safe_load((J.job_dir(store, job["id"]) / "job.yaml").read_text())
+
+        invoked = job_yaml({"reward": {"concurrency": 1}})
+        assert invoked["engine"]["model"] == "grpo:tiny-arith"
+        assert invoked["method"]["reinforcement"]["grader"]["lambda"]["function"] == MAPPED
+        assert invoked["engine"]["reward"]["endpoint_url"] == "http://127.0.0.1:4566" and "env" not in invoked["engine"]["reward"]
+        local = job_yaml({"model": "grpo:tiny-arith", "handler": "gsm8k.py", "base_learning_rate": 1e-3})
+        assert local["engine"]["handler"] == str((tmp_path / "handlers" / "gsm8k.py").resolve())
+        assert local["engine"]["reward"]["env"] == {"JUDGE_MODE": "strict"}
+        assert local["engine"]["reward"]["pass_env"] == ["AWS_PROFILE"]
+    finally:
+        store.close()
