@@ -14,8 +14,17 @@ import sys
 import time
 
 import pytest
-
-from helpers_engine import PYTHON, REPO, build_model_dir, cli_env, read_jsonl, run_grpo, write_data, write_job, write_records
+from helpers_engine import (
+    PYTHON,
+    REPO,
+    build_model_dir,
+    cli_env,
+    read_jsonl,
+    run_grpo,
+    write_data,
+    write_job,
+    write_records,
+)
 
 RECORD = {"messages": [{"role": "user", "content": "1 + 1?"}], "reference_answer": "2"}
 GATE = '''import os, time

@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from helpers_engine import build_model_dir, write_data
 from server_helpers import server_log, start_server, wait_for
 

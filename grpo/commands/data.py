@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "validate":
         return _validate(args)
     if args.data_command == "gsm8k":
-        from grpo.data import convert_gsm8k
+        from grpo.gsm8k import convert_gsm8k
 
         if args.limit is not None and args.limit < 1:
             raise UserError(f"--limit must be at least 1, got {args.limit}")

@@ -80,15 +80,15 @@ def read_responses(path: str, known_ids: set[str]) -> dict[str, list[tuple[str, 
     invalid UTF-8 is a problem, a byte order mark on line 1 a warning; blank lines are skipped."""
     from pathlib import Path
 
-    from grpo.data import _capped, _kind, _open_lines, _parse_line
     from grpo.errors import UserError
+    from grpo.jsonl import capped, json_kind, open_lines, parse_line
 
     out: dict[str, list[tuple[str, str | None]]] = {}
     problems: list[str] = []
-    for n, raw in enumerate(_open_lines(Path(path)), 1):
+    for n, raw in enumerate(open_lines(Path(path)), 1):
         if not raw.strip():
             continue
-        row, err, had_bom = _parse_line(raw, n)
+        row, err, had_bom = parse_line(raw, n)
         if had_bom and n == 1 and not err:
             print(f"warning: {path}:1: encoding: UTF-8 byte order mark at the start of the file; "
                   "accepted here", file=sys.stderr)
@@ -96,7 +96,7 @@ def read_responses(path: str, known_ids: set[str]) -> dict[str, list[tuple[str, 
             problems.append(f"{path}:{n}: {err[0]}: {err[1]}")
             continue
         if not isinstance(row, dict):
-            problems.append(f"{path}:{n}: record: expected a JSON object with id and response, got {_kind(row)}")
+            problems.append(f"{path}:{n}: record: expected a JSON object with id and response, got {json_kind(row)}")
             continue
         rid = row.get("id")
         if isinstance(rid, int) and not isinstance(rid, bool):
@@ -113,7 +113,7 @@ def read_responses(path: str, known_ids: set[str]) -> dict[str, list[tuple[str, 
         if isinstance(rid, str) and rid in known_ids and isinstance(row.get("response"), str):
             out.setdefault(rid, []).append((row["response"], reasoning))
     if problems:
-        raise UserError(f"{path} is not a valid responses file:\n" + "\n".join(_capped(problems)))
+        raise UserError(f"{path} is not a valid responses file:\n" + "\n".join(capped(problems)))
     return out
 
 
@@ -181,9 +181,8 @@ def run(args: argparse.Namespace) -> int:
         args._reward_parser.print_help()
         return 0 if args.reward_command is None else 2
     from grpo.data import load_records
-    from grpo.reward.runner import RewardRunner, make_trajectory
-
     from grpo.reward.environment import parse_env_options
+    from grpo.reward.runner import RewardRunner, make_trajectory
 
     try:
         env, pass_env = parse_env_options(args.env)
