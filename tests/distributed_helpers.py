@@ -6,7 +6,7 @@ loopback.
 The script (the same idea as tests/test_distributed.py's, which it extends): 16 fixed sequences of unequal
 lengths, fixed advantages and old/reference log-probs, the same tiny model; each rank seeds its LoRA init
 differently (as the trainer does), so the runs agree only if every process starts from rank 0's; SGD, so
-float noise stays float noise. The run named `probe` in the plan also writes a checkpoint through
+float noise stays float noise (one AdamW run too). The run named `probe` in the plan also writes a checkpoint through
 `grpo.training.checkpoint.save_checkpoint`, the sharded model's log-probs on the whole batch, and the
 all-gathers of one `generate` call with and without `gathered_for_generation`.
 """
@@ -61,8 +61,8 @@ local = torch.tensor([k * M + j for k in range(N // M) for j in range(rank, M, w
 results = {"mode": mode_name(acc), "world": world, "runs": {}}
 
 
-def trainable(model, opt):
-    weights, _ = full_trainable_state(acc, model, opt)  # collective; None when the model is not sharded
+def trainable(model):
+    weights, _ = full_trainable_state(acc, model)  # collective; None when the model is not sharded
     if weights is None:
         weights = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
     return weights
@@ -105,9 +105,10 @@ for name, run in plan["runs"].items():
     if world > 1:
         dist.broadcast(base, 0)
     old, ref = (base + noise_old)[local], (base + noise_ref)[local]
-    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=run["lr"])
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=run["lr"]) if run.get("optim") == "adamw" else torch.optim.SGD(trained, lr=run["lr"])
     model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"])
-    before = trainable(model, opt)
+    before = trainable(model)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                        loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,
                        max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=M // world,
@@ -116,7 +117,7 @@ for name, run in plan["runs"].items():
                       old_logp=old, ref_logp=ref)
     vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
     m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))
-    out = {"metrics": m, "before": before, "after": trainable(model, opt)}
+    out = {"metrics": m, "before": before, "after": trainable(model)}
     if name == plan.get("probe"):
         from torch.distributed.tensor import DTensor
 
@@ -158,6 +159,10 @@ def update_runs(micro: int) -> dict:
     runs = {mode: {"mode": mode, "micro": micro, "ppo_epochs": 2, "max_grad_norm": 1e4, "lr": LR[mode]} for mode in MODES}
     # A binding grad-norm clip: the norm must be the global one for the clipped update to agree.
     runs["token-mean-clipped"] = {"mode": "token-mean", "micro": micro, "ppo_epochs": 1, "max_grad_norm": 0.05, "lr": 2.0}
+    # AdamW, the trainer's optimizer (its state is sharded too): Adam turns float noise in a near-zero gradient
+    # into a whole step, so this only agrees when the gradients do to float precision
+    runs["token-mean-adamw"] = {"mode": "token-mean", "micro": micro, "ppo_epochs": 2, "max_grad_norm": 1.0, "lr": 0.005,
+                                "optim": "adamw"}
     return runs
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -44,12 +45,31 @@ def requested_mode() -> str:
     return "data-parallel"
 
 
+def die_with_launcher() -> None:
+    """Under `accelerate launch` / torchrun each rank runs in a session of its own (torch's elastic agent
+    starts them with start_new_session), so SIGKILLing the launcher's process group (a preemption, a job
+    scheduler, a user's kill) left the ranks training on, holding their GPUs and writing into the run
+    directory. Linux: the kernel SIGKILLs this rank when the agent that started it dies (PR_SET_PDEATHSIG);
+    the rank's reward workers follow (they watch their parent)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getppid()
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if parent == 1:  # the agent died before the line above: nothing would send the signal
+        os._exit(137)
+
+
 def make_accelerator(**kwargs):
     """The Accelerator for this process, sharded on CPU too (see the module docstring); checks that accelerate
     sees every launched process."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+    die_with_launcher()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = launched > 1 and not torch.cuda.is_available()
     mode = requested_mode()
@@ -123,6 +143,19 @@ def _fsdp_units(model) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def _reshards_after_forward(unit, *, root: bool) -> bool:
+    """The unit's effective reshard_after_forward. The root's default is resolved only at FSDP2's lazy init
+    (to False: the root keeps its parameters after forward, which the chunked log-probs' lm_head call relies
+    on); read before that, it looks True, and setting it True for good made the next backward segfault."""
+    state = unit._get_fsdp_state()
+    group = state._fsdp_param_group
+    if group is None:
+        return False
+    if root and getattr(state, "_auto_reshard_after_forward", False):
+        return False
+    return group.post_forward_mesh_info is not None
+
+
 @contextlib.contextmanager
 def gathered_for_generation(acc, model):
     """Within: every sharded layer is gathered once (on first use) and kept, instead of once per forward,
@@ -130,8 +163,7 @@ def gathered_for_generation(acc, model):
     mode = mode_name(acc)
     if mode == "fsdp2":
         units = _fsdp_units(model)
-        before = [bool(u._get_fsdp_state()._fsdp_param_group and
-                       u._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None) for u in units]
+        before = [_reshards_after_forward(u, root=u is model) for u in units]
         for u in units:
             u.set_reshard_after_forward(False, recurse=False)
         try:
@@ -177,17 +209,24 @@ def _dcp_options(**kw):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def full_trainable_state(acc, model, optimizer) -> tuple[dict | None, dict | None]:
-    """Collective (every process calls it). FSDP2: the full (unsharded) LoRA weights and the full optimizer
-    state, on the main process, keyed by parameter name; other modes: (None, None), meaning the caller reads
-    the plain module and optimizer. ZeRO-3 adapter weights are gathered; its optimizer state is refused."""
+def full_trainable_state(acc, model, optimizer=None) -> tuple[dict | None, dict | None]:
+    """Collective (every process calls it). FSDP2: the full (unsharded) LoRA weights and (given `optimizer`)
+    the full optimizer state, on the main process, keyed by parameter name; other modes: (None, None), meaning
+    the caller reads the plain module and optimizer. ZeRO-3: the adapter weights gathered, no optimizer state
+    (each process saves its own partition).
+
+    Careful: torch's get_optimizer_state_dict initialises an optimizer that has no state yet by stepping it
+    with zero gradients at lr 0, which counts as an Adam step (bias correction); so ask for the optimizer
+    state only once the optimizer has stepped."""
     mode = mode_name(acc)
     if mode == "fsdp2":
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = get_model_state_dict(model, options=_dcp_options(ignore_frozen_params=True))
-        optim = get_optimizer_state_dict(model, optimizer, options=_dcp_options(ignore_frozen_params=True))
+        optim = None
+        if optimizer is not None and getattr(optimizer, "state", None):
+            optim = get_optimizer_state_dict(model, optimizer, options=_dcp_options(ignore_frozen_params=True))
         # a tied frozen weight (lm_head = embed_tokens) comes along under its second name: drop it
         return {k: v for k, v in weights.items() if k in trained}, optim
     if mode == "deepspeed-zero3":
