@@ -14,7 +14,10 @@ Choices where the spec is silent (one place, with the reason):
 - Blank lines (empty or whitespace only) are errors naming the line: Bedrock's parser is not
   published and a strict reading keeps an upload from failing remotely. The newline ending the last
   line is fine.
-- ``tools: null`` reads as no tools; ``NaN``/``Infinity`` are rejected (not standard JSON).
+- ``tools: null`` reads as no tools; ``NaN``/``Infinity`` are rejected (not standard JSON), and so is a
+  lone surrogate escape (``"\\ud800"``): valid JSON, but not Unicode text a tokenizer can encode.
+- Only regular files are read (a FIFO or ``/dev/zero`` would block or grow without end), and a line longer
+  than ``MAX_LINE_BYTES`` is a problem without being read whole.
 - Contents and string references that are only whitespace count as empty.
 - Any top-level field other than messages/reference_answer/id/tools is metadata, kept as it is
   (a field literally named ``metadata`` becomes ``metadata["metadata"]``).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections import Counter
@@ -41,6 +45,8 @@ ROLES = ("system", "user", "assistant")
 KNOWN_FIELDS = ("messages", "reference_answer", "id", "tools")
 GSM8K_SUFFIX = " Let's think step by step and output the final answer after '####'."
 BOM = "\ufeff"
+MAX_LINE_BYTES = 8 * 2**20  # a record line past this cannot travel to a Lambda (6 MiB) with its responses
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # where a lone surrogate could hide (lone_surrogate)
 
 
 @dataclass(frozen=True)
@@ -115,8 +121,36 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not standard JSON")
 
 
+class LongLine(bytes):
+    """What _open_lines yields for a line over MAX_LINE_BYTES: its first bytes, and its length."""
+
+    length: int = 0
+
+
+def lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The field path of the first string (or key) holding a lone UTF-16 surrogate, or None."""
+    stack = [(where, value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in v):
+                return path or "value"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if any("\ud800" <= ch <= "\udfff" for ch in str(k)):
+                    return sub
+                stack.append((sub, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
 def _parse_line(raw: bytes, lineno: int) -> tuple[Any, tuple[str, str] | None, bool]:
     """Decode and parse one line: (value, (field, message) or None, had_bom)."""
+    if isinstance(raw, LongLine):
+        return None, ("line", f"is {raw.length:,} bytes long, over the {MAX_LINE_BYTES // 2**20} MiB limit of one "
+                              "record line"), False
     try:
         text = raw.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError as e:
@@ -128,7 +162,13 @@ def _parse_line(raw: bytes, lineno: int) -> tuple[Any, tuple[str, str] | None, b
             return None, ("encoding", "UTF-8 byte order mark in the middle of the file"), True
         text = text[1:]
     try:
-        return json.loads(text, parse_constant=_reject_constant), None, had_bom
+        value = json.loads(text, parse_constant=_reject_constant)
+        if SURROGATE_ESCAPE.search(raw):
+            where = lone_surrogate(value)
+            if where:
+                return None, (where, "holds a lone surrogate escape (\\ud800-\\udfff without its pair): not "
+                                     "Unicode text; fix or remove the character"), had_bom
+        return value, None, had_bom
     except json.JSONDecodeError as e:
         ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
         hint = " (the line ends early: truncated?)" if ends else ""
@@ -228,14 +268,32 @@ def _check_tools(tools: Any) -> list[tuple[str, str]]:
 
 
 def _open_lines(path: Path) -> Iterable[bytes]:
-    """Yield the file's raw lines; a missing path or a directory is a UserError."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
+    """Yield the file's raw lines (a LongLine for one over MAX_LINE_BYTES, not read whole); a missing path,
+    a directory or anything but a regular file (a FIFO, a device) is a UserError."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a directory; expected a JSONL file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise UserError(f"{path}: is {kind}; expected a regular JSONL file")
     try:
         with open(path, "rb") as f:
-            yield from f
+            while line := f.readline(MAX_LINE_BYTES + 1):
+                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                    n = len(line)
+                    while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):  # skip the rest of it
+                        n += len(more)
+                    long = LongLine(line[:64])
+                    long.length = n + len(more.rstrip(b"\r\n"))
+                    yield long
+                else:
+                    yield line
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
 
@@ -319,7 +377,7 @@ def _summarize(records: list[Record], n_records: int) -> dict:
     for r in records:
         seq = [m["role"] for m in r.messages]
         roles.update(seq)
-        shapes[",".join(seq)] += 1
+        shapes[",".join(seq) if len(seq) <= 8 else ",".join(seq[:6]) + f",... ({len(seq):,} messages)"] += 1
         refs["string" if isinstance(r.reference_answer, str) else "object"] += 1
         meta.update(r.metadata.keys())
         chars.append(sum(len(m["content"]) for m in r.messages))

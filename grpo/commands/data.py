@@ -79,5 +79,8 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _counts(counter: dict) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in counter.items())
+def _counts(counter: dict, shown: int = 10) -> str:
+    """The first `shown` entries (names cut at 60 characters), then how many more: a summary line stays short."""
+    items = list(counter.items())
+    text = ", ".join(f"{k if len(str(k)) <= 60 else str(k)[:57] + '...'} {v:,}" for k, v in items[:shown])
+    return text + (f", ... {len(items) - shown:,} more" if len(items) > shown else "")

@@ -48,10 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--batch-size", type=int, default=64, metavar="N", help="trajectories per call (64)")
     c.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="calls at once = worker processes (default min(4, CPUs))")
-    c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds per call (300)")
+    c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds per call, at most 900 as on Lambda (300)")
     c.add_argument("--allow-small", action="store_true", help="accept fewer than 100 records")
-    c.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for a local handler (its Lambda configuration); repeatable")
+    c.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="environment variable for a local handler (its Lambda configuration): KEY=VALUE, or KEY to "
+                   "pass this shell's value; repeatable. The handler gets only these, its Lambda variables and a "
+                   "base (PATH, HOME, locale, AWS_REGION): a judge calling Bedrock needs its credentials named, "
+                   "e.g. --env AWS_PROFILE, or --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY "
+                   "--env AWS_SESSION_TOKEN")
     c.add_argument("--max-score", type=float, default=1.0, metavar="X",
                    help="the score a ground-truth-aligned response must reach (1.0)")
     c.add_argument("--endpoint-url", default=None, help="Lambda endpoint URL (ARN handlers)")
@@ -179,12 +183,12 @@ def run(args: argparse.Namespace) -> int:
     from grpo.data import load_records
     from grpo.reward.runner import RewardRunner, make_trajectory
 
-    env = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--env {item!r}: expected KEY=VALUE")
-        env[key] = value
+    from grpo.reward.environment import parse_env_options
+
+    try:
+        env, pass_env = parse_env_options(args.env)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     records = load_records(args.data, allow_small=args.allow_small)
     note = None
     if args.responses is None and not args.reference_as_response:
@@ -203,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with RewardRunner(args.handler, batch_size=args.batch_size, max_concurrency=args.concurrency,
                       timeout_s=args.timeout, on_failure="skip", endpoint_url=args.endpoint_url,
-                      region=args.region, env=env or None) as runner:
+                      region=args.region, env=env or None, pass_env=pass_env) as runner:
         startup = time.perf_counter() - started
         result = _score(runner, trajectories, "scoring")
         ref_result = result if args.responses is None else _score(runner, ref_trajs, "checks")
