@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_helpers import UPDATE_SCRIPT, launch_cmd, run_checked, update_runs, write_plan, free_port
+from distributed_helpers import UPDATE_SCRIPT, free_port, launch_cmd, run_checked, update_runs, write_plan
 from helpers_engine import build_model_dir
 
 RUNS = ("token-mean", "seq-mean-token-sum-norm", "token-mean-clipped")
