@@ -257,6 +257,11 @@ def load_full_trainable_state(acc, model, optimizer, adapter_weights: dict, opti
     if missing:
         raise UserError(f"the checkpoint's adapter lacks {len(missing)} trained tensor(s), e.g. {missing[0]}")
     weights = {names[k]: v for k, v in adapter_weights.items() if k in names}
+    # FSDP2 finishes its setup (lazy init) at the first forward; written before that, the weights ended up where the
+    # forward read them for the adapter but not for the reference pass (adapter off): finish it first
+    root_state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    if root_state is not None and hasattr(root_state, "_lazy_init"):
+        root_state._lazy_init()
     set_model_state_dict(model, weights, options=_dcp_options(strict=False))
     if optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state, options=_dcp_options(ignore_frozen_params=True))
