@@ -60,6 +60,10 @@ def _prefix_sharing_applies(model) -> bool:
     inner = extract_model_from_parallel(model)
     if inner is not model and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False  # FSDP / DeepSpeed wrappers: keep the one plain forward they are built around
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(inner, FSDPModule):  # FSDP2 shards in place (no wrapper); a second forward before backward crashes it
+        return False
     if not shares_prefix(inner):  # grpo.rollout: full-attention Qwen3 / Qwen2 / Llama
         return False
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
