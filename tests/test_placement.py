@@ -1,0 +1,87 @@
+"""`grpo serve --devices cpu:2 --max-jobs 2` placing 2-process jobs (gloo ranks under `accelerate launch`,
+started by the server), driven over loopback with the real `openai` package on the tiny random Qwen3:
+
+- the first job takes both CPU slots and succeeds: its events (placement, metrics of every step) and its
+  run's metrics.jsonl are there, and both ranks called the reward handler (one reward worker each);
+- the second job, though a second job may run (--max-jobs 2), waits queued while the slots are busy (its
+  events say so), starts when the first ends, and its cancel kills every process of the job: the
+  `accelerate launch` leader, both ranks (each in a session of its own) and their reward workers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+from helpers_engine import VARIED_HANDLER, build_model_dir, read_jsonl, write_data
+from server_helpers import gone, pids_with, server_log, start_server, wait_for
+
+KEY = "test-key-placement-0123"
+MODEL = "qwen.qwen3-32b"
+TERMINAL = ("succeeded", "failed", "cancelled")
+STUCK = '''import json, os, time
+def lambda_handler(event, context):
+    with open({log!r}, "a") as f:
+        f.write(json.dumps({{"pid": os.getpid(), "ppid": os.getppid()}}) + "\\n")
+    time.sleep(120)
+    return [{{"id": t["id"], "aggregate_reward_score": 0.0}} for t in event]
+'''
+LOGGED = VARIED_HANDLER.replace('os.environ.get("TEST_REWARD_LOG")', "CALLS").replace(
+    'os.environ["TEST_REWARD_LOG"]', "CALLS")
+
+
+def body(handler: str) -> dict:
+    return {"method": {"type": "reinforcement", "reinforcement": {
+        "grader": {"type": "lambda", "lambda": {"function": handler}},
+        "hyperparameters": {"n_epochs": 1, "batch_size": 2, "training_sample_per_prompt": 4,
+                            "inference_max_tokens": 8}}},
+        "engine": {"num_processes": 2, "checkpoint_interval": 2, "micro_batch_size": 4, "log_with": ["none"],
+                   "reward": {"concurrency": 1}, "lora": {"rank": 4, "alpha": 8}, "base_learning_rate": 5e-3}}
+
+
+def test_two_process_jobs_placed_queued_and_cancelled(tmp_path):
+    model = build_model_dir(tmp_path / "model", seed=3)
+    train, _ = write_data(tmp_path / "data", n_train=4, n_val=2)
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    calls, stuck_log = tmp_path / "calls.jsonl", tmp_path / "stuck.jsonl"
+    (handlers / "logged.py").write_text(f"CALLS = {str(calls)!r}\n" + LOGGED)
+    (handlers / "stuck.py").write_text(STUCK.format(log=str(stuck_log)))
+    state = tmp_path / "state"
+    args = ["--model", f"{MODEL}={model}", "--devices", "cpu:2", "--max-jobs", "2"]
+    with start_server(state, handlers, KEY, args) as (url, key, _proc):
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+        f = client.files.create(file=train.open("rb"), purpose="fine-tune")
+        with __import__("pytest").raises(openai.BadRequestError) as e:  # 3 processes > the 2 slots
+            client.fine_tuning.jobs.create(model=MODEL, training_file=f.id,
+                                           extra_body={**body("logged.py"), "engine": {"num_processes": 3}})
+        assert e.value.body["param"] == "engine.num_processes"
+        first = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, extra_body=body("logged.py"))
+        second = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, extra_body=body("stuck.py"))
+        wait_for(lambda: client.fine_tuning.jobs.retrieve(first.id).status == "running", 60, "the first job to run")
+        assert wait_for(lambda: any("Waiting for 2 free CPU slots" in ev.message for ev in
+                                    client.fine_tuning.jobs.list_events(second.id, limit=50).data), 30,
+                        "the second job to wait for its slots")
+        assert client.fine_tuning.jobs.retrieve(second.id).status == "queued"
+        done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(first.id)).status in TERMINAL and j, 240,
+                        "the first job to finish")
+        assert done.status == "succeeded", (done.error, server_log(state)[-4000:])
+        messages = [ev.message for ev in client.fine_tuning.jobs.list_events(first.id, limit=100).data]
+        assert "Placed on 2 CPU slots: cpu0,cpu1" in messages
+        steps = [json.loads(ev.model_dump_json())["data"]["step"]
+                 for ev in client.fine_tuning.jobs.list_events(first.id, limit=100).data if ev.type == "metrics"]
+        assert sorted(steps) == [1, 2]  # 4 prompts, 2 per step: one per rank
+        rows = read_jsonl(state / "jobs" / first.id / "run" / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2] and all(r["reward_calls"] == 2 for r in rows)
+        assert len({c["pid"] for c in read_jsonl(calls)}) == 2, "one reward worker per rank"
+
+        # the second job now runs on the freed slots; cancel it mid-step
+        workers = wait_for(lambda: stuck_log.is_file() and len(read_jsonl(stuck_log)) >= 2 and read_jsonl(stuck_log),
+                           120, "both ranks of the second job to call their reward handler")
+        assert client.fine_tuning.jobs.retrieve(second.id).status == "running"
+        procs = pids_with(second.id)
+        assert len(procs) >= 3, f"expected the launcher and two ranks, found {procs}"
+        everyone = set(procs) | {w["pid"] for w in workers} | {w["ppid"] for w in workers}
+        assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
+        wait_for(lambda: all(gone(p) for p in everyone) and not pids_with(second.id), 15,
+                 "every process of the cancelled job to be gone")
