@@ -4,13 +4,16 @@ started by the server), driven over loopback with the real `openai` package on t
 - the first job takes both CPU slots and succeeds: its events (placement, metrics of every step) and its
   run's metrics.jsonl are there, and both ranks called the reward handler (one reward worker each);
 - the second job, though a second job may run (--max-jobs 2), waits queued while the slots are busy (its
-  events say so), starts when the first ends, and its cancel kills every process of the job: the
-  `accelerate launch` leader, both ranks (each in a session of its own) and their reward workers.
+  events say so) and starts when the first ends; the server SIGKILLed under it takes every process of the
+  job along (the `accelerate launch` leader, both ranks, each in a session of its own, and their reward
+  workers); the restarted server places it again (fresh ranks), and its cancel kills every process of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import openai
 from helpers_engine import VARIED_HANDLER, build_model_dir, read_jsonl, write_data
@@ -49,7 +52,7 @@ def test_two_process_jobs_placed_queued_and_cancelled(tmp_path):
     (handlers / "stuck.py").write_text(STUCK.format(log=str(stuck_log)))
     state = tmp_path / "state"
     args = ["--model", f"{MODEL}={model}", "--devices", "cpu:2", "--max-jobs", "2"]
-    with start_server(state, handlers, KEY, args) as (url, key, _proc):
+    with start_server(state, handlers, KEY, args) as (url, key, proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         f = client.files.create(file=train.open("rb"), purpose="fine-tune")
         with __import__("pytest").raises(openai.BadRequestError) as e:  # 3 processes > the 2 slots
@@ -75,12 +78,26 @@ def test_two_process_jobs_placed_queued_and_cancelled(tmp_path):
         assert [r["step"] for r in rows] == [1, 2] and all(r["reward_calls"] == 2 for r in rows)
         assert len({c["pid"] for c in read_jsonl(calls)}) == 2, "one reward worker per rank"
 
-        # the second job now runs on the freed slots; cancel it mid-step
+        # the second job now runs on the freed slots, both ranks inside their reward handler
         workers = wait_for(lambda: stuck_log.is_file() and len(read_jsonl(stuck_log)) >= 2 and read_jsonl(stuck_log),
                            120, "both ranks of the second job to call their reward handler")
         assert client.fine_tuning.jobs.retrieve(second.id).status == "running"
         procs = pids_with(second.id)
         assert len(procs) >= 3, f"expected the launcher and two ranks, found {procs}"
+        everyone = set(procs) | {w["pid"] for w in workers} | {w["ppid"] for w in workers}
+        os.killpg(proc.pid, signal.SIGKILL)  # the server dies: every process of the job follows it
+        wait_for(lambda: all(gone(p) for p in everyone) and not pids_with(second.id), 15,
+                 "every process of the running job to follow the killed server")
+
+    with start_server(state, handlers, KEY, args) as (url, key, _proc):  # restart: the job is placed again
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+        workers = wait_for(lambda: len(read_jsonl(stuck_log)) >= 4 and read_jsonl(stuck_log)[2:], 120,
+                           "both ranks of the resumed job to call their reward handler")
+        messages = [ev.message for ev in client.fine_tuning.jobs.list_events(second.id, limit=100).data]
+        assert messages.count("Placed on 2 CPU slots: cpu0,cpu1") == 2
+        assert any(m.startswith("The server restarted") for m in messages)
+        procs = pids_with(second.id)
+        assert len(procs) >= 3 and not set(procs) & everyone
         everyone = set(procs) | {w["pid"] for w in workers} | {w["ppid"] for w in workers}
         assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
         wait_for(lambda: all(gone(p) for p in everyone) and not pids_with(second.id), 15,
