@@ -65,8 +65,10 @@ def test_launch_commands():
     assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
     assert cmd[cmd.index("--main_process_port") + 1] == "29600"
     cmd, env = launch_command(train, "cpu", ["cpu0", "cpu1"], accelerate_config="/etc/fsdp.yaml")
-    assert env == {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    assert env == {"CUDA_VISIBLE_DEVICES": ""}  # the trainer puts FSDP2 / DeepSpeed on CPU itself
     assert cmd[cmd.index("--config_file") + 1] == "/etc/fsdp.yaml" and "--multi_gpu" not in cmd
+    assert launch_command(train, "cpu", ["cpu0", "cpu1"])[1] == {"CUDA_VISIBLE_DEVICES": "",
+                                                                 "ACCELERATE_USE_CPU": "true"}
     assert cmd[cmd.index("--num_processes") + 1] == "2"
 
 

@@ -115,12 +115,12 @@ def launch_command(train_args: list[str], kind: str, devices: list[str], *,
     runner = [sys.executable, "-m", "grpo.api.runner"]
     if len(devices) == 1:
         return [*runner, *train_args], env
-    if kind == "cpu":
-        env["ACCELERATE_USE_CPU"] = "true"  # gloo ranks: without it, each process believes it is alone
     accel = ["--num_processes", str(len(devices)), "--num_machines", "1", "--main_process_ip", "127.0.0.1",
              "--main_process_port", str(port or _free_port())]
     if accelerate_config:
         accel = ["--config_file", accelerate_config, *accel]
     else:
         accel = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *accel]
+        if kind == "cpu":  # DDP over gloo (as tests/test_distributed.py launches it). Not with a config file:
+            env["ACCELERATE_USE_CPU"] = "true"  # it would switch DeepSpeed off; the trainer handles CPU there
     return [*runner, "launch", *accel, "-m", "grpo.api.runner", *train_args], env
