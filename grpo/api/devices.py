@@ -118,7 +118,8 @@ def launch_command(train_args: list[str], kind: str, devices: list[str], *,
     accel = ["--num_processes", str(len(devices)), "--num_machines", "1", "--main_process_ip", "127.0.0.1",
              "--main_process_port", str(port or _free_port())]
     if accelerate_config:
-        accel = ["--config_file", accelerate_config, *accel]
+        accel = ["--config_file", accelerate_config, "--gpu_ids", "all", *accel]  # a config's gpu_ids would
+        # replace the job's CUDA_VISIBLE_DEVICES: "all" keeps the server's placement
     else:
         accel = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *accel]
         if kind == "cpu":  # DDP over gloo (as tests/test_distributed.py launches it). Not with a config file:
