@@ -48,7 +48,7 @@ def _launch(args: list[str]) -> int:
     try:
         launch_command(launch_command_parser().parse_args(args))
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except Exception as e:  # noqa: BLE001 - a rank failed: torch's launcher says which above; the job fails
         print(f"accelerate launch failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
