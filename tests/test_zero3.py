@@ -36,6 +36,6 @@ def test_grpo_train_under_zero3_on_two_cpu_processes(tmp_path):
     assert all(r["actor_grad_norm"] >= 0 and r["response_length_mean"] > 0 for r in rows)
     assert json.loads((run / "summary.json").read_text())["status"] == "succeeded"
     ckpt = run / "checkpoints" / "step-000002"
-    assert json.loads((ckpt / "trainer_state.pt").exists() and (ckpt / "state.json").read_text())["step"] == 2
+    assert (ckpt / "trainer_state.pt").is_file() and json.loads((ckpt / "state.json").read_text())["step"] == 2
     policy = load_for_inference(str(model), str(ckpt / "adapter"))  # a plain peft adapter, one process
     assert any("lora_A" in n for n, _ in policy.named_parameters())
