@@ -1,0 +1,83 @@
+"""Learnability statistics (grpo.training.learnability) against hand-computed values, and the engine's own
+GRPO advantages as the definition of "carries an advantage"."""
+
+import pytest
+import torch
+
+from grpo.algorithms.core import group_normalized_advantages
+from grpo.training.learnability import group_by_record, group_stats, histogram, learnability, parse_range
+
+GROUPS = {  # record id -> 4 samples' scores (None: grading failed)
+    "a": [1.0, 0.0, 0.0, 1.0],      # spread: pass 2/4, every sample carries an advantage
+    "b": [0.0, 0.0, 0.0, 0.0],      # tie at 0: too hard
+    "c": [1.0, 1.0, 1.0, 1.0],      # tie, all pass: solved
+    "d": [0.5, 0.5, 0.5, 0.5],      # tie at a partial credit: other
+    "e": [1.0, None, 0.0, 0.5],     # 3 graded, mean 0.5: the 0.5 sample has advantage 0
+    "x#y": [None, None, None, None],  # nothing graded ('#' inside a record id is fine)
+}
+
+
+def _flat():
+    ids, scores = [], []
+    for rid, ss in GROUPS.items():
+        ids += [f"{rid}#{k}" for k in range(len(ss))]
+        scores += ss
+    return ids, scores
+
+
+def test_group_stats_by_hand():
+    assert group_stats("a", GROUPS["a"]).as_dict() == {
+        "id": "a", "samples": 4, "graded": 4, "passed": 2, "pass_rate": 0.5, "mean": 0.5, "tie": None,
+        "with_advantage": 4}
+    assert group_stats("b", GROUPS["b"]).tie == "too_hard" and group_stats("b", GROUPS["b"]).with_advantage == 0
+    assert group_stats("c", GROUPS["c"]).tie == "solved" and group_stats("c", GROUPS["c"]).pass_rate == 1.0
+    assert group_stats("d", GROUPS["d"]).tie == "other" and group_stats("d", GROUPS["d"]).pass_rate == 0.0
+    e = group_stats("e", GROUPS["e"])
+    assert (e.samples, e.graded, e.passed, e.with_advantage, e.tie) == (4, 3, 1, 2, None)
+    assert e.pass_rate == pytest.approx(1 / 3) and e.mean == pytest.approx(0.5)
+    # a lower pass score: 0.5 passes too
+    assert group_stats("e", GROUPS["e"], pass_score=0.5).passed == 2
+    assert group_stats("d", GROUPS["d"], pass_score=0.5).tie == "solved"
+    nothing = group_stats("x", [None, None])
+    assert (nothing.graded, nothing.pass_rate, nothing.tie, nothing.with_advantage) == (0, None, None, 0)
+
+
+def test_carrying_an_advantage_is_a_nonzero_grpo_advantage():
+    for rid, ss in GROUPS.items():
+        graded = [s for s in ss if s is not None]
+        if len(graded) < 2:
+            continue
+        adv = group_normalized_advantages(torch.tensor(graded, dtype=torch.float64), [0] * len(graded))
+        assert int((adv.abs() > 1e-9).sum()) == group_stats(rid, ss).with_advantage, rid
+
+
+def test_report_by_hand():
+    ids, scores = _flat()
+    rep = learnability(ids, scores, group_size=4)
+    assert rep["prompts"] == 6 and rep["judged_prompts"] == 5 and rep["prompts_without_grades"] == 1
+    assert rep["frac_zero_std"] == pytest.approx(3 / 5)
+    assert (rep["frac_too_hard"], rep["frac_solved"], rep["frac_other_ties"]) == pytest.approx((0.2, 0.2, 0.2))
+    # (4/4 + 0 + 0 + 0 + 2/3) / 5
+    assert rep["frac_samples_with_advantage"] == pytest.approx((1 + 2 / 3) / 5)
+    # (0.5 + 0 + 1 + 0 + 1/3) / 5
+    assert rep["pass_rate_mean"] == pytest.approx((0.5 + 1 + 1 / 3) / 5)
+    # pass rates 0.5, 0, 1, 0, 1/3 -> nearest k/4: 2, 0, 4, 0, 1
+    assert [b["prompts"] for b in rep["histogram"]] == [2, 1, 1, 0, 1]
+    assert [p["id"] for p in rep["per_prompt"]] == list(GROUPS)
+
+
+def test_grouping_and_histogram_edges():
+    assert group_by_record(["r#1#0", "r#1#1", "s#0"], [1, 0, None]) == {"r#1": [1, 0], "s": [None]}
+    with pytest.raises(ValueError):
+        group_by_record(["a#0"], [])
+    assert [b["prompts"] for b in histogram([0.0, 1.0, 1.0, 0.5], 2)] == [1, 1, 2]
+    empty = learnability([], [], group_size=8)
+    assert empty["judged_prompts"] == 0 and empty["frac_zero_std"] is None and empty["pass_rate_mean"] is None
+
+
+def test_parse_range():
+    assert parse_range("0.1:0.9") == (0.1, 0.9)
+    assert parse_range(":0.5") == (0.0, 0.5) and parse_range("0.25:") == (0.25, 1.0)
+    for bad in ("0.5", "a:b", "0.9:0.1", "-0.1:0.5", "0:1.5"):
+        with pytest.raises(ValueError):
+            parse_range(bad)
