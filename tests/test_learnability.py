@@ -81,3 +81,72 @@ def test_parse_range():
     for bad in ("0.5", "a:b", "0.9:0.1", "-0.1:0.5", "0:1.5"):
         with pytest.raises(ValueError):
             parse_range(bad)
+
+
+# ------------------------------------------------------------------------------ the CLI, end to end
+def test_eval_reports_learnability_and_filter_keeps_the_range(tmp_path):
+    """`grpo eval --samples 4` on a tiny random model graded by a real handler whose score depends on the text,
+    then `grpo data filter` on its --out: the kept records are those whose recomputed pass rate is in range."""
+    import json
+
+    from grpo.data import validate_file
+    from grpo.training.learnability import group_by_record, group_stats
+    from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_varied_handler
+
+    model = build_model_dir(tmp_path / "model")
+    train, _ = write_data(tmp_path / "data", n_train=12, n_val=2)
+    handler = write_varied_handler(tmp_path / "varied.py")  # 0.4 x (len % 3) + 0.2 if a digit: 0 .. 1.0
+    out = tmp_path / "eval.jsonl"
+    res = run_grpo("eval", "--model", model, "--data", train, "--handler", handler, "--samples", "4",
+                   "--max-tokens", "6", "--temperature", "1.0", "--pass-score", "0.6", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    learn = json.loads(res.stdout)["learnability"]
+    rows = read_jsonl(out)
+    assert len(rows) == 48 and {r["data"] for r in rows} == {str(train.resolve())}
+    groups = {rid: group_stats(rid, s, 0.6) for rid, s in group_by_record([r["id"] for r in rows],
+                                                                           [r["score"] for r in rows]).items()}
+    assert learn["group_size"] == 4 and learn["prompts"] == learn["judged_prompts"] == 12
+    assert learn["frac_zero_std"] == pytest.approx(sum(g.tie is not None for g in groups.values()) / 12)
+    assert [p["pass_rate"] for p in learn["per_prompt"]] == [g.pass_rate for g in groups.values()]
+    assert sum(b["prompts"] for b in learn["histogram"]) == 12
+    text = run_grpo("eval", "--model", model, "--data", train, "--handler", handler, "--samples", "4",
+                    "--max-tokens", "6", "--temperature", "1.0", "--limit", "3")
+    assert text.returncode == 0 and "learnability: 4 samples per prompt" in text.stdout
+    assert "samples carrying an advantage" in text.stdout and "pass rate histogram" in text.stdout
+
+    filtered = tmp_path / "filtered.jsonl"
+    res = run_grpo("data", "filter", "--scores", out, "--pass-rate", "0.25:0.75", "--pass-score", "0.6",
+                   "--out", filtered, "--json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    want = [rid for rid, g in groups.items() if 0.25 <= g.pass_rate <= 0.75]
+    assert [r.id for r in validate_file(filtered, allow_small=True).records] == want
+    assert rep["kept"] == len(want) and rep["valid"] and not rep["bedrock_minimum"]
+    assert rep["dropped"]["below"] == sum(g.pass_rate < 0.25 for g in groups.values())
+    assert rep["dropped"]["above"] == sum(g.pass_rate > 0.75 for g in groups.values())
+    # records as they were: byte-identical JSON objects to the source lines
+    source = {r["id"]: r for r in read_jsonl(train)}
+    assert all(source[r["id"]] == r for r in read_jsonl(filtered))
+
+
+def test_filter_errors_name_the_file_line_and_field(tmp_path):
+    from helpers_engine import run_grpo, write_data
+
+    train, _ = write_data(tmp_path / "data", n_train=3, n_val=1)
+    scores = tmp_path / "s.jsonl"
+    scores.write_text('{"id": "nope", "score": 1}\n{"id": "x#0", "score": "high"}\n[1]\n')
+    res = run_grpo("data", "filter", "--scores", scores, "--pass-rate", "0.1:0.9", "--out", tmp_path / "o.jsonl")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{scores}:1: id: expected a trajectory id" in res.stderr and f"{scores}:2: score: expected a number" in res.stderr
+    assert f"{scores}:3: row: expected a JSON object" in res.stderr
+    scores.write_text('{"id": "other#0", "score": 1}\n')
+    res = run_grpo("data", "filter", "--scores", scores, "--pass-rate", "0.1:0.9", "--out", tmp_path / "o.jsonl")
+    assert res.returncode == 2 and "do not say which data file" in res.stderr
+    res = run_grpo("data", "filter", "--scores", scores, "--data", train, "--pass-rate", "0.1:0.9", "--out", train)
+    assert res.returncode == 2 and "is the data file itself" in res.stderr
+    res = run_grpo("data", "filter", "--scores", scores, "--data", train, "--pass-rate", "0.1:0.9",
+                   "--out", tmp_path / "o.jsonl")
+    assert res.returncode == 2 and "1 scored record ids are not in" in res.stderr and "'other'" in res.stderr
+    res = run_grpo("data", "filter", "--scores", scores, "--data", train, "--pass-rate", "0.9", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "--pass-rate: expected LOW:HIGH" in res.stderr
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o").exists()

@@ -54,12 +54,13 @@ def read_scores(path: Path) -> tuple[list[str], list[float | None], set[str]]:
             problems.append(f"{path}:{n}: id: expected a trajectory id '<record id>#<sample>', got {tid!r}")
         elif tid in seen:
             problems.append(f"{path}:{n}: id: {tid!r} appears twice")
-        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
-                                  or not math.isfinite(score)):
+        bad_score = score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                                           or not math.isfinite(score))
+        if bad_score:
             problems.append(f"{path}:{n}: score: expected a number or null (grading failed), got {score!r}")
         if isinstance(row.get("data"), str):
             datas.add(row["data"])
-        if isinstance(tid, str):
+        if isinstance(tid, str) and not bad_score:
             seen.add(tid)
             ids.append(tid)
             scores.append(None if score is None else float(score))
