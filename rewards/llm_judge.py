@@ -14,7 +14,8 @@ Configuration, from environment variables as a Lambda's (read on every call):
 JUDGE_BASE_URL              required: the endpoint's base, ending in /v1
 JUDGE_MODEL                 required: the judge's model id
 JUDGE_API_KEY               bearer key (a Bedrock API key, grpo serve's --api-key); empty: none sent
-JUDGE_RUBRIC                the grading instructions, sent as the system message (DEFAULT_RUBRIC)
+JUDGE_RUBRIC                the grading instructions, sent as the system message (DEFAULT_RUBRIC; set
+                            but empty: no system message)
 JUDGE_PROMPT                the user message, a template with {question}, {response}, {reference} and
                             {max_score} (DEFAULT_PROMPT; write literal braces as {{ }})
 JUDGE_MAX_SCORE             top of the judge's scale (10); the reward is score / JUDGE_MAX_SCORE, 0..1
@@ -103,7 +104,7 @@ def load_config(env=None):
     cfg["temperature"] = _number(env, "JUDGE_TEMPERATURE", 0.0, float, lambda v: 0 <= v <= 2, "in 0..2")
     cfg["concurrency"] = _number(env, "JUDGE_CONCURRENCY", 4, int, lambda v: 1 <= v <= 64, "an integer in 1..64")
     cfg["reasoning_effort"] = env.get("JUDGE_REASONING_EFFORT", "").strip() or None
-    cfg["rubric"] = env.get("JUDGE_RUBRIC") or DEFAULT_RUBRIC
+    cfg["rubric"] = env["JUDGE_RUBRIC"] if "JUDGE_RUBRIC" in env else DEFAULT_RUBRIC  # set but empty: no system message
     cfg["prompt"] = env.get("JUDGE_PROMPT") or DEFAULT_PROMPT
     pattern = env.get("JUDGE_SCORE_PATTERN") or DEFAULT_PATTERN
     try:
@@ -210,8 +211,8 @@ def ask_judge(cfg, trajectory, context=None):
     question, response, reference = split_trajectory(trajectory)
     fields = {"question": question, "response": response, "reference": reference, "max_score": f"{cfg['max_score']:g}"}
     body = {"model": cfg["model"], "temperature": cfg["temperature"], "max_tokens": cfg["max_tokens"],
-            "messages": [{"role": "system", "content": _fill(cfg["rubric"], **fields)},
-                         {"role": "user", "content": _fill(cfg["prompt"], **fields)}]}
+            "messages": ([{"role": "system", "content": _fill(cfg["rubric"], **fields)}] if cfg["rubric"] else [])
+            + [{"role": "user", "content": _fill(cfg["prompt"], **fields)}]}
     if cfg["reasoning_effort"]:
         body["reasoning_effort"] = cfg["reasoning_effort"]
     attempts, last = 0, ""
