@@ -150,3 +150,28 @@ def test_filter_errors_name_the_file_line_and_field(tmp_path):
     res = run_grpo("data", "filter", "--scores", scores, "--data", train, "--pass-rate", "0.9", "--out", tmp_path / "o")
     assert res.returncode == 2 and "--pass-rate: expected LOW:HIGH" in res.stderr
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o").exists()
+
+
+def test_eval_through_grpo_serve_reports_learnability(tmp_path):
+    """The same report through --base-url: `grpo serve` on loopback serving a tiny model, sampled with n=4."""
+    import json
+
+    from grpo.training.learnability import learnability
+    from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_varied_handler
+    from server_helpers import start_server
+
+    model = build_model_dir(tmp_path / "model", seed=1)
+    train, _ = write_data(tmp_path / "data", n_train=6, n_val=2)
+    handler = write_varied_handler(tmp_path / "varied.py")
+    (tmp_path / "handlers").mkdir()
+    out = tmp_path / "eval.jsonl"
+    with start_server(tmp_path / "state", tmp_path / "handlers", "k-learn", ["--model", f"tiny={model}"]) as (url, key, _):
+        res = run_grpo("eval", "--base-url", url, "--api-key", key, "--model", "tiny", "--data", train,
+                       "--handler", handler, "--samples", "4", "--max-tokens", "6", "--temperature", "1.0",
+                       "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    rows = read_jsonl(out)
+    assert got["samples"] == 24 and got["base_url"] == url and len(rows) == 24
+    assert got["learnability"] == learnability([r["id"] for r in rows], [r["score"] for r in rows], group_size=4)
+    assert got["learnability"]["judged_prompts"] == 6
