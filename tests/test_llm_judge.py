@@ -1,7 +1,7 @@
 """rewards/llm_judge.py: the score parse and the configuration by hand; then the handler for real, in the reward
 runner's worker processes, grading through `grpo serve` on loopback with the embedded tiny model as the judge,
 and through the reward lab (`grpo reward check`). The tiny model knows arithmetic, not grading: the judge prompt
-asks it the trajectory's own sum and its `#### N` answer is the "score" (0..20), so the parse path meets real
+asks it the trajectory's own sum and its `#### N` answer is the "score" (0..50), so the parse path meets real
 replies, in range and out of it."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_configuration_errors_name_the_variable():
 
 
 # ------------------------------------------------------------------------------ against grpo serve
-SUMS = [(2, 3), (4, 4), (7, 8), (30, 41), (9, 9), (55, 12), (1, 6), (23, 45)]
+SUMS = [(10, 12), (11, 13), (15, 20), (30, 41), (10, 10), (55, 12), (12, 14), (23, 45)]  # two-digit, as it learned
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def served(tmp_path_factory):
     model = ensure_tiny_model(progress=False)  # cached across runs, as the quickstart test's
     with start_server(tmp / "state", tmp / "handlers", "judge-key", ["--model", f"tiny={model}"]) as (url, key, _):
         env = {"JUDGE_BASE_URL": url, "JUDGE_API_KEY": key, "JUDGE_MODEL": "tiny", "JUDGE_RUBRIC": "",
-               "JUDGE_PROMPT": "{question}", "JUDGE_SCORE_PATTERN": r"####\s*(-?\d+)", "JUDGE_MAX_SCORE": "20",
+               "JUDGE_PROMPT": "{question}", "JUDGE_SCORE_PATTERN": r"####\s*(-?\d+)", "JUDGE_MAX_SCORE": "50",
                "JUDGE_MAX_TOKENS": "48", "JUDGE_RETRIES": "1", "JUDGE_TIMEOUT_S": "60"}
         yield {"tmp": tmp, "url": url, "key": key, "env": env}
 
@@ -100,7 +100,7 @@ def test_judge_scores_through_grpo_serve_and_reports_each_failure(served):
         reply = judge._post(cfg, {"model": "tiny", "temperature": 0, "max_tokens": 48,
                                   "messages": [t["messages"][0]]})
         try:
-            want = judge.parse_score(reply, cfg["pattern"], 20) / 20
+            want = judge.parse_score(reply, cfg["pattern"], 50) / 50
         except judge.JudgeFailure as exc:
             assert score is None and str(exc) in failed[t["id"]], (reply, failed)
             assert "the handler could not grade it: llm_judge: the judge's" in failed[t["id"]]
