@@ -42,7 +42,6 @@ Metrics: ``judge_score`` (the judge's raw score, type Metric) and ``judge_attemp
 import json
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -58,7 +57,7 @@ DEFAULT_PROMPT = (
     "Grade the response from 0 to {max_score}. End with 'Score: N'.")
 DEFAULT_PATTERN = r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)"
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
-_THINK = re.compile(r"<think>.*?</think>", re.S)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 class ConfigError(ValueError):
@@ -108,7 +107,7 @@ def load_config(env=None):
     cfg["prompt"] = env.get("JUDGE_PROMPT") or DEFAULT_PROMPT
     pattern = env.get("JUDGE_SCORE_PATTERN") or DEFAULT_PATTERN
     try:
-        cfg["pattern"] = re.compile(pattern, re.I)
+        cfg["pattern"] = re.compile(pattern, re.IGNORECASE)
     except re.error as exc:
         raise ConfigError(f"JUDGE_SCORE_PATTERN={pattern!r}: not a regular expression ({exc})") from None
     if cfg["pattern"].groups < 1:
@@ -228,7 +227,7 @@ def ask_judge(cfg, trajectory, context=None):
             after = exc.headers.get("Retry-After") if exc.headers else None
             if after and after.strip().isdigit():
                 wait = min(float(after), 20.0)
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             last = f"{type(reason).__name__}: {reason} ({cfg['base_url']})"
         except (ValueError, UnicodeDecodeError) as exc:

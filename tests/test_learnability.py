@@ -89,9 +89,10 @@ def test_eval_reports_learnability_and_filter_keeps_the_range(tmp_path):
     then `grpo data filter` on its --out: the kept records are those whose recomputed pass rate is in range."""
     import json
 
+    from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_varied_handler
+
     from grpo.data import validate_file
     from grpo.training.learnability import group_by_record, group_stats
-    from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_varied_handler
 
     model = build_model_dir(tmp_path / "model")
     train, _ = write_data(tmp_path / "data", n_train=12, n_val=2)
@@ -156,9 +157,10 @@ def test_eval_through_grpo_serve_reports_learnability(tmp_path):
     """The same report through --base-url: `grpo serve` on loopback serving a tiny model, sampled with n=4."""
     import json
 
-    from grpo.training.learnability import learnability
     from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_varied_handler
     from server_helpers import start_server
+
+    from grpo.training.learnability import learnability
 
     model = build_model_dir(tmp_path / "model", seed=1)
     train, _ = write_data(tmp_path / "data", n_train=6, n_val=2)

@@ -34,7 +34,7 @@ judge = _load()
 
 
 def test_parse_score_by_hand():
-    pat = re.compile(judge.DEFAULT_PATTERN, re.I)
+    pat = re.compile(judge.DEFAULT_PATTERN, re.IGNORECASE)
     assert judge.parse_score("Looks right.\nScore: 7", pat, 10) == 7.0
     assert judge.parse_score("score = 3.5 then SCORE: 9", pat, 10) == 9.0  # the last match counts
     assert judge.parse_score("<think>Score: 2</think>Final. Score: 8", pat, 10) == 8.0  # thinking is not the verdict
@@ -70,8 +70,9 @@ SUMS = [(10, 12), (11, 13), (15, 20), (30, 41), (10, 10), (55, 12), (12, 14), (2
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from grpo.models.tiny import ensure_tiny_model
     from server_helpers import start_server
+
+    from grpo.models.tiny import ensure_tiny_model
 
     tmp = tmp_path_factory.mktemp("judge")
     (tmp / "handlers").mkdir()

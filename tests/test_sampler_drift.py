@@ -80,9 +80,10 @@ class CopySampler:
 
 @pytest.mark.parametrize("sync_works", [True, False])
 def test_a_sampler_whose_sync_does_nothing_raises_the_alarm(tmp_path, sync_works):
+    from helpers_engine import build_model_dir, read_jsonl, write_data, write_job, write_varied_handler
+
     from grpo.config import load_config
     from grpo.training.trainer import Trainer
-    from helpers_engine import build_model_dir, read_jsonl, write_data, write_job, write_varied_handler
 
     torch.set_num_threads(1)
     model = build_model_dir(tmp_path / "model")
