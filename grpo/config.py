@@ -25,7 +25,7 @@ BEDROCK_MODEL_IDS = {
     "openai.gpt-oss-20b": "openai/gpt-oss-20b",
     "qwen.qwen3-32b": "Qwen/Qwen3-32B",
 }
-# The embedded default: a tiny Qwen3-architecture model the project pretrains itself (grpo.tiny).
+# The embedded default: a tiny Qwen3-architecture model the project pretrains itself (grpo.models.tiny).
 TINY_MODEL = "grpo:tiny-arith"
 
 
@@ -90,7 +90,7 @@ class RewardRunnerConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    """Where responses are sampled (grpo.samplers) and how a sampler that is not the trained policy is corrected."""
+    """Where responses are sampled (grpo.rollout.samplers) and how a sampler that is not the trained policy is corrected."""
 
     backend: Literal["transformers", "continuous", "vllm"] = Field(
         "transformers", description="transformers: the trained policy samples itself (exact, the default); "

@@ -1,4 +1,4 @@
-"""The rollout backends (grpo.samplers) on tiny real models: transformers' continuous batching returns the
+"""The rollout backends (grpo.rollout.samplers) on tiny real models: transformers' continuous batching returns the
 trained policy's own log-probs, the trainer runs with it end to end (old log-probs recomputed, TIS weights
 and sampler-mismatch metrics), and the backends that cannot run say so in one line."""
 

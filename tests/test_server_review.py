@@ -20,7 +20,7 @@ from server_helpers import server_log, start_server, wait_for
 
 
 def test_server_modules_and_checkpoint_paths_do_not_import_torch(tmp_path):
-    """What the server runs for files, jobs and /v1/models (grpo.api.app, and grpo.checkpoint's path
+    """What the server runs for files, jobs and /v1/models (grpo.api.app, and grpo.training.checkpoint's path
     helpers that jobs.py and worker.py call) leaves torch and numpy unimported, in a fresh interpreter."""
     run = tmp_path / "run"
     for step in (2, 10):

@@ -231,7 +231,7 @@ def policy_loss_clipped(
       pg_clipfrac = masked_mean(L2 > L1);  pg_clipfrac_lower = masked_mean((C1 > L3) and A < 0)
       ppo_kl = masked_mean(-d)
     All inputs [B, T]; ``advantages`` token-level (see broadcast_to_tokens). clip_ratio_c must be > 1.
-    ``rollout_is_weights`` (grpo.tis, detached) reweight each token's clipped loss when the responses came
+    ``rollout_is_weights`` (grpo.algorithms.tis, detached) reweight each token's clipped loss when the responses came
     from a sampler other than the trained policy, as verl's ``rollout_is_weights``; the clip statistics are
     those of the unweighted ratio."""
     if not clip_ratio_c > 1.0:

@@ -13,8 +13,8 @@ because record ids are unique and the sample index is the text after the LAST ``
 
 Handlers: a file path (entry ``lambda_handler``), ``path:function``, or a Lambda ARN
 ``arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER]`` (boto3, optional ``endpoint_url``; retries
-in :mod:`grpo.lambda_client`). Local files run in persistent worker processes
-(:mod:`grpo.reward_workers`), imported once per worker, reused across steps until :meth:`close`;
+in :mod:`grpo.reward.lambda_client`). Local files run in persistent worker processes
+(:mod:`grpo.reward.workers`), imported once per worker, reused across steps until :meth:`close`;
 ``env`` adds environment variables for them (the Lambda's configuration, e.g. GSM8K_REWARD_MODE).
 
 Batching: at most ``batch_size`` trajectories per call, fewer when the serialized JSON would pass

@@ -1,6 +1,6 @@
 """Persistent worker processes that run a local Lambda handler file, isolated from the trainer.
 
-Each worker is ``python -m grpo.reward_workers PATH FUNCTION TIMEOUT``: it imports the handler once,
+Each worker is ``python -m grpo.reward.workers PATH FUNCTION TIMEOUT``: it imports the handler once,
 then serves calls over its stdin/stdout pipes until stdin closes. A handler that raises is reported
 with its own traceback; one that hangs past the timeout is dumped (faulthandler on SIGUSR1, so the
 report shows where it hung), killed and replaced; one that kills the interpreter (``os._exit``,
@@ -203,7 +203,7 @@ class _Worker:
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - the child's fd 2, O_APPEND so truncation works
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "grpo.reward_workers", path, function, repr(timeout_s)],
+            [sys.executable, "-m", "grpo.reward.workers", path, function, repr(timeout_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, close_fds=True,
             start_new_session=True,  # its own process group: Ctrl-C goes to the trainer, which closes
         )                            # us; kill() takes the handler's own subprocesses down with it
@@ -363,7 +363,7 @@ class WorkerPool:
 
 def _worker_env(handler: Path) -> dict:
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # so `-m grpo.reward_workers` imports
+    root = str(Path(__file__).resolve().parents[2])  # so `-m grpo.reward.workers` imports
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     name = handler.stem
     env.setdefault("AWS_LAMBDA_FUNCTION_NAME", name)

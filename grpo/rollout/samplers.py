@@ -10,8 +10,8 @@ Every backend has the same three calls, in the order the trainer makes them each
   trained distribution, so `logprobs` is None and no importance correction applies.
 - "continuous": transformers' continuous batching (`generate_batch`: paged KV cache, requests scheduled as
   they finish, CUDA graphs on GPU) on the same module. Same weights, other kernels (paged attention), so it
-  returns its own log-probs and the trainer corrects with TIS (grpo.tis). Nothing to sync.
-- "vllm": a vLLM engine colocated in sleep mode (grpo.rollout_vllm), synced with the merged LoRA weights
+  returns its own log-probs and the trainer corrects with TIS (grpo.algorithms.tis). Nothing to sync.
+- "vllm": a vLLM engine colocated in sleep mode (grpo.rollout.vllm), synced with the merged LoRA weights
   after each update. Optional extra, not measured here.
 """
 

@@ -1,6 +1,6 @@
 """OPTIONAL vLLM generation backend, colocated with training. NOT MEASURED HERE: vLLM cannot be installed
 on this project's CI machines (no GPU), so only the parts below that do not need vLLM are tested
-(`merged_weights`, and the TIS math in grpo.tis). The default backend is transformers generation
+(`merged_weights`, and the TIS math in grpo.algorithms.tis). The default backend is transformers generation
 (grpo.rollout.generate), which samples from exactly the policy being trained.
 
 How the pieces fit (the design TRL's and verl's colocated modes use):
@@ -65,7 +65,7 @@ def _import_vllm():
 
 
 class VLLMRollout:
-    """vLLM colocated with the trainer, in sleep mode: the "vllm" backend of grpo.samplers (same calls as the
+    """vLLM colocated with the trainer, in sleep mode: the "vllm" backend of grpo.rollout.samplers (same calls as the
     others). Not measured here (see the module docstring)."""
 
     name = "vllm"
@@ -85,7 +85,7 @@ class VLLMRollout:
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
                  top_p: float = 1.0) -> Sampled:
         """Like grpo.rollout.generate (the full tempered distribution, top-k off), plus each sampled token's
-        log-prob under vLLM (for grpo.tis)."""
+        log-prob under vLLM (for grpo.algorithms.tis)."""
         self.wake_up()
         params = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
                                           max_tokens=max_new_tokens, logprobs=0, ignore_eos=self.ignore_eos)

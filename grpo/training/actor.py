@@ -87,7 +87,7 @@ def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor
 
     `old_logp=None` means on-policy: one epoch, one mini-batch, so the old log-probs are the current
     ones detached (ratio 1) and no separate pass is needed. `is_weights` [N, L-1]: TIS weights for responses
-    drawn by another sampler (grpo.tis), multiplying each token's policy-gradient loss.
+    drawn by another sampler (grpo.algorithms.tis), multiplying each token's policy-gradient loss.
 
     A mini-batch whose gradient norm is not finite takes no optimizer step (its gradients are dropped, as
     verl's actor does), so one NaN cannot poison the adapter and Adam's moments; `actor_grad_norm` shows it.

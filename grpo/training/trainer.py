@@ -171,7 +171,7 @@ class Trainer:
         idx = self._step_prompts(step)
         records = [self.train_records[i] for i in idx]
 
-        # 1. sample a group of responses per prompt (grpo.samplers: engine.rollout.backend)
+        # 1. sample a group of responses per prompt (grpo.rollout.samplers: engine.rollout.backend)
         t = time.perf_counter()
         sampled = self.sampler.generate([self.train_prompts[i] for i in idx], n=h.training_sample_per_prompt,
                                         max_new_tokens=h.inference_max_tokens, temperature=e.temperature, top_p=e.top_p)
@@ -194,7 +194,7 @@ class Trainer:
         if keep:
             adv[keep] = alg.group_normalized_advantages(scores, groups, norm_by_std=e.norm_adv_by_std)
         # A failed trajectory stays a row with an empty response mask: no token and no sequence in the loss
-        # (grpo.actor), while every process keeps the same mini-batch layout (dropping rows would desynchronise
+        # (grpo.training.actor), while every process keeps the same mini-batch layout (dropping rows would desynchronise
         # DDP's collectives).
         batch = pack(rollout.prompt_ids, rollout.response_ids, self.tok.pad_token_id)
         batch.response_mask[[i for i in range(len(rollout)) if result.scores[i] is None]] = 0.0

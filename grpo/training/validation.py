@@ -49,7 +49,7 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
                      reasoning_effort: str = "low", top_p: float = 1.0, n: int = 1, batch_size: int = GEN_BATCH,
                      prompt_ids: list[list[int]] | None = None, keep_samples: bool = False,
                      sampler=None) -> EvalResult:
-    """Sample `n` responses per record (with `sampler`, a grpo.samplers backend, when given; else
+    """Sample `n` responses per record (with `sampler`, a grpo.rollout.samplers backend, when given; else
     transformers generation on `model`) and grade them with `runner`."""
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tokenizer, r.messages, reasoning_effort=reasoning_effort, tools=r.tools) for r in records]
