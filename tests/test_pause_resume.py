@@ -86,3 +86,20 @@ def test_pause_then_resume_continues_from_the_checkpoint(tmp_path):
         with pytest.raises(openai.BadRequestError) as err:
             client.fine_tuning.jobs.resume(job.id)
         assert err.value.code == "job_not_resumable" and "succeeded" in str(err.value)
+
+
+def test_a_server_restarted_while_a_job_was_pausing_leaves_it_paused(tmp_path):
+    """The worker's start: a job left `pausing` (its trainer was stopped with the server) is `paused`, to resume
+    from its last checkpoint, not queued again as a `running` one is."""
+    from grpo.api.store import Store
+    from grpo.api.worker import JobManager
+
+    store = Store(tmp_path / "state")
+    store.add_job({"id": "ftjob-" + "a" * 24, "object": "fine_tuning.job", "status": "pausing", "pid": None})
+    manager = JobManager(store, poll_s=3600)
+    manager.start()
+    manager.stop()
+    assert store.get_job("ftjob-" + "a" * 24)["status"] == "paused"
+    events = [e["message"] for e in store.list_events("ftjob-" + "a" * 24, limit=10, after=None)]
+    assert any("restarted while the job was pausing" in m for m in events)
+    store.close()
