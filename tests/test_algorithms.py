@@ -133,7 +133,7 @@ def test_policy_loss_with_rollout_is_weights_by_hand():
     ("token-mean", 4.9 / 5),
     ("seq-mean-token-mean", ((-2.7 / 3) + (7.6 / 2)) / 2),  # (-0.9 + 3.8) / 2 = 1.45
     ("seq-mean-token-sum", (-2.7 + 7.6) / 2),  # 2.45
-    ("seq-mean-token-sum-norm", (-2.7 + 7.6) / 3),  # divided by T = 3
+    ("seq-mean-token-sum-norm", (-2.7 + 7.6) / 2 / 3),  # verl 0.9.1: the seq-mean, then divided by T = 3
 ])
 def test_policy_loss_each_agg_mode_by_hand(mode, expected):
     old, logp, adv, mask = _example()
@@ -167,8 +167,10 @@ def test_agg_loss_modes_by_hand_with_empty_sequence():
     close(alg.agg_loss(loss, mask, "token-mean"), (1 + 2 + 3 + 4) / 4)
     close(alg.agg_loss(loss, mask, "seq-mean-token-mean"), (6 / 3 + 4 / 1) / 2)
     close(alg.agg_loss(loss, mask, "seq-mean-token-sum"), (6 + 4) / 2)
-    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm"), (6 + 4) / 4)
-    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=10), (6 + 4) / 10)
+    # verl 0.9.1's agg_loss: the seq-mean-token-sum value (over the 2 non-empty sequences) / the horizon
+    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm"), (6 + 4) / 2 / 4)
+    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=10), (6 + 4) / 2 / 10)
+    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm", global_seqs=5, loss_scale_factor=10), 10 / 5 / 10)
     close(alg.agg_loss(loss, mask, "token-mean", global_tokens=20), 10 / 20)
     close(alg.agg_loss(loss, mask, "seq-mean-token-sum", global_seqs=5), 10 / 5)
 
@@ -325,6 +327,27 @@ def test_log_probs_from_logits_matches_log_softmax_gather():
 
 
 # ------------------------------------------------------------------ registries
+def test_registering_a_new_estimator_and_loss_by_decorator():
+    @alg.register_adv_est("test-raw-score")
+    def raw(scores, group_ids, *, norm_by_std=True):
+        return torch.as_tensor(scores, dtype=D)
+
+    @alg.register_policy_loss("test-vanilla-twice")
+    def twice(*args, **kw):
+        out = alg.policy_loss_clipped(*args, **kw)
+        return out._replace(pg_loss=2 * out.pg_loss)
+
+    try:
+        assert alg.get_advantage_estimator("test-raw-score") is raw
+        close(alg.get_advantage_estimator("test-raw-score")(t([1.0, 2.0]), [0, 0]), [1.0, 2.0])
+        old, logp, adv, mask = _example()
+        close(alg.get_policy_loss("test-vanilla-twice")(old, logp, adv, mask).pg_loss, 2 * 4.9 / 5)
+        with pytest.raises(ValueError, match="already registered"):
+            alg.register_adv_est("grpo")(raw)
+    finally:
+        del alg.ADVANTAGE_ESTIMATORS["test-raw-score"], alg.POLICY_LOSSES["test-vanilla-twice"]
+
+
 def test_registries_and_accessors():
     assert alg.get_advantage_estimator("grpo") is alg.group_normalized_advantages
     assert alg.get_policy_loss("vanilla") is alg.policy_loss_clipped

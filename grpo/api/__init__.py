@@ -7,7 +7,8 @@ shape `{"error": {"message", "type", "param", "code"}}`, so the real `openai` pa
 Modules: `app` (FastAPI routes, auth, errors), `store` (SQLite state), `jobs` (validation of the job
 body, the worker that runs `grpo train` subprocesses, events and checkpoints), `runner` (the trainer
 subprocess entry point that dies with its server), `inference` (model cache and token streaming),
-`chat` (chat.completions and responses objects and their event streams).
+`chat` (chat.completions and responses objects and their event streams), `console` and `console_runs`
+(the browser console at /console/: its sign-in, pages and the run data they chart; docs/console.md).
 
 Ids (chosen once, here):
 

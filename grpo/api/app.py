@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grpo.api import chat
 from grpo.api import jobs as J
+from grpo.api.console import add_console
 from grpo.api.errors import ApiError, bad_request, not_found, parse_limit
 from grpo.api.inference import ModelCache, encode
 from grpo.api.responses import ResponseBuilder
@@ -348,4 +349,5 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                                      headers={"Cache-Control": "no-cache"})
         return builder.complete(await run_in_threadpool(choice.run), prompt_tokens)
 
+    add_console(app, cfg)  # the browser console at /console/; its gate runs before the auth above
     return app

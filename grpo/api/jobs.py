@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from grpo.api.errors import bad_request
 from grpo.api.store import Store, new_id
-from grpo.config import JobConfig, format_validation_error
+from grpo.config import JobConfig, flat_aliases, format_validation_error
 from grpo.rundir import RunDir, make_event, read_jsonl
 
 ORG = "grpo-local"
@@ -124,7 +124,7 @@ def validate_body(store: Store, body, handlers_dir: Path) -> tuple[dict, JobConf
     try:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
-        msg = format_validation_error("request body", e).replace("invalid job config:\n", "invalid job: ")
+        msg = format_validation_error("request body", e, flat=flat_aliases(raw)).replace("invalid job config:\n", "invalid job: ")
         raise bad_request(msg.replace("\n", "; "), _error_param(e)) from None
     grader = raw["method"]["reinforcement"]["grader"]
     key = "lambda" if "lambda" in grader else "lambda_"

@@ -14,7 +14,9 @@ def add_arguments(p):
     p.description = ("Serve Bedrock RFT's OpenAI-compatible API locally: /v1/files, /v1/fine_tuning/jobs (events, "
                      "checkpoints, cancel), /v1/models, /v1/chat/completions and /v1/responses. Jobs run `grpo train` in "
                      "worker processes; all state lives under --state-dir (SQLite + files), so a restart loses nothing "
-                     "and a job that was running resumes from its last checkpoint.")
+                     "and a job that was running resumes from its last checkpoint. A console for people (jobs, live "
+                     "charts, events, checkpoints, compare) is at /console/ on the same port: sign in with the API key "
+                     "(docs/console.md).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--state-dir", type=Path, default=Path(".grpo-server"),
@@ -79,6 +81,7 @@ def run(args) -> int:
     app = create_app(cfg)
     print(f"grpo serve: http://{args.host}:{args.port}/v1  state: {args.state_dir.resolve()}  "
           f"handlers: {args.handlers_dir.resolve()}", flush=True)
+    print(f"console: http://{args.host}:{args.port}/console/  (sign in with the API key)", flush=True)
     if generated:
         print(f"API key (generated for this run; set --api-key or GRPO_API_KEY to choose one): {key}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -24,9 +24,10 @@ from collections.abc import Iterator
 
 import torch
 
+from grpo.batch import StepBatch
 from grpo.errors import UserError
-from grpo.rollout.batch import RolloutBatch, Sampled
-from grpo.rollout.prompts import special_tokens
+from grpo.rollout.batch import RolloutBatch
+from grpo.rollout.prompts import pad_token_id, special_tokens
 
 
 def merged_weights(policy, adapter: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,7 +84,7 @@ class VLLMRollout:
         self.asleep_tags: set[str] = set()  # what sleep() released and no wake_up has brought back
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> Sampled:
+                 top_p: float = 1.0) -> StepBatch:
         """Like grpo.rollout.generate (the full tempered distribution, top-k off), plus each sampled token's
         log-prob under vLLM (for grpo.algorithms.tis)."""
         self.wake_up()
@@ -98,7 +99,7 @@ class VLLMRollout:
                 batch.add(self.tokenizer, prompts[g], ids, truncated=comp.finish_reason == "length", group=g, sample=s,
                           specials=specials)
                 sampler_logp.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
-        return Sampled(batch, sampler_logp)
+        return batch.pack(pad_token_id(self.tokenizer), sampler_logprobs=sampler_logp)
 
     def sync(self, policy) -> None:
         """Load the policy's merged weights into vLLM (after each optimizer step), as TRL's colocate mode does."""

@@ -33,15 +33,16 @@ class EvalResult:
         return sum(g) / len(g) if g else float("nan")
 
 
-def build_trajectories(records, rollout) -> list[dict]:
-    """One Lambda-contract trajectory per sampled response (the event Bedrock would send)."""
+def build_trajectories(records, batch) -> list[dict]:
+    """One Lambda-contract trajectory per sampled response (the event Bedrock would send); `batch` is a
+    grpo.batch.StepBatch or a grpo.rollout.batch.RolloutBatch (the same group, sample and text fields)."""
     from grpo.reward.runner import make_trajectory
 
     out = []
-    for i in range(len(rollout)):
-        rec = records[rollout.group[i]]
-        out.append(make_trajectory(rec.id, rollout.sample[i], rec.messages, rollout.contents[i],
-                                   rec.reference_answer, rec.metadata, reasoning_content=rollout.reasoning[i]))
+    for i in range(len(batch)):
+        rec = records[int(batch.group[i])]
+        out.append(make_trajectory(rec.id, int(batch.sample[i]), rec.messages, batch.contents[i],
+                                   rec.reference_answer, rec.metadata, reasoning_content=batch.reasoning[i]))
     return out
 
 
@@ -55,7 +56,7 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
         prompt_ids = [encode_prompt(tokenizer, r.messages, reasoning_effort=reasoning_effort, tools=r.tools) for r in records]
     if sampler is not None:
         rollout = sampler.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p).batch
+                                   top_p=top_p)
     else:
         rollout = generate(model, tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, batch_size=batch_size)
@@ -65,6 +66,6 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
     if keep_samples:
         samples = [{"id": t["id"], "response": rollout.contents[i], "reasoning_content": rollout.reasoning[i],
                     "score": result.scores[i]} for i, t in enumerate(trajectories)]
-    return EvalResult(scores=list(result.scores), response_lengths=[len(r) for r in rollout.response_ids],
-                      truncated=list(rollout.truncated), failures=list(result.failures), metrics=result.summary(),
+    return EvalResult(scores=list(result.scores), response_lengths=[int(n) for n in rollout.response_lengths],
+                      truncated=[bool(t) for t in rollout.truncated], failures=list(result.failures), metrics=result.summary(),
                       samples=samples, ids=[t["id"] for t in trajectories])
