@@ -85,9 +85,11 @@ class LoraConfig(_Strict):
 class RewardRunnerConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="trajectories per handler call")
     concurrency: int = Field(2, ge=1, description="handler calls in flight at once")
-    timeout_s: float = Field(300.0, gt=0, description="per call, like the AWS sample Lambdas")
+    timeout_s: float = Field(300.0, gt=0, le=900, description="per call, like the AWS sample Lambdas (Lambda's maximum: 900)")
     on_failure: Literal["fail", "skip"] = Field("fail", description="fail the step, or drop failed trajectories")
     endpoint_url: str | None = Field(None, description="Lambda endpoint for ARN graders (emulators, LocalStack)")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables for local handlers (the Lambda's configuration)")
+    pass_env: list[str] = Field(default_factory=list, description="variables passed from this process's environment to local handlers, e.g. AWS credentials for a judge calling Bedrock (grpo.reward.workers.handler_env)")
 
 
 class RolloutConfig(_Strict):

@@ -139,6 +139,12 @@ def texts(driver, css: str) -> list[str]:
     return [e.text for e in driver.find_elements("css selector", css)]
 
 
+def open_job(driver, site, job: str) -> None:
+    """Load a job's page and wait until one refresh has drawn all of it (facts, charts, lists, events)."""
+    driver.get(f"{site['url']}/console/jobs/{job}")
+    wait(driver, lambda d: int(d.execute_script("return document.body.dataset.refreshes || '0'")) >= 1)
+
+
 def no_injection(driver) -> None:
     """Nothing a user wrote ran or became markup: no flag set, no <img>/<b>/<script> from user data."""
     assert driver.execute_script("return window.__xss === undefined")
@@ -218,8 +224,8 @@ def test_jobs_list_shows_every_job_with_user_text_as_text(site, browser, shots):
 
 def test_finished_job_page(site, browser, shots):
     job = site["done"]
-    browser.get(f"{site['url']}/console/jobs/{job}")
-    wait(browser, lambda d: d.execute_script("return document.body.dataset.points") == "5")  # the baseline + 4 steps
+    open_job(browser, site, job)
+    assert browser.execute_script("return document.body.dataset.points") == "5"  # the baseline + 4 steps
     baseline = next(e.data["val_score_rewards_mean"] for e in site["client"].fine_tuning.jobs.list_events(job, limit=100)
                     if (e.data or {}).get("step") == 0 and "val_score_rewards_mean" in e.data)
     cols = httpx.get(f"{site['url']}/console/api/jobs/{job}/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -249,8 +255,7 @@ def test_finished_job_page(site, browser, shots):
 
 
 def test_failed_job_shows_its_error_as_text(site, browser, shots):
-    browser.get(f"{site['url']}/console/jobs/{site['failed']}")
-    wait(browser, lambda d: d.find_elements("id", "job-error"))
+    open_job(browser, site, site["failed"])
     error = browser.find_element("id", "job-error").text
     assert XSS_ERROR in error and "The job failed" in error
     assert any(XSS_ERROR in m for m in texts(browser, "#events-table td.message"))
@@ -260,7 +265,7 @@ def test_failed_job_shows_its_error_as_text(site, browser, shots):
 
 def test_running_job_updates_live_then_cancel_button(site, browser, shots):
     job = site["running"]
-    browser.get(f"{site['url']}/console/jobs/{job}")
+    open_job(browser, site, job)
     wait(browser, lambda d: int(d.execute_script("return document.body.dataset.points || '0'")) >= 1)
     first = int(browser.execute_script("return document.body.dataset.points"))
     assert browser.execute_script("return document.body.dataset.status") == "running"
@@ -283,7 +288,7 @@ def test_running_job_updates_live_then_cancel_button(site, browser, shots):
     browser.find_element("id", "cancel").click()
     wait(browser, lambda d: d.execute_script("return document.body.dataset.status") == "cancelled", timeout=30)
     assert site["client"].fine_tuning.jobs.retrieve(job).status == "cancelled"
-    assert texts(browser, "#events-table td.message")[0] == "Fine-tuning job cancelled"
+    wait(browser, lambda d: texts(d, "#events-table td.message")[:1] == ["Fine-tuning job cancelled"])
     assert browser.find_elements("id", "cancel") == []
 
 

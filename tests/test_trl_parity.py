@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from grpo.algorithms import core as alg  # noqa: E402
-from grpo.models.forward import forward_logprobs
 from grpo.batch import pack  # noqa: E402
+from grpo.models.forward import forward_logprobs
 from grpo.training.actor import adapter_disabled, compute_logprobs  # noqa: E402
 
 BETA, EPS = 0.001, 0.2

@@ -35,19 +35,19 @@ def add_parser(sub) -> None:
 def read_scores(path: Path) -> tuple[list[str], list[float | None], set[str]]:
     """(trajectory ids, scores, the `data` paths named) of an eval --out file; UserError listing every problem
     as FILE:LINE: field: message."""
-    from grpo.data import _capped, _kind, _open_lines, _parse_line
+    from grpo.jsonl import capped, json_kind, open_lines, parse_line
     from grpo.errors import UserError
 
     ids, scores, datas, problems, seen = [], [], set(), [], set()
-    for n, raw in enumerate(_open_lines(path), 1):
+    for n, raw in enumerate(open_lines(path), 1):
         if not raw.strip():
             continue
-        row, err, _ = _parse_line(raw, n)
+        row, err, _ = parse_line(raw, n)
         if err:
             problems.append(f"{path}:{n}: {err[0]}: {err[1]}")
             continue
         if not isinstance(row, dict):
-            problems.append(f"{path}:{n}: row: expected a JSON object (a `grpo eval --out` row), got {_kind(row)}")
+            problems.append(f"{path}:{n}: row: expected a JSON object (a `grpo eval --out` row), got {json_kind(row)}")
             continue
         tid, score = row.get("id"), row.get("score")
         if not isinstance(tid, str) or "#" not in tid:
@@ -65,7 +65,7 @@ def read_scores(path: Path) -> tuple[list[str], list[float | None], set[str]]:
             ids.append(tid)
             scores.append(None if score is None else float(score))
     if problems:
-        raise UserError(f"{path} is not a `grpo eval --out` file:\n" + "\n".join(_capped(problems)))
+        raise UserError(f"{path} is not a `grpo eval --out` file:\n" + "\n".join(capped(problems)))
     if not ids:
         raise UserError(f"{path}: no scored samples (run `grpo eval --samples G --out {path}` first)")
     return ids, scores, datas

@@ -30,6 +30,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpo.reward.environment import handler_env
+
 _HEADER = struct.Struct(">cQ")
 TAIL_LINES = 20  # lines of handler output / traceback quoted in a failure
 
@@ -286,7 +288,8 @@ class WorkerPool:
     """``n`` persistent workers for one handler; ``call`` is thread-safe (one call per worker at once)."""
 
     def __init__(self, path: str, function: str, n: int, timeout_s: float, log_dir: Path,
-                 startup_timeout_s: float = 120.0, env: dict[str, str] | None = None):
+                 startup_timeout_s: float = 120.0, env: dict[str, str] | None = None,
+                 pass_env: list[str] | tuple = ()):
         import queue
 
         self.path, self.function, self.timeout_s = path, function, timeout_s
@@ -295,7 +298,7 @@ class WorkerPool:
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
         self._serial, self._closed = 0, False
-        self.env = {**_worker_env(Path(path)), **(env or {})}
+        self.env = handler_env(Path(path), env, pass_env)
         workers = [self._spawn() for _ in range(n)]
         try:
             for w in workers:
@@ -359,18 +362,6 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 pass
             w.kill()
-
-
-def _worker_env(handler: Path) -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])  # so `-m grpo.reward.workers` imports
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    name = handler.stem
-    env.setdefault("AWS_LAMBDA_FUNCTION_NAME", name)
-    env.setdefault("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-    env.setdefault("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-    env.setdefault("AWS_LAMBDA_LOG_GROUP_NAME", f"/aws/lambda/{name}")
-    return env
 
 
 if __name__ == "__main__":

@@ -261,6 +261,12 @@ class RunLog:
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log(extra, step=step)
 
+    def clear(self) -> None:
+        """On a resume with no checkpoint to resume from: the run starts over, its logs with it."""
+        if self.enabled:
+            for path in (self.metrics_path, self.events_path, RunDir(self.run_dir).samples, RunDir(self.run_dir).summary):
+                path.unlink(missing_ok=True)
+
     def event(self, message: str, **kw) -> None:
         if self.enabled:
             _append_lines(self.events_path, [make_event(message, **kw)])

@@ -23,7 +23,7 @@ from grpo.rollout.prompts import encode_prompt
 from grpo.rollout.samplers import make_sampler
 from grpo.rundir import RunDir, read_jsonl
 from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
-from grpo.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo.training.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from grpo.training.health import HealthMonitor
 from grpo.training.metrics import Processes, RunLog, marked_timer, step_metrics
 from grpo.training.validation import build_trajectories, sample_and_score
@@ -94,7 +94,8 @@ class Trainer:
                                     max_model_len=h.max_prompt_length + h.inference_max_tokens)
         self.runner = RewardRunner(cfg.handler, batch_size=e.reward.batch_size, max_concurrency=e.reward.concurrency,
                                    timeout_s=e.reward.timeout_s, on_failure=e.reward.on_failure,
-                                   endpoint_url=e.reward.endpoint_url)
+                                   endpoint_url=e.reward.endpoint_url, env=e.reward.env or None,
+                                   pass_env=e.reward.pass_env)
         self.settings = UpdateSettings.from_config(cfg, self.world)
         self.on_policy = e.algorithm.ppo_epochs == 1 and cfg.mini_batch_prompts() == h.batch_size
         self.procs = Processes(self.acc)
@@ -118,10 +119,17 @@ class Trainer:
         return [records[i] for i in keep], [ids[i] for i in keep]
 
     def _resume(self):
+        if self.is_main:
+            for partial in remove_partial(self.run_dir):  # a crash while it was being written
+                print(f"removed {partial}: a checkpoint a crash left half written")
         ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+        if ckpt is None:  # nothing to resume: the steps logged so far are redone, so they are dropped
+            logged = len(read_jsonl(RunDir(self.run_dir).metrics))
             if self.is_main:
-                print(f"no checkpoint in {self.run_dir}; starting from step 0")
+                self.log.clear()
+                print(f"no checkpoint in {self.run_dir}; starting from step 0"
+                      + (f" (the {logged} step(s) logged before it stopped are discarded)" if logged else ""))
+            self.acc.wait_for_everyone()
             return
         state = load_checkpoint(ckpt, accelerator=self.acc, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.start_step = state.pop("step")

@@ -190,7 +190,10 @@
       renderCheckpoints(ck.data);
       await loadEvents();
       $("updated").textContent = C.TERMINAL.has(d.job.status) ? "" : "live: updated " + C.time(Date.now() / 1000).slice(11);
-      if (C.TERMINAL.has(d.job.status) && timer) { clearInterval(timer); timer = null; }
+      document.body.dataset.refreshes = String(+(document.body.dataset.refreshes || 0) + 1);  // all of it drawn
+      // polling stops at the second refresh that finds the job ended (its last events can land just after)
+      state.endedRefreshes = C.TERMINAL.has(d.job.status) ? (state.endedRefreshes || 0) + 1 : 0;
+      if (state.endedRefreshes >= 2 && timer) { clearInterval(timer); timer = null; }
     } catch (e) {
       C.fail($("error"), e);
     }
