@@ -36,10 +36,10 @@ def test_pause_then_resume_continues_from_the_checkpoint(tmp_path):
     handlers.mkdir()
     (handlers / "paced.py").write_text(PACED)
     state = tmp_path / "state"
-    with start_server(state, handlers, KEY) as (url, key, _proc):
+    with start_server(state, handlers, KEY, ["--model", f"tiny={model}"]) as (url, key, _proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         f = client.files.create(file=train.open("rb"), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=str(model), training_file=f.id, extra_body={
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body={
             "method": {"type": "reinforcement", "reinforcement": {
                 "grader": {"type": "lambda", "lambda": {"function": "paced.py"}},
                 "hyperparameters": {"n_epochs": 1, "batch_size": 2, "training_sample_per_prompt": 4,
