@@ -282,6 +282,16 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         get_job(job_id)
         return J.job_object(manager.cancel(job_id))
 
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(job_id: str):
+        get_job(job_id)
+        return J.job_object(manager.pause(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(job_id: str):
+        get_job(job_id)
+        return J.job_object(manager.resume(job_id))
+
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     def list_events(job_id: str, limit: str | None = None, after: str | None = None):
         job = get_job(job_id)

@@ -1,5 +1,6 @@
 """The job worker: a thread in the server that moves jobs validating_files -> queued -> running ->
-succeeded | failed (or cancelled), running each job's trainer as a subprocess.
+succeeded | failed (or cancelled; or pausing -> paused -> queued by pause and resume), running each job's
+trainer as a subprocess.
 
 The trainer is `python -m grpo.api.runner train <job>/job.yaml --output-dir <job>/run --no-progress`
 (`--resume` when the run already has a checkpoint), in its own session, at most `max_jobs` at once
@@ -116,9 +117,14 @@ class JobManager:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        for job in self.store.jobs_with_status("running"):
+        for job in self.store.jobs_with_status("running", "pausing"):
             if job.get("pid"):
                 kill_leftover(job["pid"], job["id"])
+            if job["status"] == "pausing":  # stopped before its pause was done: it is paused at its last checkpoint
+                self.store.update_job(job["id"], status="paused", pid=None)
+                self.store.add_event(job["id"], make_event("The server restarted while the job was pausing; it is "
+                                                           "paused and resumes from its last checkpoint"))
+                continue
             self.store.update_job(job["id"], status="queued", pid=None)
             self.store.add_event(job["id"], make_event("The server restarted; the job is queued again and will "
                                                        "resume from its last checkpoint"))
@@ -221,6 +227,7 @@ class JobManager:
         self._waiting.discard(job["id"])
         d = J.job_dir(self.store, job["id"])
         run = d / "run"
+        RunDir(run).pause_request.unlink(missing_ok=True)
         ckpt = latest_checkpoint(run)
         if ckpt is None and run.exists():  # stopped before its first checkpoint: start over, cleanly
             shutil.rmtree(run)
@@ -255,13 +262,17 @@ class JobManager:
         log.close()
         self.sync_events(job_id, force=True)
         job = self.store.get_job(job_id)
-        if job["status"] != "running":
+        if job["status"] not in ("running", "pausing"):
             return
         try:
             summary = json.loads(RunDir(J.run_dir(self.store, job_id)).summary.read_text())
         except (OSError, ValueError):
             summary = {}
-        if code == 0 and summary.get("status") == "succeeded":
+        if code == 0 and summary.get("status") == "paused":
+            self.store.update_job(job_id, status="paused", pid=None)
+            self.store.add_event(job_id, make_event(f"Fine-tuning job paused after step {summary.get('steps')}; "
+                                                    "resume continues from its checkpoint"))
+        elif code == 0 and summary.get("status") == "succeeded":
             self.store.update_job(job_id, status="succeeded", fine_tuned_model=J.fine_tuned_model_id(job), pid=None,
                                   trained_tokens=J.trained_tokens(self.store, job_id), finished_at=int(time.time()))
         else:
@@ -289,6 +300,40 @@ class JobManager:
             self._waiting.discard(job_id)
             job = self.store.update_job(job_id, status="cancelled", pid=None, finished_at=int(time.time()))
             self.store.add_event(job_id, make_event("Fine-tuning job cancelled"))
+            return job
+
+    def pause(self, job_id: str) -> dict:
+        """queued -> paused; running -> pausing (the trainer checkpoints after its current step and stops, then
+        the job is paused). Anything else is a 400."""
+        with self.lock:
+            job = self.store.get_job(job_id)
+            if job["status"] == "queued":
+                job = self.store.update_job(job_id, status="paused")
+                self.store.add_event(job_id, make_event("Fine-tuning job paused before it started"))
+            elif job["status"] == "running":
+                request = RunDir(J.run_dir(self.store, job_id)).pause_request
+                request.parent.mkdir(parents=True, exist_ok=True)
+                request.write_text(f"{int(time.time())}\n")
+                job = self.store.update_job(job_id, status="pausing")
+                self.store.add_event(job_id, make_event("Pausing fine-tuning job: it saves a checkpoint after the "
+                                                        "current step and stops"))
+            else:
+                raise ApiError(400, f"Fine-tuning job {job_id} is {job['status']}; only a queued or running job can "
+                               "be paused", param="fine_tuning_job_id", code="job_not_pausable")
+            return job
+
+    def resume(self, job_id: str) -> dict:
+        """paused -> queued: the worker starts its trainer again with --resume, from the last checkpoint."""
+        with self.lock:
+            job = self.store.get_job(job_id)
+            if job["status"] != "paused":
+                raise ApiError(400, f"Fine-tuning job {job_id} is {job['status']}; only a paused job can be resumed"
+                               + (" (it is saving its checkpoint: resume once it is paused)" if job["status"] == "pausing"
+                                  else ""), param="fine_tuning_job_id", code="job_not_resumable")
+            RunDir(J.run_dir(self.store, job_id)).pause_request.unlink(missing_ok=True)
+            job = self.store.update_job(job_id, status="queued")
+            self.store.add_event(job_id, make_event("Fine-tuning job resumed; it is queued and continues from its "
+                                                    "last checkpoint"))
             return job
 
     def sync_events(self, job_id: str, force: bool = False) -> None:
