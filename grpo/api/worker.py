@@ -309,6 +309,7 @@ class JobManager:
             job = self.store.get_job(job_id)
             if job["status"] == "queued":
                 job = self.store.update_job(job_id, status="paused")
+                self._waiting.discard(job_id)  # it holds no devices yet; queued again, it waits anew
                 self.store.add_event(job_id, make_event("Fine-tuning job paused before it started"))
             elif job["status"] == "running":
                 request = RunDir(J.run_dir(self.store, job_id)).pause_request
