@@ -270,8 +270,8 @@ def resolve_model(store: Store, model_id: str, base_models: dict[str, str]) -> t
             if ckpt is None:
                 return None
         return resolve_model_path(job["local_model"], progress=False), str(ckpt / "adapter"), job.get("reasoning_effort", "low")
-    if model_id in base_models:
-        return base_models[model_id], None, "low"
+    if model_id in base_models:  # --model NAME=PATH: a directory, hub id, GGUF file or embedded name
+        return resolve_model_path(base_models[model_id], progress=False), None, "low"
     for job in store.all_jobs():
         if job["model"] == model_id:
             return resolve_model_path(job["local_model"], progress=False), None, "low"

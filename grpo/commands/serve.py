@@ -24,7 +24,8 @@ def add_arguments(p):
     p.add_argument("--handlers-dir", type=Path, default=Path("rewards"),
                    help="local reward handlers a job may name must lie under this directory (default rewards/)")
     p.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
-                   help="a base model to serve under NAME (a local directory or hub id); repeatable")
+                   help="a base model to serve under NAME (a local directory, hub id, .gguf file or grpo:smollm2-135m-instruct); "
+                   "repeatable")
     p.add_argument("--max-jobs", type=int, default=1, help="jobs trained at once; the rest wait queued (default 1)")
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest file upload, in MiB (default 512)")
     p.add_argument("--max-loaded-models", type=int, default=2, help="models kept loaded for inference (LRU, default 2)")
