@@ -147,3 +147,25 @@ def test_two_training_steps_on_the_real_model(tmp_path):
         assert 1 <= m["response_length_mean"] <= 6
     moved = max(float((v - before[k]).abs().max()) for k, v in tr.model.named_parameters() if k in before)
     assert moved > 0
+
+
+def test_final_number_handler_grades_the_last_integer():
+    """rewards/final_number.py (the real job's grader), loaded from its file, on hand-written replies."""
+    spec = importlib.util.spec_from_file_location("final_number", REPO / "rewards" / "final_number.py")
+    handler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(handler)
+
+    def traj(reply, ref="#### 7", i="t"):
+        return {"id": i, "messages": [{"role": "user", "content": "What is 3 + 4?"},
+                                      {"role": "assistant", "content": reply}], "reference_answer": ref}
+
+    replies = {"7": (1.0, 1.0), "The answer is 7.": (1.0, 0.0), "3 + 4 = 7": (1.0, 0.0), "7, or maybe 8": (0.0, 0.0),
+               "seven": (0.0, 0.0), "1,007": (0.0, 0.0), "": (0.0, 0.0)}
+    out = handler.lambda_handler([traj(r, i=str(k)) for k, r in enumerate(replies)], None)
+    for (reply, (score, bare)), got in zip(replies.items(), out):
+        metrics = {m["name"]: m["value"] for m in got["metrics_list"]}
+        assert (got["aggregate_reward_score"], metrics["just_the_number"]) == (score, bare), reply
+    assert handler.lambda_handler({"trajectories": [traj("x 1,007", ref={"answer": "1007"})]}, None)[0][
+        "aggregate_reward_score"] == 1.0
+    with pytest.raises(ValueError, match="'bad'"):
+        handler.lambda_handler([traj("7", ref="no number", i="bad")], None)
