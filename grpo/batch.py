@@ -1,11 +1,20 @@
-"""A step's samples as tensors: `pack` lays prompts and responses out right-padded, with the masks the log-prob
-and update passes read. Pure data, no model: the rollout fills it, grpo.models.forward and the actor read it."""
+"""A step's samples as tensors, and the one batch a GRPO step moves (torchtune's `GRPOTrajectory`).
+
+`pack` lays prompts and responses out right-padded, with the masks the log-prob and update passes read.
+`StepBatch` is what flows one way through a step: the sampler returns it packed (ids, masks, group and sample
+indices, the text the grader reads, the sampler's own token log-probs when it has them); scoring fills
+`scores` and `scored`; the advantage estimator fills `advantages`; the log-prob passes fill `ref_logprobs` /
+`old_logprobs`; one metrics function reads it (grpo.training.metrics). Pure data, no model.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
+
+from grpo.algorithms.core import broadcast_to_tokens
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,13 +46,90 @@ class PackedBatch:
 
 
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> PackedBatch:
+    return _pack(prompt_ids, response_ids, pad_id)[0]
+
+
+def _pack(prompt_ids, response_ids, pad_id, response_values=None) -> tuple[PackedBatch, torch.Tensor | None]:
+    """The packed batch, and `response_values` (one float per response token, e.g. log-probs) laid out like its
+    response_mask: token j of row i's response at column len(prompt_i) - 1 + j, the position predicting it."""
     width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     n = len(prompt_ids)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     attn = torch.zeros((n, width), dtype=torch.long)
     resp = torch.zeros((n, width - 1), dtype=torch.float32)
+    vals = None if response_values is None else torch.zeros((n, width - 1), dtype=torch.float32)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         attn[i, :len(p) + len(r)] = 1
         resp[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
-    return PackedBatch(ids, attn, resp)
+        if vals is not None:
+            if len(response_values[i]) != len(r):
+                raise ValueError(f"row {i}: {len(r)} response tokens but {len(response_values[i])} values")
+            if r:
+                vals[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(response_values[i], dtype=torch.float32)
+    return PackedBatch(ids, attn, resp), vals
+
+
+@dataclass
+class StepBatch:
+    """One step's responses, rows in (prompt, sample) order; see the module docstring for who fills what."""
+
+    packed: PackedBatch  # the sampler's layout: input_ids, attention_mask, response_mask
+    group: torch.Tensor  # [N] long: index of the row's prompt within the step
+    sample: torch.Tensor  # [N] long: index of the response within its group
+    prompt_lengths: torch.Tensor  # [N] long
+    response_lengths: torch.Tensor  # [N] long: every generated token, thinking included
+    truncated: torch.Tensor  # [N] bool: hit the token limit without an end token
+    contents: list[str]  # the final answer, what the grader reads
+    reasoning: list[str | None]  # the thinking text, if the template has one
+    sampler_logprobs: torch.Tensor | None = None  # [N, L-1] as response_mask; None: the sampler is the policy
+    scores: torch.Tensor | None = None  # [N] float64, 0 where not scored (fill_scores)
+    scored: torch.Tensor | None = None  # [N] bool: rows with a score; the others take no part in the update
+    advantages: torch.Tensor | None = None  # [N, L-1] token-level, 0 outside loss_mask (fill_advantages)
+    ref_logprobs: torch.Tensor | None = None  # [N, L-1] under the reference (KL), when kl_coef > 0
+    old_logprobs: torch.Tensor | None = None  # [N, L-1] under the policy before the update, when needed
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """response_mask on scored rows, zero on the others: a failed trajectory stays a row (every process
+        keeps the same mini-batch layout, which DDP's collectives need) but is no token and no sequence of the loss."""
+        if self.scored is None:
+            raise RuntimeError("the batch has no scores yet (fill_scores)")
+        return self.packed.response_mask * self.scored.to(self.packed.response_mask.dtype)[:, None]
+
+    @property
+    def trained(self) -> PackedBatch:
+        """The packed rows with loss_mask as their response mask: what the log-prob and update passes read."""
+        return PackedBatch(self.packed.input_ids, self.packed.attention_mask, self.loss_mask)
+
+    def fill_scores(self, scores: Sequence[float | None]) -> None:
+        """The grader's scores, one per row; None (a failure skipped under on_failure=skip) leaves the row unscored."""
+        if len(scores) != len(self):
+            raise ValueError(f"{len(scores)} scores for {len(self)} rows")
+        self.scored = torch.tensor([s is not None for s in scores], dtype=torch.bool)
+        self.scores = torch.tensor([0.0 if s is None else s for s in scores], dtype=torch.float64)
+
+    def fill_advantages(self, estimator: Callable[..., torch.Tensor], **options) -> None:
+        """`estimator` (a grpo.algorithms ADVANTAGE_ESTIMATORS entry) over the scored rows' float32 scores and
+        group ids, broadcast over each response's tokens; unscored rows get 0."""
+        if self.scored is None:
+            raise RuntimeError("advantages need scores first (fill_scores)")
+        adv = torch.zeros(len(self))
+        if bool(self.scored.any()):
+            adv[self.scored] = estimator(self.scores[self.scored].float(), self.group[self.scored], **options)
+        self.advantages = broadcast_to_tokens(adv, self.loss_mask)
+
+
+def pack_step(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, *, group: list[int],
+              sample: list[int], truncated: list[bool], contents: list[str], reasoning: list[str | None],
+              sampler_logprobs: list[list[float]] | None = None) -> StepBatch:
+    """A StepBatch from per-response lists (grpo.rollout's samplers call this once per generate)."""
+    packed, logp = _pack(prompt_ids, response_ids, pad_id, sampler_logprobs)
+    return StepBatch(packed, group=torch.tensor(group, dtype=torch.long), sample=torch.tensor(sample, dtype=torch.long),
+                     prompt_lengths=torch.tensor([len(p) for p in prompt_ids], dtype=torch.long),
+                     response_lengths=torch.tensor([len(r) for r in response_ids], dtype=torch.long),
+                     truncated=torch.tensor(truncated, dtype=torch.bool), contents=list(contents),
+                     reasoning=list(reasoning), sampler_logprobs=logp)

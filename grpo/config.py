@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from grpo.algorithm_config import ALGORITHM_ALIASES, AlgorithmConfig, flat_aliases, lift_algorithm_aliases
 from grpo.errors import UserError
 from grpo.health_thresholds import HealthThresholds
 
@@ -25,7 +26,7 @@ BEDROCK_MODEL_IDS = {
     "openai.gpt-oss-20b": "openai/gpt-oss-20b",
     "qwen.qwen3-32b": "Qwen/Qwen3-32B",
 }
-# The embedded default: a tiny Qwen3-architecture model the project pretrains itself (grpo.tiny).
+# The embedded default: a tiny Qwen3-architecture model the project pretrains itself (grpo.models.tiny).
 TINY_MODEL = "grpo:tiny-arith"
 
 
@@ -84,13 +85,15 @@ class LoraConfig(_Strict):
 class RewardRunnerConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="trajectories per handler call")
     concurrency: int = Field(2, ge=1, description="handler calls in flight at once")
-    timeout_s: float = Field(300.0, gt=0, description="per call, like the AWS sample Lambdas")
+    timeout_s: float = Field(300.0, gt=0, le=900, description="per call, like the AWS sample Lambdas (Lambda's maximum: 900)")
     on_failure: Literal["fail", "skip"] = Field("fail", description="fail the step, or drop failed trajectories")
     endpoint_url: str | None = Field(None, description="Lambda endpoint for ARN graders (emulators, LocalStack)")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables for local handlers (the Lambda's configuration)")
+    pass_env: list[str] = Field(default_factory=list, description="variables passed from this process's environment to local handlers, e.g. AWS credentials for a judge calling Bedrock (grpo.reward.workers.handler_env)")
 
 
 class RolloutConfig(_Strict):
-    """Where responses are sampled (grpo.samplers) and how a sampler that is not the trained policy is corrected."""
+    """Where responses are sampled (grpo.rollout.samplers) and how a sampler that is not the trained policy is corrected."""
 
     backend: Literal["transformers", "continuous", "vllm"] = Field(
         "transformers", description="transformers: the trained policy samples itself (exact, the default); "
@@ -115,18 +118,8 @@ class EngineConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     ignore_eos: bool = Field(False, description="benchmarks: every response is inference_max_tokens long; end tokens do not stop it")
     eval_temperature: float | None = Field(None, description="validation sampling; default: the training temperature")
-    clip_ratio_low: float = Field(0.2, ge=0, description="verl default")
-    clip_ratio_high: float = Field(0.2, ge=0, description="verl default (DAPO uses 0.28)")
-    clip_ratio_c: float = Field(3.0, gt=1, description="dual clip, verl default")
-    kl_coef: float = Field(0.001, ge=0, description="verl's GRPO recipes; 0 skips the reference pass")
-    kl_penalty: str = Field("low_var_kl", description="k3, verl's GRPO recipes")
-    entropy_coef: float = Field(0.0, description="verl default")
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
-    norm_adv_by_std: bool = True
-    ppo_epochs: int = Field(1, ge=1, description="one pass: each step's data is used once, on-policy")
-    mini_batch_size: int | None = Field(None, ge=1, description="prompts per optimizer step; default batch_size (one update per step)")
-    micro_batch_size: int = Field(16, ge=1, description="sequences per forward/backward (memory only; the math does not change)")
-    max_grad_norm: float = Field(1.0, gt=0, description="verl default")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig,
+                                       description="the GRPO update: estimator, loss, KL, batch sizes (flat engine.* aliases)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     gradient_checkpointing: bool = False
     load_in_4bit: bool = Field(False, description="QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes); Qwen3-32B on one 80 GB GPU")
@@ -141,6 +134,11 @@ class EngineConfig(_Strict):
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers")
     health: HealthThresholds = Field(default_factory=HealthThresholds, description="training-health alarms: docs/health.md")
 
+    def __getattr__(self, name: str) -> Any:  # engine.kl_coef reads engine.algorithm.kl_coef (the aliases)
+        if name in ALGORITHM_ALIASES:
+            return getattr(self.algorithm, name)
+        return super().__getattr__(name)
+
     @model_validator(mode="after")
     def _backend_fits_the_base(self) -> "EngineConfig":
         if self.rollout.backend == "vllm" and self.load_in_4bit:
@@ -148,16 +146,10 @@ class EngineConfig(_Strict):
                              "is synced with merged bf16 weights; use the transformers or continuous backend with QLoRA")
         return self
 
-    @field_validator("kl_penalty")
+    @model_validator(mode="before")
     @classmethod
-    def _known_kl_penalty(cls, v: str) -> str:
-        from grpo.algorithms.core import KL_PENALTIES  # imports torch: only when the field is given
-
-        if v not in KL_PENALTIES:
-            close = difflib.get_close_matches(v, list(KL_PENALTIES), n=1)
-            raise ValueError(f"unknown KL penalty {v!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                             + f"; known: {', '.join(KL_PENALTIES)}")
-        return v
+    def _lift_algorithm_aliases(cls, data: Any) -> Any:
+        return lift_algorithm_aliases(data)
 
     @field_validator("log_with")
     @classmethod
@@ -189,8 +181,9 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _sizes(self) -> "JobConfig":
         e, h = self.engine, self.hyperparameters
-        if e.mini_batch_size is not None and h.batch_size % e.mini_batch_size:
-            raise ValueError(f"engine.mini_batch_size ({e.mini_batch_size}) must divide hyperparameters.batch_size ({h.batch_size})")
+        mini = e.algorithm.mini_batch_size
+        if mini is not None and h.batch_size % mini:
+            raise ValueError(f"engine.algorithm.mini_batch_size ({mini}) must divide hyperparameters.batch_size ({h.batch_size})")
         return self
 
     # -- convenient views ------------------------------------------------------------------
@@ -221,7 +214,7 @@ class JobConfig(_Strict):
         return self.seed if self.seed is not None else self.engine.seed
 
     def mini_batch_prompts(self) -> int:
-        return self.engine.mini_batch_size or self.hyperparameters.batch_size
+        return self.engine.algorithm.mini_batch_size or self.hyperparameters.batch_size
 
     def eval_interval(self, n_records: int) -> int:
         h = self.hyperparameters
@@ -261,6 +254,19 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def _drop_other_spelling(raw: dict, parts: list[str]) -> None:
+    """`--set engine.kl_coef=X` replaces a file's engine.algorithm.kl_coef, and the other way round."""
+    engine = raw.get("engine")
+    if not isinstance(engine, dict):
+        return
+    if len(parts) == 2 and parts[0] == "engine" and parts[1] in ALGORITHM_ALIASES:
+        algo = engine.get("algorithm")
+        if isinstance(algo, dict):
+            algo.pop(parts[1], None)
+    elif len(parts) == 3 and parts[:2] == ["engine", "algorithm"] and parts[2] in ALGORITHM_ALIASES:
+        engine.pop(parts[2], None)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set a.b.c=value`: the value is read as YAML (numbers, booleans, lists)."""
     for item in overrides:
@@ -271,6 +277,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        _drop_other_spelling(raw, key.strip().split("."))
         _set_dotted(raw, key.strip(), value)
     return raw
 
@@ -286,7 +293,7 @@ def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         cur = field.annotation
     if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return [f.alias or n for n, f in cur.model_fields.items()]
+        return [f.alias or n for n, f in cur.model_fields.items()] + (list(ALGORITHM_ALIASES) if cur is EngineConfig else [])
     return []
 
 
@@ -313,11 +320,15 @@ def yaml_key_lines(text: str) -> dict[tuple, int]:
     return out
 
 
-def format_validation_error(source: str, err: ValidationError, key_lines: dict[tuple, int | str] | None = None) -> str:
-    """One `FILE:LINE: dotted.field: problem` line per error (`--set` for values given on the command line)."""
+def format_validation_error(source: str, err: ValidationError, key_lines: dict[tuple, int | str] | None = None,
+                            flat: set[str] = frozenset()) -> str:
+    """One `FILE:LINE: dotted.field: problem` line per error (`--set` for values given on the command line);
+    `flat`: the algorithm keys the body wrote as flat aliases (flat_aliases), named as written."""
     lines = []
     for e in err.errors():
         path = tuple(e["loc"])
+        if path[:2] == ("engine", "algorithm") and len(path) > 2 and path[2] in flat:
+            path = ("engine", *path[2:])  # written as the flat alias: named as written
         line = next((key_lines[path[:i]] for i in range(len(path), 0, -1) if key_lines and path[:i] in key_lines), None)
         where = f"{source}:{line}" if isinstance(line, int) else (line or source)
         loc = ".".join(str(p) for p in path) or "config"
@@ -338,7 +349,7 @@ def parse_config(raw: Any, source: str = "<config>", key_lines: dict[tuple, int 
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(source, e, key_lines)) from None
+        raise UserError(format_validation_error(source, e, key_lines, flat_aliases(raw))) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

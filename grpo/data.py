@@ -1,4 +1,4 @@
-"""Bedrock RFT training data: read, validate and write JSONL, and build it from GSM8K.
+"""Bedrock RFT training data: read, validate and write JSONL (GSM8K conversion: grpo.gsm8k).
 
 The rules are those of BEDROCK_RFT.md section 1. Every problem in a file is reported (not only the
 first) as ``FILE:LINE: field: message``; nothing a user can put in a file raises a traceback.
@@ -14,7 +14,10 @@ Choices where the spec is silent (one place, with the reason):
 - Blank lines (empty or whitespace only) are errors naming the line: Bedrock's parser is not
   published and a strict reading keeps an upload from failing remotely. The newline ending the last
   line is fine.
-- ``tools: null`` reads as no tools; ``NaN``/``Infinity`` are rejected (not standard JSON).
+- ``tools: null`` reads as no tools; ``NaN``/``Infinity`` are rejected (not standard JSON), and so is a
+  lone surrogate escape (``"\\ud800"``): valid JSON, but not Unicode text a tokenizer can encode.
+- Only regular files are read (a FIFO or ``/dev/zero`` would block or grow without end), and a line longer
+  than ``MAX_LINE_BYTES`` is a problem without being read whole.
 - Contents and string references that are only whitespace count as empty.
 - Any top-level field other than messages/reference_answer/id/tools is metadata, kept as it is
   (a field literally named ``metadata`` becomes ``metadata["metadata"]``).
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 from collections import Counter
@@ -33,14 +35,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from grpo.errors import UserError
+from grpo.jsonl import MAX_SHOWN, capped, json_kind, open_lines, parse_line
 
 MIN_RECORDS = 100
 MAX_RECORDS = 20_000
-MAX_SHOWN = 50  # problems printed before "... and N more"
 ROLES = ("system", "user", "assistant")
 KNOWN_FIELDS = ("messages", "reference_answer", "id", "tools")
 GSM8K_SUFFIX = " Let's think step by step and output the final answer after '####'."
-BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -96,66 +97,37 @@ class ValidationReport:
         """The problems as lines, the first ``limit`` then "... and N more", then the count line."""
         w = len(self.warnings)
         tail = f" in {self.path}" + (f" ({w} warning{'s' * (w != 1)})" if w else "")
-        return _capped([str(p) for p in self.problems], tail, limit)
+        return capped([str(p) for p in self.problems], tail, limit)
 
 
-def _capped(lines: list[str], tail: str = "", limit: int = MAX_SHOWN) -> list[str]:
-    """The first ``limit`` lines, "... and N more", then "N problems<tail>"."""
-    more = [f"... and {len(lines) - limit} more"] if len(lines) > limit else []
-    return lines[:limit] + more + [f"{len(lines)} problem{'s' * (len(lines) != 1)}{tail}"]
 
 
-def _kind(value: Any) -> str:
-    """JSON type name of a parsed value, for messages."""
-    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
-            list: "list", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not standard JSON")
 
 
-def _parse_line(raw: bytes, lineno: int) -> tuple[Any, tuple[str, str] | None, bool]:
-    """Decode and parse one line: (value, (field, message) or None, had_bom)."""
-    try:
-        text = raw.rstrip(b"\r\n").decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, ("encoding", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                  f"{e.start + 1})"), False
-    had_bom = text.startswith(BOM)
-    if had_bom:
-        if lineno != 1:
-            return None, ("encoding", "UTF-8 byte order mark in the middle of the file"), True
-        text = text[1:]
-    try:
-        return json.loads(text, parse_constant=_reject_constant), None, had_bom
-    except json.JSONDecodeError as e:
-        ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
-        hint = " (the line ends early: truncated?)" if ends else ""
-        at = "" if e.msg.endswith(" at") else " at"
-        return None, ("json", f"invalid JSON: {e.msg}{at} column {e.colno}{hint}"), had_bom
-    except RecursionError:
-        return None, ("json", "invalid JSON: nested too deeply"), had_bom
-    except ValueError as e:  # NaN/Infinity, integers over Python's digit limit
-        return None, ("json", f"invalid JSON: {e}"), had_bom
+
+
+
+
 
 
 def _check_messages(messages: Any) -> list[tuple[str, str]]:
     if not isinstance(messages, list):
-        return [("messages", f"expected a non-empty list of messages, got {_kind(messages)}")]
+        return [("messages", f"expected a non-empty list of messages, got {json_kind(messages)}")]
     if not messages:
         return [("messages", "is empty; need at least one user message")]
     out, users = [], 0
     for i, m in enumerate(messages):
         f = f"messages[{i}]"
         if not isinstance(m, dict):
-            out.append((f, f"expected an object with role and content, got {_kind(m)}"))
+            out.append((f, f"expected an object with role and content, got {json_kind(m)}"))
             continue
         role = m.get("role")
         if "role" not in m:
             out.append((f"{f}.role", "missing"))
         elif role not in ROLES:
-            shown = json.dumps(role)[:60] if isinstance(role, str) else _kind(role)
+            shown = json.dumps(role)[:60] if isinstance(role, str) else json_kind(role)
             out.append((f"{f}.role", f"{shown} is not one of system, user, assistant"))
         elif role == "system" and i > 0:
             out.append((f"{f}.role", "a system message is only allowed first"))
@@ -164,7 +136,7 @@ def _check_messages(messages: Any) -> list[tuple[str, str]]:
         if "content" not in m:
             out.append((f"{f}.content", "missing"))
         elif not isinstance(content, str):
-            out.append((f"{f}.content", f"expected a non-empty string, got {_kind(content)}"))
+            out.append((f"{f}.content", f"expected a non-empty string, got {json_kind(content)}"))
         elif not content.strip():
             out.append((f"{f}.content", "is empty"))
     if not users:
@@ -180,7 +152,7 @@ def _check_reference(obj: dict) -> list[tuple[str, str]]:
         return [] if ref.strip() else [("reference_answer", "is an empty string")]
     if isinstance(ref, dict):
         return [] if ref else [("reference_answer", "is an empty object")]
-    return [("reference_answer", f"expected a non-empty string or object, got {_kind(ref)}")]
+    return [("reference_answer", f"expected a non-empty string or object, got {json_kind(ref)}")]
 
 
 def _check_id(obj: dict) -> list[tuple[str, str]]:
@@ -188,7 +160,7 @@ def _check_id(obj: dict) -> list[tuple[str, str]]:
         return []
     v = obj["id"]
     if isinstance(v, bool) or not isinstance(v, (str, int)):
-        return [("id", f"expected a non-empty string (or an integer), got {_kind(v)}")]
+        return [("id", f"expected a non-empty string (or an integer), got {json_kind(v)}")]
     if isinstance(v, str) and not v.strip():
         return [("id", "is empty")]
     return []
@@ -198,23 +170,23 @@ def _check_tools(tools: Any) -> list[tuple[str, str]]:
     if tools is None:
         return []
     if not isinstance(tools, list):
-        return [("tools", f"expected a list of function definitions, got {_kind(tools)}")]
+        return [("tools", f"expected a list of function definitions, got {json_kind(tools)}")]
     out, seen = [], {}
     for i, t in enumerate(tools):
         f = f"tools[{i}]"
         if not isinstance(t, dict):
-            out.append((f, f"expected an object, got {_kind(t)}"))
+            out.append((f, f"expected an object, got {json_kind(t)}"))
             continue
         if t.get("type") != "function":
             out.append((f"{f}.type", f"expected \"function\", got {json.dumps(t.get('type'))[:60]}"))
         fn = t.get("function")
         if not isinstance(fn, dict):
             out.append((f"{f}.function", "missing" if "function" not in t
-                        else f"expected an object, got {_kind(fn)}"))
+                        else f"expected an object, got {json_kind(fn)}"))
             continue
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
-            out.append((f"{f}.function.name", f"expected a non-empty string, got {_kind(name)}"
+            out.append((f"{f}.function.name", f"expected a non-empty string, got {json_kind(name)}"
                         if not isinstance(name, str) else "is empty"))
         elif name in seen:
             out.append((f"{f}.function.name", f"duplicate tool name {json.dumps(name)} "
@@ -223,21 +195,10 @@ def _check_tools(tools: Any) -> list[tuple[str, str]]:
             seen[name] = i
         for key, typ, want in (("parameters", dict, "an object"), ("description", str, "a string")):
             if key in fn and not isinstance(fn[key], typ):
-                out.append((f"{f}.function.{key}", f"expected {want}, got {_kind(fn[key])}"))
+                out.append((f"{f}.function.{key}", f"expected {want}, got {json_kind(fn[key])}"))
     return out
 
 
-def _open_lines(path: Path) -> Iterable[bytes]:
-    """Yield the file's raw lines; a missing path or a directory is a UserError."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; expected a JSONL file")
-    try:
-        with open(path, "rb") as f:
-            yield from f
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def validate_file(path: str | os.PathLike, allow_small: bool = False,
@@ -250,12 +211,12 @@ def validate_file(path: str | os.PathLike, allow_small: bool = False,
     explicit: dict[str, int] = {}  # id -> first line that uses it
     missing_id: list[int] = []
     n_lines = 0
-    for lineno, raw in enumerate(_open_lines(Path(path)), start=1):
+    for lineno, raw in enumerate(open_lines(Path(path)), start=1):
         n_lines += 1
         if not raw.strip():
             add(lineno, "line", "blank line; remove it (one JSON object per line)")
             continue
-        obj, err, had_bom = _parse_line(raw, lineno)
+        obj, err, had_bom = parse_line(raw, lineno)
         if had_bom and lineno == 1:
             rep.warnings.append(Problem(name, 1, "encoding", "UTF-8 byte order mark at the start "
                                         "of the file; accepted here, strip it before uploading"))
@@ -263,7 +224,7 @@ def validate_file(path: str | os.PathLike, allow_small: bool = False,
             add(lineno, *err)
             continue
         if not isinstance(obj, dict):
-            add(lineno, "record", f"expected a JSON object, got {_kind(obj)}")
+            add(lineno, "record", f"expected a JSON object, got {json_kind(obj)}")
             continue
         found = (_check_messages(obj.get("messages")) if "messages" in obj
                  else [("messages", "missing; need a list with at least one user message")])
@@ -319,7 +280,7 @@ def _summarize(records: list[Record], n_records: int) -> dict:
     for r in records:
         seq = [m["role"] for m in r.messages]
         roles.update(seq)
-        shapes[",".join(seq)] += 1
+        shapes[",".join(seq) if len(seq) <= 8 else ",".join(seq[:6]) + f",... ({len(seq):,} messages)"] += 1
         refs["string" if isinstance(r.reference_answer, str) else "object"] += 1
         meta.update(r.metadata.keys())
         chars.append(sum(len(m["content"]) for m in r.messages))
@@ -381,80 +342,9 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping | Record]) -> in
 
 # ---------------------------------------------------------------- GSM8K -> Bedrock RFT records
 
-def gsm8k_to_records(rows: Iterable[Any], tag: str = "train", source: str = "gsm8k",
-                     start_line: int = 1) -> list[dict]:
-    """GSM8K rows {"question", "answer"} -> Bedrock records (dicts), ids ``gsm8k-<tag>-<index>``
-    (0-based position, so stable across runs). ``source`` and row numbers (from ``start_line``)
-    name malformed rows in the UserError, which lists every bad row (capped)."""
-    out, bad = [], []
-    for i, row in enumerate(rows):
-        where, errs = f"{source}:{start_line + i}", []
-        if not isinstance(row, Mapping):
-            bad.append(f"{where}: row: expected an object with question and answer, got {_kind(row)}")
-            continue
-        q, a = row.get("question"), row.get("answer")
-        if not isinstance(q, str) or not q.strip():
-            errs.append("question: " + ("missing" if "question" not in row else "is empty"
-                        if isinstance(q, str) else f"expected a string, got {_kind(q)}"))
-        final = a.rsplit("####", 1)[1].strip() if isinstance(a, str) and "####" in a else ""
-        if not isinstance(a, str):
-            errs.append("answer: " + ("missing" if "answer" not in row
-                                      else f"expected a string, got {_kind(a)}"))
-        elif not final or "\n" in final:
-            errs.append("answer: the last line must be '#### <answer>'")
-        if errs:
-            bad += [f"{where}: {e}" for e in errs]
-            continue
-        out.append({"id": f"gsm8k-{tag}-{i}",
-                    "messages": [{"role": "user", "content": q.strip() + GSM8K_SUFFIX}],
-                    "reference_answer": f"#### {final}"})
-    if bad:
-        raise UserError(f"malformed GSM8K rows in {source}:\n" + "\n".join(_capped(bad)))
-    return out
 
 
-def read_gsm8k_file(path: str | os.PathLike) -> list[Any]:
-    """Parse a local GSM8K JSONL file (one object per line); UserError naming FILE:LINE on bad JSON."""
-    rows, bad = [], []
-    for lineno, raw in enumerate(_open_lines(Path(path)), start=1):
-        obj, err, _ = _parse_line(raw, lineno) if raw.strip() else (None, ("line", "blank line"), 0)
-        if err:
-            bad.append(f"{path}:{lineno}: {err[0]}: {err[1]}")
-        rows.append(obj)
-    if bad:
-        raise UserError(f"{path} is not GSM8K JSONL:\n" + "\n".join(_capped(bad)))
-    return rows
 
 
-def load_gsm8k_hub(hub_id: str, split: str = "train", config: str = "main") -> list[Any]:
-    """Rows of a hub dataset (e.g. ``openai/gsm8k``) through the optional ``datasets`` package."""
-    try:
-        import datasets  # optional: pip install datasets
-    except ImportError:
-        raise UserError(f"loading {hub_id} from the hub needs the `datasets` package: "
-                        "pip install datasets (or pip install 'grpo[datasets]'), or pass a local "
-                        "GSM8K JSONL file, e.g. --input /path/to/gsm8k/train.jsonl") from None
-    try:
-        ds = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as e:  # network, auth, unknown split: all user-fixable, say which
-        raise UserError(f"could not load {hub_id} ({config}, split {split}) from the hub: {e}; "
-                        "offline? pass a local GSM8K JSONL file with --input") from None
-    return [dict(r) for r in ds]
 
 
-def convert_gsm8k(source: str | os.PathLike, out_path: str | os.PathLike, split: str = "train",
-                  limit: int | None = None, config: str = "main") -> int:
-    """GSM8K (a local JSONL file, a directory holding ``<split>.jsonl``, or a hub id) -> Bedrock
-    JSONL at ``out_path``, written atomically. Ids use the file stem (local) or split (hub)."""
-    p = Path(source)
-    if p.is_dir() and (p / f"{split}.jsonl").is_file():
-        p = p / f"{split}.jsonl"
-    if p.exists():
-        rows, tag, name = read_gsm8k_file(p), p.stem, str(p)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).endswith((".jsonl", ".json")):
-        rows, tag, name = load_gsm8k_hub(str(source), split, config), split, f"{source}[{split}]"
-    else:
-        raise UserError(f"{source}: no such file (give a GSM8K JSONL file or a hub id like openai/gsm8k)")
-    if limit is not None:
-        rows = rows[:limit]
-    return write_jsonl(out_path, gsm8k_to_records(rows, tag=tag, source=name))

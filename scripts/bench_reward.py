@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grpo.data import gsm8k_to_records, read_gsm8k_file  # noqa: E402
+from grpo.gsm8k import gsm8k_to_records, read_gsm8k_file  # noqa: E402
 from grpo.reward.runner import RewardRunner, make_trajectory  # noqa: E402
 
 KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")

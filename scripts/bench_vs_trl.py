@@ -190,7 +190,7 @@ def build_inputs(work: Path, a) -> tuple[str, str, str]:
     """The model directory, the GSM8K prompts (Bedrock JSONL) and the prompt order both engines use."""
     import torch
 
-    from grpo.data import gsm8k_to_records, read_gsm8k_file
+    from grpo.gsm8k import gsm8k_to_records, read_gsm8k_file
     from grpo.models.tiny import build_random_qwen3
     from grpo.models.tiny_data import build_tokenizer
 

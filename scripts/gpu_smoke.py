@@ -111,8 +111,7 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
 
     from grpo.algorithms import core as alg
     from grpo.algorithms.tis import sampler_mismatch_metrics
-    from grpo.batch import pack
-    from grpo.rollout.samplers import ContinuousSampler, TransformersSampler, logprob_tensor
+    from grpo.rollout.samplers import ContinuousSampler, TransformersSampler
     from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
 
     cuda = device.type == "cuda"
@@ -146,16 +145,14 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
         mismatch = {}
         if "continuous" in per_backend:  # its log-probs against the trainer's, before the update moves the weights
             c = per_backend["continuous"][0]
-            cb = pack(c.batch.prompt_ids, c.batch.response_ids, tok.pad_token_id)
-            old = compute_logprobs(policy, cb, 1.0, args.micro_batch).cpu()
-            sel = cb.response_mask.bool()
-            mismatch = sampler_mismatch_metrics(old[sel], logprob_tensor(c.logprobs, c.batch.prompt_ids, sel.shape[1])[sel],
-                                                torch.ones(int(sel.sum())))
-        roll, gen_s = per_backend[backends[0]][0].batch, per_backend[backends[0]][1]
+            old = compute_logprobs(policy, c.packed, 1.0, args.micro_batch).cpu()
+            sel = c.packed.response_mask.bool()
+            mismatch = sampler_mismatch_metrics(old[sel], c.sampler_logprobs[sel], torch.ones(int(sel.sum())))
+        roll, gen_s = per_backend[backends[0]][0], per_backend[backends[0]][1]
         t1 = time.perf_counter()
-        batch = pack(roll.prompt_ids, roll.response_ids, tok.pad_token_id)
+        batch = roll.packed
         scores = torch.rand(len(roll), generator=torch.Generator().manual_seed(step))
-        adv = alg.group_normalized_advantages(scores, torch.tensor(roll.group))
+        adv = alg.group_normalized_advantages(scores, roll.group)
         with adapter_disabled(policy):
             ref = compute_logprobs(policy, batch, 1.0, args.micro_batch)
         sync()
@@ -169,7 +166,7 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
                "update_tokens_per_s": upd_tokens / (t3 - t2),
                "actor_pg_loss": m["actor_pg_loss"], "actor_grad_norm": m["actor_grad_norm"]}
         for b, (sampled, secs) in per_backend.items():
-            row[f"gen_tokens_per_s_{b}"] = sum(len(r) for r in sampled.batch.response_ids) / secs
+            row[f"gen_tokens_per_s_{b}"] = int(sampled.response_lengths.sum()) / secs
         row["gen_tokens_per_s"] = row[f"gen_tokens_per_s_{backends[0]}"]
         row.update({f"continuous_{k}": v for k, v in mismatch.items()})
         row["update_mfu"] = (row["update_tokens_per_s"] * info.flops_per_token(train=True) / peak_flops

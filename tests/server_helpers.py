@@ -71,14 +71,20 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 @contextmanager
 def start_server(state_dir, handlers_dir, api_key, extra_args=(), *, env: dict | None = None,
-                 timeout: float = 60):
-    """Yield (base_url, api_key, process) of a running server; stop it on exit."""
+                 timeout: float = 60, key_file: bool = False):
+    """Yield (base_url, api_key, process) of a running server; stop it on exit. `key_file`: the key is given
+    with --api-key-file (a file next to the state directory), not on the command line."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    key_args = ["--api-key", api_key]
+    if key_file:
+        path = state_dir.parent / f"{state_dir.name}.key"
+        path.write_text(api_key + "\n")
+        key_args = ["--api-key-file", str(path)]
     for _attempt in range(3):  # a free port can be taken between the probe and the bind: try another
         port = free_port()
         cmd = [PYTHON, "-m", "grpo", "serve", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
-               "--handlers-dir", str(handlers_dir), "--api-key", api_key, *map(str, extra_args)]
+               "--handlers-dir", str(handlers_dir), *key_args, *map(str, extra_args)]
         log = open(state_dir / "server.log", "ab")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(**(env or {})), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)

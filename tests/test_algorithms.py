@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from grpo.algorithms import core as alg
+from grpo.algorithms import logits
 
 torch.set_num_threads(1)
 D = torch.float64
@@ -133,7 +134,7 @@ def test_policy_loss_with_rollout_is_weights_by_hand():
     ("token-mean", 4.9 / 5),
     ("seq-mean-token-mean", ((-2.7 / 3) + (7.6 / 2)) / 2),  # (-0.9 + 3.8) / 2 = 1.45
     ("seq-mean-token-sum", (-2.7 + 7.6) / 2),  # 2.45
-    ("seq-mean-token-sum-norm", (-2.7 + 7.6) / 3),  # divided by T = 3
+    ("seq-mean-token-sum-norm", (-2.7 + 7.6) / 2 / 3),  # verl 0.9.1: the seq-mean, then divided by T = 3
 ])
 def test_policy_loss_each_agg_mode_by_hand(mode, expected):
     old, logp, adv, mask = _example()
@@ -167,8 +168,10 @@ def test_agg_loss_modes_by_hand_with_empty_sequence():
     close(alg.agg_loss(loss, mask, "token-mean"), (1 + 2 + 3 + 4) / 4)
     close(alg.agg_loss(loss, mask, "seq-mean-token-mean"), (6 / 3 + 4 / 1) / 2)
     close(alg.agg_loss(loss, mask, "seq-mean-token-sum"), (6 + 4) / 2)
-    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm"), (6 + 4) / 4)
-    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=10), (6 + 4) / 10)
+    # verl 0.9.1's agg_loss: the seq-mean-token-sum value (over the 2 non-empty sequences) / the horizon
+    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm"), (6 + 4) / 2 / 4)
+    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=10), (6 + 4) / 2 / 10)
+    close(alg.agg_loss(loss, mask, "seq-mean-token-sum-norm", global_seqs=5, loss_scale_factor=10), 10 / 5 / 10)
     close(alg.agg_loss(loss, mask, "token-mean", global_tokens=20), 10 / 20)
     close(alg.agg_loss(loss, mask, "seq-mean-token-sum", global_seqs=5), 10 / 5)
 
@@ -288,21 +291,21 @@ def test_kl_unknown_kind_lists_known():
 
 # ------------------------------------------------------------------ logits
 def test_entropy_uniform_onehot_and_two_class():
-    close(alg.entropy_from_logits(torch.zeros(2, 3, 7, dtype=D)), torch.full((2, 3), math.log(7), dtype=D))
-    assert abs(alg.entropy_from_logits(t([100.0, 0.0, 0.0, 0.0])).item()) < 1e-12
+    close(logits.entropy_from_logits(torch.zeros(2, 3, 7, dtype=D)), torch.full((2, 3), math.log(7), dtype=D))
+    assert abs(logits.entropy_from_logits(t([100.0, 0.0, 0.0, 0.0])).item()) < 1e-12
     # p = [1/4, 3/4] -> H = -(1/4 ln 1/4 + 3/4 ln 3/4)
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    close(alg.entropy_from_logits(t([0.0, math.log(3.0)])), h)
+    close(logits.entropy_from_logits(t([0.0, math.log(3.0)])), h)
 
 
 def test_entropy_chunked_matches_and_upcasts():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 5, 11, generator=g, dtype=D)
-    close(alg.entropy_from_logits_chunked(z, chunk_size=4), alg.entropy_from_logits(z))
+    close(logits.entropy_from_logits_chunked(z, chunk_size=4), logits.entropy_from_logits(z))
     zb = z.to(torch.bfloat16)
-    out = alg.entropy_from_logits_chunked(zb, chunk_size=4)
+    out = logits.entropy_from_logits_chunked(zb, chunk_size=4)
     assert out.dtype == torch.float32 and out.shape == (3, 5)
-    close(out, alg.entropy_from_logits(zb.double()), tol=1e-5)
+    close(out, logits.entropy_from_logits(zb.double()), tol=1e-5)
 
 
 def test_log_probs_from_logits_matches_log_softmax_gather():
@@ -310,21 +313,42 @@ def test_log_probs_from_logits_matches_log_softmax_gather():
     z = (torch.randn(2, 5, 13, generator=g, dtype=D) * 5).requires_grad_(True)
     labels = torch.randint(0, 13, (2, 5), generator=g)
     ref = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    out = alg.log_probs_from_logits(z, labels, chunk_size=3)  # 10 positions in chunks of 3
+    out = logits.log_probs_from_logits(z, labels, chunk_size=3)  # 10 positions in chunks of 3
     close(out, ref)
     (g1,) = torch.autograd.grad(out.sum(), z)
     (g2,) = torch.autograd.grad(ref.sum(), z)
     close(g1, g2)
     zb = z.detach().to(torch.bfloat16)
-    ob = alg.log_probs_from_logits(zb, labels)
+    ob = logits.log_probs_from_logits(zb, labels)
     assert ob.dtype == torch.float32
     ref_b = torch.log_softmax(zb.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     close(ob, ref_b, tol=1e-5)
     with pytest.raises(ValueError, match="labels shape"):
-        alg.log_probs_from_logits(z, labels[:, :4])
+        logits.log_probs_from_logits(z, labels[:, :4])
 
 
 # ------------------------------------------------------------------ registries
+def test_registering_a_new_estimator_and_loss_by_decorator():
+    @alg.register_adv_est("test-raw-score")
+    def raw(scores, group_ids, *, norm_by_std=True):
+        return torch.as_tensor(scores, dtype=D)
+
+    @alg.register_policy_loss("test-vanilla-twice")
+    def twice(*args, **kw):
+        out = alg.policy_loss_clipped(*args, **kw)
+        return out._replace(pg_loss=2 * out.pg_loss)
+
+    try:
+        assert alg.get_advantage_estimator("test-raw-score") is raw
+        close(alg.get_advantage_estimator("test-raw-score")(t([1.0, 2.0]), [0, 0]), [1.0, 2.0])
+        old, logp, adv, mask = _example()
+        close(alg.get_policy_loss("test-vanilla-twice")(old, logp, adv, mask).pg_loss, 2 * 4.9 / 5)
+        with pytest.raises(ValueError, match="already registered"):
+            alg.register_adv_est("grpo")(raw)
+    finally:
+        del alg.ADVANTAGE_ESTIMATORS["test-raw-score"], alg.POLICY_LOSSES["test-vanilla-twice"]
+
+
 def test_registries_and_accessors():
     assert alg.get_advantage_estimator("grpo") is alg.group_normalized_advantages
     assert alg.get_policy_loss("vanilla") is alg.policy_loss_clipped

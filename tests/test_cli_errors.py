@@ -205,7 +205,8 @@ def test_eval_prints_the_result_then_writes_out_atomically(tmp_path):
     handler.write_text(MKDIR_HANDLER, encoding="utf-8")
     late = tmp_path / "late.jsonl"
     res = run_grpo("eval", "--model", model, "--data", val, "--handler", handler, "--max-tokens", "4",
-                   "--limit", "1", "--out", late, "--json", env=cli_env(EVAL_TEST_MKDIR=str(late)), timeout=120)
+                   "--limit", "1", "--out", late, "--json", "--env", "EVAL_TEST_MKDIR",
+                   env=cli_env(EVAL_TEST_MKDIR=str(late)), timeout=120)
     assert json.loads(res.stdout)["samples"] == 1
     assert_user_error(res, f"{late}: is a directory")
 

@@ -124,7 +124,7 @@ def test_a_non_mapping_file_with_overrides_is_still_called_a_non_mapping(tmp_pat
 
 def test_mini_batch_must_divide_batch():
     msg = error_of(body({"batch_size": 8}, engine={"mini_batch_size": 3}))
-    assert "engine.mini_batch_size (3) must divide hyperparameters.batch_size (8)" in msg
+    assert "engine.algorithm.mini_batch_size (3) must divide hyperparameters.batch_size (8)" in msg
 
 
 # -- warnings ---------------------------------------------------------------------------------
@@ -221,6 +221,50 @@ def test_field_errors_name_the_line(tmp_path):
 def test_unknown_kl_penalty_and_tracker_are_config_errors():
     assert "engine.kl_penalty" in error_of(body(engine={"kl_penalty": "lowvar_kl"}))
     assert "engine.log_with" in error_of(body(engine={"log_with": ["wandbx"]}))
+
+
+# -- engine.algorithm and its flat aliases -------------------------------------------------------
+FLAT = {"clip_ratio_low": 0.1, "clip_ratio_high": 0.28, "clip_ratio_c": 4.0, "kl_coef": 0.0, "kl_penalty": "k2",
+        "entropy_coef": 0.01, "loss_agg_mode": "seq-mean-token-sum-norm", "norm_adv_by_std": False, "ppo_epochs": 2,
+        "mini_batch_size": 2, "micro_batch_size": 3, "max_grad_norm": 0.5}
+
+
+def test_flat_engine_keys_and_the_algorithm_section_give_the_same_config():
+    flat = parse_config(body(engine=dict(FLAT)))
+    nested = parse_config(body(engine={"algorithm": dict(FLAT)}))
+    assert flat == nested and flat.model_dump() == nested.model_dump()
+    assert flat.engine.algorithm.kl_penalty == "k2" and flat.engine.kl_penalty == "k2"  # the alias reads too
+    assert flat.mini_batch_prompts() == 2
+    mixed = parse_config(body(engine={"kl_coef": 0.0, "algorithm": {"kl_coef": 0.0, "ppo_epochs": 2}}))
+    assert mixed.engine.algorithm.kl_coef == 0.0 and mixed.engine.algorithm.ppo_epochs == 2  # same value: no conflict
+    assert parse_config(body()).engine.algorithm.adv_estimator == "grpo"
+
+
+def test_an_alias_and_its_algorithm_key_that_disagree_are_an_error():
+    msg = error_of(body(engine={"kl_coef": 0.01, "algorithm": {"kl_coef": 0.0}}))
+    assert "engine.kl_coef (0.01) and engine.algorithm.kl_coef (0.0) disagree" in msg and "keep one" in msg
+
+
+def test_set_of_either_spelling_replaces_the_other(tmp_path):
+    p = write_yaml(tmp_path / "job.yaml", body(engine={"algorithm": {"kl_coef": 0.01}}))
+    assert load_config(p, ["engine.kl_coef=0.0"]).engine.algorithm.kl_coef == 0.0
+    p = write_yaml(tmp_path / "job2.yaml", body(engine={"kl_coef": 0.01}))
+    assert load_config(p, ["engine.algorithm.kl_coef=0.0"]).engine.algorithm.kl_coef == 0.0
+
+
+def test_algorithm_names_are_checked_against_the_registries(tmp_path):
+    assert "unknown advantage estimator 'grpp' (did you mean 'grpo'?); known: grpo" in error_of(
+        body(engine={"algorithm": {"adv_estimator": "grpp"}}))
+    assert "unknown policy loss 'vanila' (did you mean 'vanilla'?)" in error_of(
+        body(engine={"algorithm": {"policy_loss": "vanila"}}))
+    assert "engine.loss_agg_mode: unknown loss_agg_mode 'token-sum'" in error_of(body(engine={"loss_agg_mode": "token-sum"}))
+    # an error in a flat key names the line and the key as the file wrote them
+    p = tmp_path / "job.yaml"
+    write_yaml(p, body(engine={"seed": 1, "clip_ratio_c": 0.5}))
+    line = next(i for i, t in enumerate(p.read_text().splitlines(), 1) if "clip_ratio_c" in t)
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    assert f"{p}:{line}: engine.clip_ratio_c: Input should be greater than 1" in str(e.value)
 
 
 # -- the CLI ----------------------------------------------------------------------------------

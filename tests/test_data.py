@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo.data import (
-    GSM8K_SUFFIX,
-    Problem,
-    Record,
-    convert_gsm8k,
-    gsm8k_to_records,
-    load_records,
-    validate_file,
-    write_jsonl,
-)
+from grpo.data import GSM8K_SUFFIX, Problem, Record, load_records, validate_file, write_jsonl
 from grpo.errors import UserError
+from grpo.gsm8k import convert_gsm8k, gsm8k_to_records
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"

@@ -231,7 +231,8 @@ def test_accelerate_launch_two_processes_train_smoke(tmp_path):
     train, val = write_data(tmp_path, n_train=6, n_val=2)
     handler = write_varied_handler(tmp_path / "varied.py")
     job = write_job(tmp_path / "job.yaml", model, train, val, handler=handler,
-                    hyper={"batch_size": 2, "eval_interval": 3}, engine={"checkpoint_interval": 3})
+                    hyper={"batch_size": 2, "eval_interval": 3},
+                    engine={"checkpoint_interval": 3, "reward": {"pass_env": ["TEST_REWARD_LOG"]}})
     calls = tmp_path / "calls.jsonl"
     _launch(["-m", "grpo", "train", str(job), "--output-dir", str(tmp_path / "run"), "--no-progress"], 2, REPO,
             timeout=150, TEST_REWARD_LOG=str(calls))

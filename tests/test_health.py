@@ -1,4 +1,4 @@
-"""grpo.health on made-up metric streams: each failure raises its alarm once, healthy runs raise none.
+"""grpo.training.health on made-up metric streams: each failure raises its alarm once, healthy runs raise none.
 
 The detectors are pure functions of metrics.jsonl rows, so synthetic curves test them exactly. Healthy
 streams imitate a GRPO run that works (spec section 6): reward rising noisily from about 0.4 towards 0.9,

@@ -14,7 +14,8 @@ LAYERS = [
     ("errors", ["grpo", "grpo.errors"]),
     # the math imports nothing of grpo's but errors, so the config can validate names against its registries
     ("math", ["grpo.algorithms"]),
-    ("ground", ["grpo.config", "grpo.data", "grpo.rundir", "grpo.health_thresholds", "grpo.batch"]),
+    ("ground", ["grpo.config", "grpo.algorithm_config", "grpo.data", "grpo.rundir", "grpo.health_thresholds",
+                "grpo.batch", "grpo.jsonl", "grpo.gsm8k"]),
     ("models", ["grpo.models"]),
     ("rollout+reward", ["grpo.rollout", "grpo.reward"]),
     ("training", ["grpo.training"]),

@@ -212,7 +212,8 @@ def served(tmp_path_factory):
     handlers.mkdir()
     handler = write_varied_handler(handlers / "varied.py")
     job_yaml = write_job(tmp / "job.yaml", model, train, val, handler=handler, hyper={"eval_interval": 2})
-    with start_server(tmp / "state", handlers, "test-key") as (url, key, _proc):
+    # the operator serves the model directory under its own path as the name (the YAML's `model`)
+    with start_server(tmp / "state", handlers, "test-key", ["--model", f"{model}={model}"]) as (url, key, _proc):
         conn = ("--base-url", url, "--api-key", key)
         sub = run_grpo("submit", job_yaml, *conn, "--with-engine", "--json", cwd=tmp)
         assert sub.returncode == 0, sub.stderr + server_log(tmp / "state")

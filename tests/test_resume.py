@@ -43,7 +43,8 @@ def job(tmp_path_factory) -> Path:
     handler = write_varied_handler(d / "varied.py")
     return write_job(d / "job.yaml", model, train, val, handler=handler,
                      hyper={"n_epochs": 2, "batch_size": 2, "eval_interval": 3},
-                     engine={"checkpoint_interval": 2, "micro_batch_size": 3, "seed": 7})
+                     engine={"checkpoint_interval": 2, "micro_batch_size": 3, "seed": 7,
+                             "reward": {"pass_env": ["TEST_REWARD_SLEEP_S"]}})
 
 
 def _group_gone(pgid: int, timeout: float = 10.0) -> bool:

@@ -90,7 +90,7 @@ def test_local_workers_scores_metrics_and_reuse(tmp_path, monkeypatch):
         assert s["reward_failures"] == 0 and s["reward_calls"] == 2
     with RewardRunner(f"{H / 'good.py'}:half", max_concurrency=1) as runner:
         assert runner.score(trajs(["x", "y"])).scores == [0.5, 0.5]
-    with RewardRunner(str(H / "probe.py"), batch_size=1, max_concurrency=2) as runner:
+    with RewardRunner(str(H / "probe.py"), batch_size=1, max_concurrency=2, pass_env=["PROBE_FILE"]) as runner:
         pids = set()
         for _ in range(3):  # three steps: the same two processes, imported once each
             runner.score(trajs(["a", "b", "c", "d"]))
@@ -106,7 +106,7 @@ def test_context_object_and_exact_event(tmp_path, monkeypatch):
     probe = tmp_path / "probe.jsonl"
     monkeypatch.setenv("PROBE_FILE", str(probe))
     sent = trajs(["#### 18"], reference={"answer": "18"}, metadata={"level": 2})
-    with RewardRunner(str(H / "probe.py"), max_concurrency=1, timeout_s=30) as runner:
+    with RewardRunner(str(H / "probe.py"), max_concurrency=1, timeout_s=30, pass_env=["PROBE_FILE"]) as runner:
         runner.score(sent)
     call = [json.loads(line) for line in probe.read_text().splitlines()][-1]
     assert call["event"] == sent  # the handler receives exactly the event, as JSON
@@ -169,7 +169,8 @@ def test_hanging_handler_times_out_and_is_replaced():
 def test_close_during_a_hung_call_returns_promptly(tmp_path, monkeypatch):
     marker = tmp_path / "hanging"
     monkeypatch.setenv("HANG_MARKER", str(marker))
-    runner = RewardRunner(str(H / "hangs.py"), max_concurrency=1, timeout_s=60, on_failure="skip")
+    runner = RewardRunner(str(H / "hangs.py"), max_concurrency=1, timeout_s=60, on_failure="skip",
+                          pass_env=["HANG_MARKER"])
     out = {}
     thread = threading.Thread(target=lambda: out.update(res=runner.score(trajs(["hang"]))))
     thread.start()

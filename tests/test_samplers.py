@@ -1,4 +1,4 @@
-"""The rollout backends (grpo.samplers) on tiny real models: transformers' continuous batching returns the
+"""The rollout backends (grpo.rollout.samplers) on tiny real models: transformers' continuous batching returns the
 trained policy's own log-probs, the trainer runs with it end to end (old log-probs recomputed, TIS weights
 and sampler-mismatch metrics), and the backends that cannot run say so in one line."""
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from helpers_engine import build_model_dir, read_jsonl, run_grpo, write_data, write_job, write_varied_handler
 
-from grpo.batch import pack
+from grpo.batch import pack, pack_step
 from grpo.config import LoraConfig
 from grpo.models.loading import add_lora, chat_tokenizer
 from grpo.rollout.prompts import encode_prompt
-from grpo.rollout.samplers import ContinuousSampler, TransformersSampler, logprob_tensor
+from grpo.rollout.samplers import ContinuousSampler, TransformersSampler
 from grpo.training.actor import compute_logprobs
 
 torch.set_num_threads(1)
@@ -34,37 +34,41 @@ def _policy(kind):
 @pytest.mark.parametrize("kind", ["qwen3", "gpt_oss"])
 def test_continuous_batching_samples_the_trained_policy_and_reports_its_log_probs(kind):
     policy, tok, prompts = _policy(kind)
-    sampled = ContinuousSampler(policy, tok).generate(prompts, n=3, max_new_tokens=12, temperature=0.8)
-    b = sampled.batch
-    assert b.group == [0, 0, 0, 1, 1, 1, 2, 2, 2] and b.sample == [0, 1, 2] * 3
-    assert b.prompt_ids == [p for p in prompts for _ in range(3)]
-    assert all(1 <= len(r) <= 12 for r in b.response_ids)
-    assert [len(lp) for lp in sampled.logprobs] == [len(r) for r in b.response_ids]
+    b = ContinuousSampler(policy, tok).generate(prompts, n=3, max_new_tokens=12, temperature=0.8)
+    assert b.group.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and b.sample.tolist() == [0, 1, 2] * 3
+    assert b.prompt_lengths.tolist() == [len(p) for p in prompts for _ in range(3)]
+    assert all(1 <= n <= 12 for n in b.response_lengths.tolist())
+    for i, p in enumerate(p for p in prompts for _ in range(3)):  # packed: each row is its prompt, then the response
+        assert b.packed.input_ids[i, :len(p)].tolist() == p
+    sel = b.packed.response_mask.bool()
+    assert int(sel.sum()) == int(b.response_lengths.sum())
+    assert ((b.sampler_logprobs != 0) == sel).all()  # one log-prob per response token, nothing elsewhere
     # the sampler's log-prob of each token it drew is the trained policy's (adapter on, temperature applied)
-    batch = pack(b.prompt_ids, b.response_ids, tok.pad_token_id)
-    trainer = compute_logprobs(policy, batch, 0.8, 16)
-    sampler = logprob_tensor(sampled.logprobs, b.prompt_ids, batch.response_mask.shape[1])
-    sel = batch.response_mask.bool()
-    assert int(sel.sum()) == sum(len(r) for r in b.response_ids)
-    torch.testing.assert_close(sampler[sel], trainer[sel], atol=1e-4, rtol=0)
+    trainer = compute_logprobs(policy, b.packed, 0.8, 16)
+    torch.testing.assert_close(b.sampler_logprobs[sel], trainer[sel], atol=1e-4, rtol=0)
     policy.train()  # the sampler runs in eval mode and puts the training mode back
     ContinuousSampler(policy, tok).generate(prompts[:1], n=2, max_new_tokens=4, temperature=1.0)
     assert policy.training
     assert policy.get_base_model().config._attn_implementation in ("sdpa", "eager")  # paged attention undone
 
 
-def test_logprob_tensor_puts_each_token_where_pack_predicts_it():
+def test_the_sampler_log_probs_sit_where_pack_predicts_each_token():
     prompts, responses = [[5, 6, 7], [8]], [[1, 2], [3, 4, 9]]
-    batch = pack(prompts, responses, 0)
-    lt = logprob_tensor([[-0.1, -0.2], [-0.3, -0.4, -0.5]], prompts, batch.response_mask.shape[1])
+    batch = pack_step(prompts, responses, 0, group=[0, 1], sample=[0, 0], truncated=[False, True], contents=["a", "b"],
+                      reasoning=[None, None], sampler_logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]])
+    lt = batch.sampler_logprobs
     torch.testing.assert_close(lt, torch.tensor([[0, 0, -0.1, -0.2], [-0.3, -0.4, -0.5, 0]]))
-    assert ((lt != 0).float() == batch.response_mask).all()
+    assert ((lt != 0).float() == batch.packed.response_mask).all()
+    assert torch.equal(batch.packed.input_ids, pack(prompts, responses, 0).input_ids)
+    with pytest.raises(ValueError, match="row 1: 3 response tokens but 2 values"):
+        pack_step(prompts, responses, 0, group=[0, 1], sample=[0, 0], truncated=[False, True], contents=["a", "b"],
+                  reasoning=[None, None], sampler_logprobs=[[-0.1, -0.2], [-0.3, -0.4]])
 
 
 def test_the_transformers_backend_is_the_policy_itself():
     policy, tok, prompts = _policy("qwen3")
-    sampled = TransformersSampler(policy, tok).generate(prompts, n=2, max_new_tokens=6, temperature=1.0)
-    assert sampled.logprobs is None and len(sampled.batch) == 6
+    batch = TransformersSampler(policy, tok).generate(prompts, n=2, max_new_tokens=6, temperature=1.0)
+    assert batch.sampler_logprobs is None and len(batch) == 6
 
 
 def _job(tmp_path, **engine):

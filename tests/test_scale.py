@@ -210,7 +210,7 @@ def test_job_configs_are_the_spec_example():
 
 
 def test_dry_run_sizes_the_continuous_backends_paged_cache_for_the_whole_step():
-    """grpo.samplers gives continuous batching a cache for every sequence of the step at full length, twice
+    """grpo.rollout.samplers gives continuous batching a cache for every sequence of the step at full length, twice
     over (no sliding-window saving): the plan counts that, not one generate call's cache."""
     job = load_config(GPT_OSS, ["engine.rollout.backend=continuous"])
     info = inspect_model(model_config(job.local_model)[0], job.engine.lora)

@@ -21,6 +21,7 @@ from helpers_engine import VARIED_HANDLER, build_model_dir, read_jsonl, write_da
 from server_helpers import gone, pids_with, server_log, sse_data, start_server, wait_for
 
 KEY = "test-key-0123456789"
+MODEL = "qwen.qwen3-32b"  # served as the tiny random model: `grpo serve --model qwen.qwen3-32b=<its directory>`
 TERMINAL = ("succeeded", "failed", "cancelled")
 HYPER = {"n_epochs": 1, "batch_size": 2, "training_sample_per_prompt": 4, "inference_max_tokens": 8}
 ENGINE = {"checkpoint_interval": 2, "micro_batch_size": 4, "reward": {"concurrency": 1}, "log_with": ["none"],
@@ -59,7 +60,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(env):
-    with start_server(env["dir"] / "state", env["handlers"], KEY) as (url, key, proc):
+    with start_server(env["dir"] / "state", env["handlers"], KEY, ["--model", f"{MODEL}={env['model']}"]) as (url, key, proc):
         yield openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60), url, proc
 
 
@@ -78,11 +79,11 @@ def flow(env, server):
     assert client.files.retrieve(train.id).model_dump() == train.model_dump()
     assert client.files.content(train.id).read() == env["train"].read_bytes()
 
-    job = client.fine_tuning.jobs.create(model=str(env["model"]), training_file=train.id, validation_file=val.id,
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, validation_file=val.id,
                                          extra_body=body("varied.py", hyper={"eval_interval": 2}))
     assert job.id.startswith("ftjob-") and job.status == "validating_files" and job.fine_tuned_model is None
     assert job.hyperparameters.batch_size == 2 and job.training_file == train.id
-    second = client.fine_tuning.jobs.create(model=str(env["model"]), training_file=train.id,
+    second = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id,
                                             extra_body=body("stuck.py"))
     assert [j.id for j in client.fine_tuning.jobs.list(limit=10).data] == [second.id, job.id]
     wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", 60, "the first job to run")
@@ -95,9 +96,12 @@ def flow(env, server):
     return {"job": done, "second": second, "train": train, "val": val}
 
 
-def test_job_succeeds_with_openai_fields(flow):
+def test_job_succeeds_with_openai_fields(flow, env):
     job = flow["job"]
-    assert job.fine_tuned_model == f"ft:{job.model}:grpo:{job.id}"
+    assert job.model == MODEL and job.fine_tuned_model == f"ft:{job.model}:grpo:{job.id}"
+    # the operator's --model mapping holds for training: the job trained the directory served as qwen.qwen3-32b
+    summary = json.loads((env["dir"] / "state" / "jobs" / job.id / "run" / "summary.json").read_text())
+    assert summary["model"] == str(env["model"])
     assert job.finished_at >= job.created_at and job.error is None
     assert job.trained_tokens > 0 and job.organization_id and job.method.type == "reinforcement"
 
@@ -320,7 +324,7 @@ def test_auth_not_found_and_bad_requests(server, env):
 
     f = client.files.create(file=env["train"].open("rb"), purpose="fine-tune")
 
-    def create_error(model=str(env["model"]), training_file=f.id, **kw) -> openai.BadRequestError:
+    def create_error(model=MODEL, training_file=f.id, **kw) -> openai.BadRequestError:
         with pytest.raises(openai.BadRequestError) as err:
             client.fine_tuning.jobs.create(model=model, training_file=training_file,
                                            extra_body=body(**kw))
@@ -363,7 +367,8 @@ def test_restart_resumes_the_running_job(env, tmp_path):
     """SIGKILL the server mid-job (after the step-2 checkpoint, with step 3 logged); the trainer goes with
     it; a new server on the same state directory resumes the job, which ends with one metrics line per step."""
     state = tmp_path / "state"
-    with start_server(state, env["handlers"], KEY, ["--max-upload-mb", "0.01"]) as (url, key, proc):
+    served = ["--model", f"{MODEL}={env['model']}"]
+    with start_server(state, env["handlers"], KEY, ["--max-upload-mb", "0.01", *served]) as (url, key, proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
         for size in (200_000, 12_000):  # refused from Content-Length, and while reading the upload
             big = env["dir"] / f"big-{size}.jsonl"
@@ -373,7 +378,7 @@ def test_restart_resumes_the_running_job(env, tmp_path):
             assert e.value.status_code == 413 and e.value.body["param"] == "file"
         f = client.files.create(file=env["train"].open("rb"), purpose="fine-tune")
         v = client.files.create(file=env["val"].open("rb"), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=str(env["model"]), training_file=f.id, validation_file=v.id,
+        job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, validation_file=v.id,
                                              extra_body=body("paced.py"))
 
         def step3_logged():
@@ -387,7 +392,7 @@ def test_restart_resumes_the_running_job(env, tmp_path):
     run = state / "jobs" / job.id / "run"
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]  # step 3 is past the checkpoint
 
-    with start_server(state, env["handlers"], KEY) as (url, key, proc):
+    with start_server(state, env["handlers"], KEY, served) as (url, key, proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
         assert [x.id for x in client.files.list().data] == [v.id, f.id]  # the state survived
         done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j, 150,

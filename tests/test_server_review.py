@@ -20,7 +20,7 @@ from server_helpers import server_log, start_server, wait_for
 
 
 def test_server_modules_and_checkpoint_paths_do_not_import_torch(tmp_path):
-    """What the server runs for files, jobs and /v1/models (grpo.api.app, and grpo.checkpoint's path
+    """What the server runs for files, jobs and /v1/models (grpo.api.app, and grpo.training.checkpoint's path
     helpers that jobs.py and worker.py call) leaves torch and numpy unimported, in a fresh interpreter."""
     run = tmp_path / "run"
     for step in (2, 10):
@@ -62,6 +62,7 @@ def test_generation_pads_with_the_tokenizers_pad_id_even_when_it_is_zero():
 
 # -- a real server on loopback, its state partly prepared on disk beforehand -------------------------------
 KEY = "review-key-0123456789"
+SERVED = "tiny"  # the model the server serves (--model tiny=<directory>)
 HANDLER = "def lambda_handler(event, context):\n    return [{'id': t['id'], 'aggregate_reward_score': 0.0} for t in event]\n"
 
 
@@ -77,6 +78,7 @@ def served(tmp_path_factory):
     job (checkpoints at steps 2 and 4, a metrics.jsonl that is not UTF-8) created with the server's own
     code, and an invalid file with no record of the upload's check."""
     from grpo.api import jobs as J
+    from grpo.api.policy import ServerPolicy
     from grpo.api.store import Store
 
     d = tmp_path_factory.mktemp("review")
@@ -97,7 +99,8 @@ def served(tmp_path_factory):
         legacy = dict(data_doc, id="file-" + "b" * 24, filename="legacy.jsonl")  # uploaded by an older server:
         (store.files_dir / f"{legacy['id']}.jsonl").write_text('{"messages": []}\n')  # no record of a check
         store.add_file(legacy)
-        job = J.create_job(store, job_body(str(model), data_doc["id"]), handlers)
+        job = J.create_job(store, job_body(SERVED, data_doc["id"]),
+                           ServerPolicy(handlers_dir=handlers, base_models={SERVED: str(model)}))
         job = store.update_job(job["id"], status="succeeded", fine_tuned_model=J.fine_tuned_model_id(job),
                                finished_at=job["created_at"] + 5)
         run = J.run_dir(store, job["id"])
@@ -108,7 +111,7 @@ def served(tmp_path_factory):
         (run / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\n')
     finally:
         store.close()
-    with start_server(state, handlers, KEY) as (url, key, proc):
+    with start_server(state, handlers, KEY, ["--model", f"{SERVED}={model}"]) as (url, key, proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         yield {"client": client, "http": http, "proc": proc, "state": state, "job": job, "train": train,
@@ -123,9 +126,9 @@ def test_models_list_from_checkpoint_directories_and_retrieve_one_directly(serve
     client, job = served["client"], served["job"]
     ft = job["fine_tuned_model"]
     listed = {m.id: m for m in client.models.list()}
-    assert {str(served["model"]), ft, f"{ft}:ckpt-step-2", f"{ft}:ckpt-step-4"} <= set(listed)
+    assert {SERVED, ft, f"{ft}:ckpt-step-2", f"{ft}:ckpt-step-4"} <= set(listed)
     assert listed[f"{ft}:ckpt-step-4"].created == 1_700_000_004  # when its state.json was written
-    assert listed[str(served["model"])].owned_by == "system" and listed[ft].owned_by == "grpo-local"
+    assert listed[SERVED].owned_by == "system" and listed[ft].owned_by == "grpo-local"
     for mid, m in listed.items():
         assert client.models.retrieve(mid).model_dump() == m.model_dump(), mid
     for missing in (f"{ft}:ckpt-step-3", f"{ft}:ckpt-step-02", f"{ft}x", "ft:other:grpo:" + job["id"],
@@ -187,7 +190,7 @@ def test_the_worker_reuses_the_uploads_validation_and_never_loads_torch(served):
     raw = [http.get(f"/files/{f.id}").json(), *http.get("/files").json()["data"]]
     assert raw[0] == f.model_dump() and all(not k.startswith("_") for doc in raw for k in doc)  # server-only field
     (state / "files" / f"{f.id}.jsonl").write_text("this is not JSON\n")
-    job = client.fine_tuning.jobs.create(**job_body(str(served["model"]), f.id))
+    job = client.fine_tuning.jobs.create(**job_body(SERVED, f.id))
     assert job.status == "validating_files"
     wait_for(lambda: job_status(client, job.id) in ("running", "failed", "cancelled"), 30, "the job to start")
     try:
@@ -210,7 +213,7 @@ def test_a_file_without_a_record_of_its_check_is_validated_by_the_worker(served)
     """A file an older server stored (no record of the upload's check) is read and checked by the worker:
     the job fails naming the file, its line and field."""
     client, legacy = served["client"], served["legacy"]
-    job = client.fine_tuning.jobs.create(**job_body(str(served["model"]), legacy["id"]))
+    job = client.fine_tuning.jobs.create(**job_body(SERVED, legacy["id"]))
     done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status != "validating_files" and j, 30,
                     "the worker to validate the file")
     assert done.status == "failed" and done.error.code == "invalid_training_file", done.error

@@ -22,6 +22,14 @@ REQUIRED = [
     "response_length_min", "response_length_clip_ratio", "prompt_length_mean", "prompt_length_max",
     "prompt_length_min", "timing_s_gen", "timing_s_reward", "timing_s_update_actor", "timing_s_step",
     "perf_throughput", "perf_time_per_step", "reward_length_mod3_mean",
+    # verl's metrics added under Bedrock's flattened names (README's Metrics section)
+    "training_global_step", "training_epoch", "critic_returns_mean", "critic_returns_max", "critic_returns_min",
+    "response_aborted_ratio", "response_length_non_aborted_mean", "response_length_non_aborted_max",
+    "response_length_non_aborted_min", "response_length_non_aborted_clip_ratio", "prompt_length_clip_ratio",
+    "timing_per_token_ms_gen", "timing_per_token_ms_ref", "timing_per_token_ms_adv",
+    "timing_per_token_ms_update_actor", "perf_cpu_memory_used_gb", "perf_mfu_actor", "global_seqlen_min",
+    "global_seqlen_max", "global_seqlen_minmax_diff", "global_seqlen_balanced_min", "global_seqlen_balanced_max",
+    "global_seqlen_mean",
 ]
 
 
@@ -46,8 +54,14 @@ def test_every_step_logs_bedrock_metric_names(trained):
     for r in rows:
         missing = [k for k in REQUIRED if k not in r]
         assert not missing, missing
-    # validation every eval_interval=2 steps (and at the end)
+    # validation every eval_interval=2 steps (and at the end), each timed; checkpoints at 3 and 4, each timed
     assert [r["step"] for r in rows if "val_score_rewards_mean" in r] == [2, 4]
+    assert [r["step"] for r in rows if "timing_s_testing" in r] == [2, 4]
+    assert [r["step"] for r in rows if "timing_s_save_checkpoint" in r] == [3, 4]
+    events = {e["data"]["step"]: e["data"] for e in read_jsonl(tmp / "run" / "events.jsonl") if e["type"] == "metrics"}
+    assert [s for s, d in sorted(events.items()) if "timing_s_save_checkpoint" in d] == [3, 4]
+    assert [r["training_global_step"] for r in rows] == [1, 2, 3, 4] and {r["training_epoch"] for r in rows} == {0}
+    assert all(r["critic_returns_mean"] == r["critic_advantages_mean"] and 0 < r["perf_mfu_actor"] < 1 for r in rows)
     # the varied handler spreads scores inside groups, so the update did something
     assert any(r["actor_grad_norm"] > 0 for r in rows)
     assert all(0 <= r["response_length_clip_ratio"] <= 1 for r in rows)

@@ -4,7 +4,7 @@ One tiny random Qwen3 with a LoRA adapter (its B matrices randomised, so the pol
 reference), one batch of prompts and completions of unequal lengths, the same advantages. TRL computes its
 loss with its own `GRPOTrainer._compute_loss` (loss_type "dapo": token mean over the batch's tokens; beta
 0.001, epsilon 0.2, use_bias_correction_kl off: TRL 1.16 turns it on by default, which multiplies the KL by the
-importance ratio, same value but another gradient than verl's k3) and its own reference log-probs (adapter disabled, its fused LM head). Ours: grpo.actor's
+importance ratio, same value but another gradient than verl's k3) and its own reference log-probs (adapter disabled, its fused LM head). Ours: grpo.training.actor's
 log-probs (shared-prompt path and plain path) and grpo.algorithms' clipped loss + 0.001 x k3 KL, token-mean,
 as grpo.training.actor.update_policy combines them. Loss values agree within 1e-5 (absolute); LoRA gradients within
 0.1% of each tensor's norm (fp32 rounding).
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from grpo.algorithms import core as alg  # noqa: E402
-from grpo.models.forward import forward_logprobs
 from grpo.batch import pack  # noqa: E402
+from grpo.models.forward import forward_logprobs
 from grpo.training.actor import adapter_disabled, compute_logprobs  # noqa: E402
 
 BETA, EPS = 0.001, 0.2

@@ -4,7 +4,10 @@ Reference: verl ``verl/trainer/ppo/core_algos.py`` and ``verl/utils/torch_functi
 pins verl 0.9.1, see /work/shared/BEDROCK_RFT.md section 5). Every formula is written out in the
 docstring of the function that computes it. Shapes: B sequences, T response tokens (padded), V vocab.
 
-Registries (name -> function); each ``get_*`` accessor raises ValueError naming the known names:
+Registries (name -> function): the trainer and actor look ``engine.algorithm``'s names up here, and the config
+validates them here. A new estimator or loss is a function decorated with ``@register_adv_est("name")`` /
+``@register_policy_loss("name")`` (verl's ``core_algos`` style; calling conventions at the registries). Each
+``get_*`` accessor raises ValueError naming the known names:
   ADVANTAGE_ESTIMATORS  "grpo" -> group_normalized_advantages
   POLICY_LOSSES         "vanilla" -> policy_loss_clipped
   KL_PENALTIES          k1/kl, abs, k2/mse, k3/low_var_kl, and each name + "+" (straight-through k2 grad)
@@ -23,10 +26,10 @@ Micro-batches and data parallelism: how the trainer uses ``global_tokens`` / ``g
      to the mini-batch gradient.
   3. With DDP, which averages gradients over W ranks, multiply each micro-batch loss by W before backward
      (verl's ``dp_size`` factor). The averaged gradient is then exactly the mini-batch value's gradient.
-  ``seq-mean-token-sum-norm`` divides by a constant horizon, not a count: ``loss_scale_factor``, default
-  ``loss_mat.shape[-1]`` (the padded response width, verl's default). Micro-batches may be padded to
-  different widths, so when global counts are given this mode requires an explicit ``loss_scale_factor``
-  (e.g. the configured max response length) and raises ValueError without one.
+  ``seq-mean-token-sum-norm`` is ``seq-mean-token-sum`` further divided by a constant horizon
+  ``loss_scale_factor``, default ``loss_mat.shape[-1]`` (the padded response width, verl's default).
+  Micro-batches may be padded to different widths, so when global counts are given this mode requires an
+  explicit ``loss_scale_factor`` (e.g. the configured max response length) and raises ValueError without one.
 
 Differences from verl, all deliberate and numerically tiny or confined to degenerate input:
   - seq-mean-token-mean divides each sequence sum by max(count, 1) (verl: count + 1e-8).
@@ -46,6 +49,34 @@ from torch import Tensor
 
 LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_old| and |log pi_ref - log pi| are clamped here before exp()
 K3_CLAMP = 10.0  # the k3 (low_var_kl) estimate is clamped to [-10, 10]
+
+#: name -> advantage estimator: fn(scores [B], group_ids [B] (tensor or list of hashables), *, norm_by_std: bool)
+#: -> per-sequence advantages [B] (detached); the trainer broadcasts them over each response's tokens.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
+#: name -> policy loss: fn(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low, clip_ratio_high,
+#: clip_ratio_c, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor, rollout_is_weights)
+#: -> PolicyLossOutput; all tensors [B, T], advantages token-level.
+POLICY_LOSSES: dict[str, Callable[..., "PolicyLossOutput"]] = {}
+
+
+def _register(registry: dict, kind: str, name: str) -> Callable[[Callable], Callable]:
+    """A decorator that puts its function in ``registry`` under ``name`` (a name taken by another is an error)."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in registry and registry[name] is not fn:
+            raise ValueError(f"{kind} {name!r} is already registered ({registry[name].__name__})")
+        registry[name] = fn
+        return fn
+
+    return deco
+
+
+def register_adv_est(name: str) -> Callable[[Callable], Callable]:
+    return _register(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+
+
+def register_policy_loss(name: str) -> Callable[[Callable], Callable]:
+    return _register(POLICY_LOSSES, "policy loss", name)
 
 
 # ----------------------------------------------------------------------------- masked reductions
@@ -79,6 +110,7 @@ def masked_stats(x: Tensor, mask: Tensor) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- advantages
+@register_adv_est("grpo")
 def group_normalized_advantages(
     scores: Tensor, group_ids: Tensor | Sequence, *, norm_by_std: bool = True, eps: float = 1e-6
 ) -> Tensor:
@@ -166,8 +198,8 @@ def agg_loss(
       token-mean               sum_b S_b / N_tok       N_tok = global_tokens or sum_b n_b
       seq-mean-token-mean      sum_b (S_b / n_b) / N_seq
       seq-mean-token-sum       sum_b S_b / N_seq       N_seq = global_seqs or #{b : n_b > 0}
-      seq-mean-token-sum-norm  sum_b S_b / H           H = loss_scale_factor or T (= loss_mat.shape[-1]),
-                               verl's constant horizon (Dr. GRPO); the count keywords are not used.
+      seq-mean-token-sum-norm  sum_b S_b / N_seq / H   H = loss_scale_factor or T (= loss_mat.shape[-1]),
+                               verl's constant horizon (Dr. GRPO), as verl 0.9.1 (seq-mean, then / H)
     Empty sequences (n_b = 0) contribute 0 and are not counted. Given the global counts of the whole
     mini-batch, the result is this micro-batch's exact share; see the module docstring for the protocol
     (and the factor W under DDP). A zero denominator (nothing to average) yields an exact 0 in the graph."""
@@ -184,7 +216,7 @@ def agg_loss(
         horizon = float(loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor)
         if horizon <= 0:
             raise ValueError(f"loss_scale_factor must be > 0, got {horizon}")
-        return seq_sums.sum() / horizon
+        return agg_loss(loss_mat, loss_mask, "seq-mean-token-sum", global_seqs=global_seqs) / horizon
     if loss_agg_mode == "token-mean":
         num, local, denom, name = seq_sums.sum(), float(counts.sum().item()), global_tokens, "global_tokens"
     else:
@@ -208,6 +240,7 @@ class PolicyLossOutput(NamedTuple):
     pg_clipfrac_lower: Tensor  # detached scalar: share of response tokens hit by the dual clip (A < 0)
 
 
+@register_policy_loss("vanilla")
 def policy_loss_clipped(
     old_log_prob: Tensor,
     log_prob: Tensor,
@@ -231,7 +264,7 @@ def policy_loss_clipped(
       pg_clipfrac = masked_mean(L2 > L1);  pg_clipfrac_lower = masked_mean((C1 > L3) and A < 0)
       ppo_kl = masked_mean(-d)
     All inputs [B, T]; ``advantages`` token-level (see broadcast_to_tokens). clip_ratio_c must be > 1.
-    ``rollout_is_weights`` (grpo.tis, detached) reweight each token's clipped loss when the responses came
+    ``rollout_is_weights`` (grpo.algorithms.tis, detached) reweight each token's clipped loss when the responses came
     from a sampler other than the trained policy, as verl's ``rollout_is_weights``; the clip statistics are
     those of the unweighted ratio."""
     if not clip_ratio_c > 1.0:
@@ -316,54 +349,7 @@ def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, kind: str) -> Tensor:
     return get_kl_penalty(kind)(log_prob, ref_log_prob)
 
 
-# ----------------------------------------------------------------------------- logits -> entropy, log-probs
-def _upcast(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Token entropy of softmax(logits) over the last dim (verl ``entropy_from_logits``):
-        H = logsumexp(z) - sum_v softmax(z)_v z_v
-    shape [..., V] -> [...]; computed in at least float32."""
-    z = _upcast(logits)
-    return torch.logsumexp(z, dim=-1) - torch.sum(torch.softmax(z, dim=-1) * z, dim=-1)
-
-
-def entropy_from_logits_chunked(logits: Tensor, chunk_size: int = 1024) -> Tensor:
-    """entropy_from_logits over ``chunk_size`` positions at a time, so a half-precision [..., V] tensor is
-    never upcast or softmaxed whole (peak extra memory ~ chunk_size * V floats without autograd)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = [entropy_from_logits(flat[i:i + chunk_size]) for i in range(0, flat.shape[0], chunk_size)]
-    out = torch.cat(parts) if parts else flat.new_empty(0, dtype=_upcast(flat[:0]).dtype)
-    return out.reshape(logits.shape[:-1])
-
-
-def log_probs_from_logits(logits: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
-    """log softmax(logits)[label] per position: z[label] - logsumexp(z), shape [B, T, V] + [B, T] -> [B, T].
-    Computed in at least float32, ``chunk_size`` positions at a time, so the full [B, T, V] log_softmax
-    (and, for half-precision logits, a full fp32 copy) is never materialized outside autograd."""
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"labels shape {tuple(labels.shape)} must be logits shape without the vocab dim "
-                         f"{tuple(logits.shape[:-1])}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    flat = logits.reshape(-1, logits.shape[-1])
-    lab = labels.reshape(-1, 1).long()
-    parts = []
-    for i in range(0, flat.shape[0], chunk_size):
-        z = _upcast(flat[i:i + chunk_size])
-        parts.append(z.gather(-1, lab[i:i + chunk_size]).squeeze(-1) - torch.logsumexp(z, dim=-1))
-    out = torch.cat(parts) if parts else flat.new_empty(0, dtype=_upcast(flat[:0]).dtype)
-    return out.reshape(labels.shape)
-
-
-# ----------------------------------------------------------------------------- registries
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {"grpo": group_normalized_advantages}
-POLICY_LOSSES: dict[str, Callable[..., PolicyLossOutput]] = {"vanilla": policy_loss_clipped}
-
-
+# ----------------------------------------------------------------------------- registry look-ups
 def get_advantage_estimator(name: str) -> Callable[..., Tensor]:
     """The advantage estimator registered as ``name``; ValueError listing the known names otherwise."""
     if name not in ADVANTAGE_ESTIMATORS:

@@ -1,6 +1,6 @@
 """Truncated importance sampling (TIS): correcting for a sampler that is not exactly the trained policy.
 
-When responses come from a separate inference engine (vLLM, grpo.rollout_vllm) its token probabilities
+When responses come from a separate inference engine (vLLM, grpo.rollout.vllm) its token probabilities
 differ slightly from the training engine's for the same weights: other kernels, another precision (bf16 or
 fp8 sampling against an fp32-accumulated training forward), batch-dependent numerics. The "old" policy of
 PPO/GRPO is then the training engine's, but the data were drawn from the sampler's distribution, so the
@@ -13,7 +13,7 @@ detached (a constant in the gradient), with cap C (2.0 in the paper and verl's d
 bounds the variance that an untruncated ratio would add; w_t = 1 when the two engines agree.
 
 Pure tensor functions, no model and no I/O. The transformers backend needs none of this (it samples from
-the policy it trains, so w_t = 1 exactly); it applies to the continuous and vLLM backends (grpo.samplers), whose weights multiply each token's
+the policy it trains, so w_t = 1 exactly); it applies to the continuous and vLLM backends (grpo.rollout.samplers), whose weights multiply each token's
 clipped loss in grpo.algorithms.core.policy_loss_clipped (`rollout_is_weights`).
 """
 

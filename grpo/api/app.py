@@ -9,7 +9,6 @@ the bad field in `param`, 404 says what was not found. Lists are OpenAI's cursor
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import re
 import sys
@@ -26,8 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grpo.api import chat
 from grpo.api import jobs as J
+from grpo.api.console import add_console
 from grpo.api.errors import ApiError, bad_request, not_found, parse_limit
 from grpo.api.inference import ModelCache, encode
+from grpo.api.limits import BodyLimit, parse_json_object
+from grpo.api.policy import ServerPolicy
 from grpo.api.responses import ResponseBuilder
 from grpo.api.store import Page, Store, new_id
 from grpo.api.worker import JobManager
@@ -48,7 +50,21 @@ class ServerConfig:
     max_loaded_models: int = 2
     default_max_tokens: int = 1024
     max_tokens: int = 32768
-    job_env: dict | None = None  # environment of trainer subprocesses (default: the server's)
+    job_env: dict | None = None  # environment of trainer subprocesses (default: the server's, without its key)
+    lambdas: dict[str, str] = field(default_factory=dict)  # --lambda ARN=FILE
+    invoke_lambdas: bool = False
+    lambda_endpoint_url: str | None = None
+    handler_env: dict[str, str] = field(default_factory=dict)  # --handler-env NAME=VALUE
+    handler_pass_env: list[str] = field(default_factory=list)  # --handler-env NAME
+    max_reward_concurrency: int = 8
+    max_json_bytes: int = 16 * 2**20
+
+    def policy(self) -> ServerPolicy:
+        return ServerPolicy(handlers_dir=Path(self.handlers_dir), base_models=dict(self.base_models),
+                            lambdas=dict(self.lambdas), invoke_lambdas=self.invoke_lambdas,
+                            lambda_endpoint_url=self.lambda_endpoint_url, handler_env=dict(self.handler_env),
+                            handler_pass_env=list(self.handler_pass_env), max_tokens=self.max_tokens,
+                            max_reward_concurrency=self.max_reward_concurrency)
 
 
 def file_object(doc: dict) -> dict:
@@ -66,13 +82,8 @@ def _error(status: int, message: str, *, param=None, code=None, type="invalid_re
 
 
 async def json_body(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body() or b"null")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"We could not parse the JSON body of your request ({e})") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    return body
+    """The JSON object of the request (its size is bounded by the BodyLimit middleware, its depth here)."""
+    return parse_json_object(await request.body())
 
 
 def _safe_filename(name: str | None) -> str:
@@ -86,7 +97,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     manager = JobManager(store, max_jobs=cfg.max_jobs, env=cfg.job_env)
     cache = ModelCache(cfg.max_loaded_models)
     started = int(time.time())
-    handlers_dir = Path(cfg.handlers_dir)
+    policy = cfg.policy()
+    for orphan in store.files_dir.glob(".upload-*"):  # an upload cut short by a killed server
+        orphan.unlink(missing_ok=True)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -100,6 +113,15 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app = FastAPI(title="grpo local OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.store, app.state.manager, app.state.cache = store, manager, cache
+
+    def body_limit(scope):
+        if not scope["path"].startswith("/v1"):
+            return None
+        if scope["path"] == "/v1/files" and scope["method"] == "POST":
+            return cfg.max_upload_bytes + MULTIPART_SLACK, "a file upload (--max-upload-mb)"
+        return cfg.max_json_bytes, "a JSON request"
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
 
     # -- auth, limits, errors ------------------------------------------------------------------
     @app.middleware("http")
@@ -117,6 +139,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                     and int(size) > cfg.max_upload_bytes + MULTIPART_SLACK:
                 return _error(413, f"file: the upload is larger than this server's limit of "
                                    f"{cfg.max_upload_bytes} bytes (--max-upload-mb)", param="file")
+            if size and size.isdigit() and int(size) > cfg.max_json_bytes and request.url.path != "/v1/files":
+                return _error(413, f"the request body is larger than this server's limit of {cfg.max_json_bytes} "
+                                   "bytes for a JSON request", code="request_too_large")
         return await call_next(request)
 
     @app.exception_handler(ApiError)
@@ -230,7 +255,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(request: Request):
         body = await json_body(request)
-        return J.job_object(await run_in_threadpool(J.create_job, store, body, handlers_dir))
+        return J.job_object(await run_in_threadpool(J.create_job, store, body, policy))
 
     @app.get("/v1/fine_tuning/jobs")
     def list_jobs(limit: str | None = None, after: str | None = None):
@@ -283,15 +308,17 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
             raise bad_request("model: expected a model id (see /v1/models)", "model")
-        resolved = J.resolve_model(store, model_id, cfg.base_models)
+        resolved = J.resolve_model(store, model_id, policy.served_models())
         if resolved is None:
             raise ApiError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
         base, adapter, default_effort = resolved
         try:
             return model_id, cache.get(base, adapter), default_effort
-        except UserError as e:
-            raise ApiError(500, f"model '{model_id}' could not be loaded: {e}", type="server_error") from None
+        except (UserError, OSError, ValueError) as e:  # the client learns the id; the log, the reason (paths)
+            print(f"grpo serve: model {model_id!r} could not be loaded: {e}", file=sys.stderr, flush=True)
+            raise ApiError(500, f"The model '{model_id}' could not be loaded on this server; its log has the "
+                                "details.", param="model", type="server_error") from None
 
     def prepare_chat(body: dict):
         chat.reject_unsupported(body, chat.UNSUPPORTED_CHAT)
@@ -311,7 +338,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         body = await json_body(request)
         model_id, choices, prompt_tokens = await run_in_threadpool(prepare_chat, body)
         if body.get("stream"):
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            include = chat.include_usage(body)
             return StreamingResponse(chat.chat_stream(model_id, choices, prompt_tokens, include),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         done = await run_in_threadpool(lambda: [c.run() for c in choices])
@@ -338,4 +365,5 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                                      headers={"Cache-Control": "no-cache"})
         return builder.complete(await run_in_threadpool(choice.run), prompt_tokens)
 
+    add_console(app, cfg)  # the browser console at /console/; its gate runs before the auth above
     return app

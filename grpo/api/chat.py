@@ -73,7 +73,7 @@ def sampling(body: dict, token_keys: tuple[str, ...], default_tokens: int, max_t
 def effort(value, default: str, param: str) -> str:
     if value is None:
         return default
-    if value not in EFFORTS:
+    if not isinstance(value, str) or value not in EFFORTS:
         raise bad_request(f"{param}: expected one of {', '.join(EFFORTS)}, got {value!r}", param)
     return EFFORTS[value]
 
@@ -97,11 +97,20 @@ def _text(content, param: str, role: str) -> str:
 def _message(m, param: str) -> dict:
     if not isinstance(m, dict):
         raise bad_request(f"{param}: expected a message object", param)
-    role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+    role = m.get("role")
+    role = {"developer": "system"}.get(role, role) if isinstance(role, str) else None
     if role not in ("system", "user", "assistant"):
         raise bad_request(f"{param}.role: expected system, developer, user or assistant, got {m.get('role')!r}",
                           f"{param}.role")
     return {"role": role, "content": _text(m.get("content"), f"{param}.content", role)}
+
+
+def include_usage(body: dict) -> bool:
+    """`stream_options: {"include_usage": true}` (an object, or null)."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options: expected an object like {\"include_usage\": true}", "stream_options")
+    return bool((options or {}).get("include_usage"))
 
 
 def chat_messages(messages) -> list[dict]:

@@ -3,8 +3,9 @@ jobs, their events and checkpoints, and the model ids they produce.
 
 The body is Bedrock's (model, training_file, validation_file, method.reinforcement.grader and
 hyperparameters) plus, on this local server only, an optional `engine` object; it is validated with
-the engine's own `JobConfig`, so a bad field is a 400 naming it. A local grader path must lie under the
-server's --handlers-dir (a client cannot make the server run another file); an ARN passes through.
+the engine's own `JobConfig`, so a bad field is a 400 naming it, and then against the operator's
+`grpo.api.policy.ServerPolicy`: the served models, local graders under --handlers-dir only, ARNs as the
+operator allows, and the engine section's allowlist with its bounds.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import yaml
 from pydantic import ValidationError
 
 from grpo.api.errors import bad_request
+from grpo.api.policy import ServerPolicy, check_engine, check_hyperparameters
 from grpo.api.store import Store, new_id
-from grpo.config import JobConfig, format_validation_error
+from grpo.config import JobConfig, flat_aliases, format_validation_error
 from grpo.rundir import RunDir, make_event, read_jsonl
 
 ORG = "grpo-local"
@@ -59,10 +61,10 @@ def run_dir(store: Store, job_id: str) -> Path:
 
 # -- the create body -------------------------------------------------------------------------
 def resolve_handler(text: str, handlers_dir: Path, param: str) -> str:
-    """An ARN as it is; a local `path[.py][:function]` to its real path, which must lie under
-    `handlers_dir`. A relative path is looked up under handlers_dir, then under the server's cwd."""
-    if text.startswith("arn:"):
-        return text
+    """A local `path[.py][:function]` to its real path, which must lie under `handlers_dir`. A relative path
+    is looked up under handlers_dir, then under the server's cwd. (ARNs: `resolve_grader`.)"""
+    if len(text) > 4096 or not text.isprintable():
+        raise bad_request(f"{param}: expected a handler file name (printable characters, at most 4096)", param)
     head, sep, tail = text.rpartition(":")
     path, suffix = (head, sep + tail) if sep and head and tail.isidentifier() else (text, "")
     root = Path(os.path.realpath(handlers_dir))
@@ -78,6 +80,21 @@ def resolve_handler(text: str, handlers_dir: Path, param: str) -> str:
                 raise bad_request(f"{param}: {text!r} is not a .py file", param)
             return str(real) + suffix
     raise bad_request(f"{param}: no handler file {path!r} under the handlers directory {root}", param)
+
+
+def resolve_grader(text: str, policy: ServerPolicy, param: str) -> tuple[str, bool]:
+    """(what the trainer runs, whether it is a deployed Lambda it invokes). An ARN runs only as the operator
+    allows: the local file mapped to it (--lambda ARN=FILE), else the deployed function (--invoke-lambdas)."""
+    if not text.startswith("arn:"):
+        return resolve_handler(text, policy.handlers_dir, param), False
+    if text in policy.lambdas:
+        return policy.lambdas[text], False
+    if policy.invoke_lambdas:
+        return text, True
+    raise bad_request(f"{param}: this server does not invoke deployed Lambda functions; its operator can run a "
+                      "local file in this ARN's place (grpo serve --lambda ARN=FILE) or allow invoking them "
+                      "(--invoke-lambdas); or name a handler file under --handlers-dir in engine.handler", param,
+                      code="grader_not_allowed")
 
 
 def _file_path(store: Store, body: dict, field: str, required: bool) -> Path | None:
@@ -105,8 +122,9 @@ def _error_param(err: ValidationError) -> str | None:
     return ".".join(str(p) for p in first) or None
 
 
-def validate_body(store: Store, body, handlers_dir: Path) -> tuple[dict, JobConfig, dict | None]:
-    """(raw config with files as paths and handlers resolved, the parsed JobConfig, metadata)."""
+def validate_body(store: Store, body, policy: ServerPolicy) -> tuple[dict, JobConfig, dict | None]:
+    """(raw config with files as paths, the operator's model and handlers resolved, the parsed JobConfig,
+    metadata)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     raw = copy.deepcopy(body)
@@ -124,16 +142,43 @@ def validate_body(store: Store, body, handlers_dir: Path) -> tuple[dict, JobConf
     try:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
-        msg = format_validation_error("request body", e).replace("invalid job config:\n", "invalid job: ")
+        msg = format_validation_error("request body", e, flat=flat_aliases(raw)).replace("invalid job config:\n", "invalid job: ")
         raise bad_request(msg.replace("\n", "; "), _error_param(e)) from None
+    check_engine(raw.get("engine"), policy)
+    check_hyperparameters(cfg.hyperparameters, policy)
+    if cfg.seed is not None and not 0 <= cfg.seed < 2**32:
+        raise bad_request(f"seed: expected an integer in [0, 2**32 - 1], got {cfg.seed}", "seed")
+    engine = raw.setdefault("engine", {})
+    local = policy.local_model(cfg.model)
+    if cfg.engine.model and cfg.engine.model != local:
+        raise bad_request(f"engine.model: this server's operator decides what trains for model {cfg.model!r} (grpo "
+                          "serve --model NAME=PATH); leave engine.model out", "engine.model")
+    engine["model"] = local
     grader = raw["method"]["reinforcement"]["grader"]
     key = "lambda" if "lambda" in grader else "lambda_"
-    grader[key]["function"] = resolve_handler(cfg.grader_function, handlers_dir, GRADER_PARAM)
-    if cfg.engine.handler:
-        raw["engine"]["handler"] = resolve_handler(cfg.engine.handler, handlers_dir, "engine.handler")
-    model, param = (cfg.engine.model, "engine.model") if cfg.engine.model else (cfg.model, "model")
-    if (Path(model).is_absolute() or model.startswith((".", "~"))) and not Path(model).expanduser().is_dir():
-        raise bad_request(f"{param}: no model directory {model!r} on this server", param, code="model_not_found")
+    if cfg.engine.handler:  # a client's engine.handler: a file under --handlers-dir
+        if cfg.engine.handler.startswith("arn:"):
+            raise bad_request("engine.handler: a client names a local handler file here; an ARN belongs in the "
+                              "grader (method.reinforcement.grader.lambda.function)", "engine.handler")
+        engine["handler"] = resolve_handler(cfg.engine.handler, policy.handlers_dir, "engine.handler")
+    else:
+        handler, invoked = resolve_grader(cfg.grader_function, policy, GRADER_PARAM)
+        if invoked:
+            grader[key]["function"] = handler
+            if (engine.get("reward") or {}).get("env"):
+                raise bad_request("engine.reward.env: a deployed Lambda has its own environment", "engine.reward.env")
+            if policy.lambda_endpoint_url:
+                engine.setdefault("reward", {})["endpoint_url"] = policy.lambda_endpoint_url
+        else:
+            engine["handler"] = handler
+    if (policy.handler_env or policy.handler_pass_env) and "handler" in engine:  # a local handler's environment
+        reward = engine.setdefault("reward", {})
+        reward["env"] = {**(reward.get("env") or {}), **policy.handler_env}
+        reward["pass_env"] = list(policy.handler_pass_env)
+    try:
+        cfg = JobConfig.model_validate(raw)  # what the trainer will read, with the operator's choices in
+    except ValidationError as e:
+        raise bad_request(format_validation_error("request body", e).replace("\n", "; "), _error_param(e)) from None
     return raw, cfg, metadata
 
 
@@ -146,10 +191,10 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def create_job(store: Store, body, handlers_dir: Path) -> dict:
+def create_job(store: Store, body, policy: ServerPolicy) -> dict:
     """Validate the body, write `jobs/<id>/job.yaml`, record the job (status validating_files) with the
     files whose upload already validated them (`validated_at_upload`: the worker does not read them again)."""
-    raw, cfg, metadata = validate_body(store, body, handlers_dir)
+    raw, cfg, metadata = validate_body(store, body, policy)
     job_id = new_id("ftjob-")
     d = job_dir(store, job_id)
     d.mkdir(parents=True)
@@ -248,10 +293,11 @@ def trained_tokens(store: Store, job_id: str) -> int:
     return int(sum(r.get("perf_total_num_tokens", 0) for r in rows))
 
 
-def resolve_model(store: Store, model_id: str, base_models: dict[str, str]) -> tuple[str, str | None, str] | None:
+def resolve_model(store: Store, model_id: str, served: dict[str, str]) -> tuple[str, str | None, str] | None:
     """(base model path, adapter dir or None, default reasoning effort) for a model id, or None.
 
-    Known ids: --model NAME, a job's model, a succeeded job's fine_tuned_model, a checkpoint's model."""
+    Known ids: a served model (`ServerPolicy.served_models`), a succeeded job's fine_tuned_model, a
+    checkpoint's model (on the base the job trained). Nothing else is loaded: not another job's base id."""
     from grpo.models.loading import resolve_model_path
     from grpo.training.checkpoint import checkpoint_dir, latest_checkpoint
 
@@ -270,11 +316,8 @@ def resolve_model(store: Store, model_id: str, base_models: dict[str, str]) -> t
             if ckpt is None:
                 return None
         return resolve_model_path(job["local_model"], progress=False), str(ckpt / "adapter"), job.get("reasoning_effort", "low")
-    if model_id in base_models:  # --model NAME=PATH: a directory, hub id, GGUF file or embedded name
-        return resolve_model_path(base_models[model_id], progress=False), None, "low"
-    for job in store.all_jobs():
-        if job["model"] == model_id:
-            return resolve_model_path(job["local_model"], progress=False), None, "low"
+    if model_id in served:
+        return resolve_model_path(served[model_id], progress=False), None, "low"
     return None
 
 

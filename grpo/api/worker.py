@@ -99,6 +99,7 @@ class JobManager:
     def __init__(self, store: Store, *, max_jobs: int = 1, poll_s: float = 0.25, env: dict | None = None):
         self.store, self.max_jobs, self.poll_s = store, max_jobs, poll_s
         self.env = dict(os.environ if env is None else env)
+        self.env.pop("GRPO_API_KEY", None)  # a trainer (and the handlers it starts) never holds the server's key
         self.procs: dict[str, tuple[subprocess.Popen, object]] = {}
         self.lock = threading.RLock()  # status transitions: the worker vs cancel
         self._sync_lock = threading.Lock()

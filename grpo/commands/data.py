@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "validate":
         return _validate(args)
     if args.data_command == "gsm8k":
-        from grpo.data import convert_gsm8k
+        from grpo.gsm8k import convert_gsm8k
 
         if args.limit is not None and args.limit < 1:
             raise UserError(f"--limit must be at least 1, got {args.limit}")
@@ -79,5 +79,8 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _counts(counter: dict) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in counter.items())
+def _counts(counter: dict, shown: int = 10) -> str:
+    """The first `shown` entries (names cut at 60 characters), then how many more: a summary line stays short."""
+    items = list(counter.items())
+    text = ", ".join(f"{k if len(str(k)) <= 60 else str(k)[:57] + '...'} {v:,}" for k, v in items[:shown])
+    return text + (f", ... {len(items) - shown:,} more" if len(items) > shown else "")

@@ -43,6 +43,9 @@ def add_arguments(p):
     p.add_argument("--adapter", default=None, help="a peft adapter directory (a run's checkpoints/step-N/adapter)")
     p.add_argument("--data", required=True, type=Path, help="Bedrock RFT JSONL")
     p.add_argument("--handler", required=True, help="reward handler: file.py, file.py:function, or a Lambda ARN")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="environment variable for a local handler: KEY=VALUE, or KEY to pass this shell's value; "
+                   "repeatable (the handler gets only these, its Lambda variables and a base: PATH, HOME, locale)")
     p.add_argument("--temperature", type=_non_negative, default=0.6,
                    help="sampling temperature (AWS advises ~0.6); > 0 locally, 0 allowed with --base-url")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1] (1.0)")
@@ -137,7 +140,13 @@ def run(args) -> int:
     if args.out is not None:
         _check_out(args.out)
     records = load_records(args.data, allow_small=True)[: args.limit]
-    with RewardRunner(args.handler, on_failure="skip") as runner:
+    from grpo.reward.environment import parse_env_options
+
+    try:
+        env, pass_env = parse_env_options(args.env)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    with RewardRunner(args.handler, on_failure="skip", env=env or None, pass_env=pass_env) as runner:
         res = (_remote if args.base_url else _local)(args, records, runner)
     out = {"model": args.model, "adapter": args.adapter, "records": len(records), "samples": len(res.scores),
            "reward_mean": res.mean, "failures": len(res.failures),

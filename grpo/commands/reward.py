@@ -48,10 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--batch-size", type=int, default=64, metavar="N", help="trajectories per call (64)")
     c.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="calls at once = worker processes (default min(4, CPUs))")
-    c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds per call (300)")
+    c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds per call, at most 900 as on Lambda (300)")
     c.add_argument("--allow-small", action="store_true", help="accept fewer than 100 records")
-    c.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for a local handler (its Lambda configuration); repeatable")
+    c.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="environment variable for a local handler (its Lambda configuration): KEY=VALUE, or KEY to "
+                   "pass this shell's value; repeatable. The handler gets only these, its Lambda variables and a "
+                   "base (PATH, HOME, locale, AWS_REGION): a judge calling Bedrock needs its credentials named, "
+                   "e.g. --env AWS_PROFILE, or --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY "
+                   "--env AWS_SESSION_TOKEN")
     c.add_argument("--max-score", type=float, default=1.0, metavar="X",
                    help="the score a ground-truth-aligned response must reach (1.0)")
     c.add_argument("--endpoint-url", default=None, help="Lambda endpoint URL (ARN handlers)")
@@ -76,15 +80,15 @@ def read_responses(path: str, known_ids: set[str]) -> dict[str, list[tuple[str, 
     invalid UTF-8 is a problem, a byte order mark on line 1 a warning; blank lines are skipped."""
     from pathlib import Path
 
-    from grpo.data import _capped, _kind, _open_lines, _parse_line
     from grpo.errors import UserError
+    from grpo.jsonl import capped, json_kind, open_lines, parse_line
 
     out: dict[str, list[tuple[str, str | None]]] = {}
     problems: list[str] = []
-    for n, raw in enumerate(_open_lines(Path(path)), 1):
+    for n, raw in enumerate(open_lines(Path(path)), 1):
         if not raw.strip():
             continue
-        row, err, had_bom = _parse_line(raw, n)
+        row, err, had_bom = parse_line(raw, n)
         if had_bom and n == 1 and not err:
             print(f"warning: {path}:1: encoding: UTF-8 byte order mark at the start of the file; "
                   "accepted here", file=sys.stderr)
@@ -92,7 +96,7 @@ def read_responses(path: str, known_ids: set[str]) -> dict[str, list[tuple[str, 
             problems.append(f"{path}:{n}: {err[0]}: {err[1]}")
             continue
         if not isinstance(row, dict):
-            problems.append(f"{path}:{n}: record: expected a JSON object with id and response, got {_kind(row)}")
+            problems.append(f"{path}:{n}: record: expected a JSON object with id and response, got {json_kind(row)}")
             continue
         rid = row.get("id")
         if isinstance(rid, int) and not isinstance(rid, bool):
@@ -109,7 +113,7 @@ def read_responses(path: str, known_ids: set[str]) -> dict[str, list[tuple[str, 
         if isinstance(rid, str) and rid in known_ids and isinstance(row.get("response"), str):
             out.setdefault(rid, []).append((row["response"], reasoning))
     if problems:
-        raise UserError(f"{path} is not a valid responses file:\n" + "\n".join(_capped(problems)))
+        raise UserError(f"{path} is not a valid responses file:\n" + "\n".join(capped(problems)))
     return out
 
 
@@ -177,14 +181,13 @@ def run(args: argparse.Namespace) -> int:
         args._reward_parser.print_help()
         return 0 if args.reward_command is None else 2
     from grpo.data import load_records
+    from grpo.reward.environment import parse_env_options
     from grpo.reward.runner import RewardRunner, make_trajectory
 
-    env = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--env {item!r}: expected KEY=VALUE")
-        env[key] = value
+    try:
+        env, pass_env = parse_env_options(args.env)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     records = load_records(args.data, allow_small=args.allow_small)
     note = None
     if args.responses is None and not args.reference_as_response:
@@ -203,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with RewardRunner(args.handler, batch_size=args.batch_size, max_concurrency=args.concurrency,
                       timeout_s=args.timeout, on_failure="skip", endpoint_url=args.endpoint_url,
-                      region=args.region, env=env or None) as runner:
+                      region=args.region, env=env or None, pass_env=pass_env) as runner:
         startup = time.perf_counter() - started
         result = _score(runner, trajectories, "scoring")
         ref_result = result if args.responses is None else _score(runner, ref_trajs, "checks")

@@ -20,7 +20,7 @@ def cache_of(output):
 
 
 #: Decoder families whose cached forward (a KV cache plus explicit position ids) equals the plain forward of the
-#: whole sequence; the group's prompt is then run once (here, and in grpo.actor's log-probs).
+#: whole sequence; the group's prompt is then run once (here, and in grpo.training.actor's log-probs).
 PREFIX_SHARING_TYPES = {"qwen3", "qwen2", "llama"}
 
 

@@ -241,7 +241,7 @@ def chat_template_kwargs(reasoning_effort: str) -> dict[str, Any]:
 
 
 # -- chat templates --------------------------------------------------------------------------------------------
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 #: The special tokens each stored template writes (besides the ChatML ones the tiny tokenizer already has).
 TEMPLATE_TOKENS = {
     "qwen3": {"special": [], "added": ["<think>", "</think>"], "eos": "<|im_end|>"},
@@ -259,7 +259,7 @@ def chat_template(name: str) -> str:
 
 
 def chat_tokenizer(name: str, *, vocab_size: int = 384):
-    """The tiny BPE tokenizer (grpo.tiny_data) with a real model's chat template and the special tokens it
+    """The tiny BPE tokenizer (grpo.models.tiny_data) with a real model's chat template and the special tokens it
     writes, so that prompts render token for token the way Qwen3's or GPT-OSS's own tokenizer renders them
     (tests, and scripts/gpu_smoke.py, where no hub is reachable)."""
     from tokenizers import AddedToken

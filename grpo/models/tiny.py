@@ -2,7 +2,7 @@
 
 There is no model hub here, so the quickstart trains its own starting point: a small
 ``Qwen3ForCausalLM`` pretrained from scratch (full weights, AdamW, about a minute and a half on two CPU
-cores) on the synthetic arithmetic of :mod:`grpo.tiny_data`. The corpus always does the arithmetic right
+cores) on the synthetic arithmetic of :mod:`grpo.models.tiny_data`. The corpus always does the arithmetic right
 but ends with the ``#### <n>`` line the strict GSM8K grader needs only part of the time, so the base
 model's reward sampled at temperature 1.0 (the quickstart's training temperature) starts well below 1
 and GRPO has a real, learnable job: follow the requested format while keeping the arithmetic right.

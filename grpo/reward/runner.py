@@ -13,8 +13,8 @@ because record ids are unique and the sample index is the text after the LAST ``
 
 Handlers: a file path (entry ``lambda_handler``), ``path:function``, or a Lambda ARN
 ``arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER]`` (boto3, optional ``endpoint_url``; retries
-in :mod:`grpo.lambda_client`). Local files run in persistent worker processes
-(:mod:`grpo.reward_workers`), imported once per worker, reused across steps until :meth:`close`;
+in :mod:`grpo.reward.lambda_client`). Local files run in persistent worker processes
+(:mod:`grpo.reward.workers`), imported once per worker, reused across steps until :meth:`close`;
 ``env`` adds environment variables for them (the Lambda's configuration, e.g. GSM8K_REWARD_MODE).
 
 Batching: at most ``batch_size`` trajectories per call, fewer when the serialized JSON would pass
@@ -54,6 +54,7 @@ from grpo.errors import UserError
 LAMBDA_MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # synchronous invoke, request and response
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_TIMEOUT_S = 300.0  # the AWS sample Lambdas' timeout
+MAX_TIMEOUT_S = 900.0  # Lambda's maximum timeout: what runs here runs there
 ON_FAILURE = ("fail", "skip")
 METRIC_TYPES = ("Reward", "Metric")
 
@@ -165,7 +166,11 @@ def _bad_number(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return (f"is {_JSON_TYPES.get(type(value), type(value).__name__)} {json.dumps(value)[:40]}, "
                 "not a number")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer past a float's range, e.g. 10**400
+        return f"is an integer of {len(str(abs(value)))} digits, too large for a float"
+    if not finite:
         return f"is {value}, not a finite number"
     return None
 
@@ -262,7 +267,7 @@ class RewardRunner:
                  on_failure: str = "fail", endpoint_url: str | None = None, region: str | None = None,
                  max_retries: int = 8, retry_base_s: float = 0.25, retry_max_s: float = 20.0,
                  max_payload_bytes: int = LAMBDA_MAX_PAYLOAD_BYTES, startup_timeout_s: float = 120.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, pass_env: list[str] | tuple = ()):
         if on_failure not in ON_FAILURE:
             raise UserError(f"reward on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         for name, value in (("batch_size", batch_size), ("max_payload_bytes", max_payload_bytes)):
@@ -272,8 +277,10 @@ class RewardRunner:
             max_concurrency = min(4, os.cpu_count() or 1)
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise UserError(f"reward max_concurrency must be a positive integer, got {max_concurrency!r}")
-        if not timeout_s > 0:
-            raise UserError(f"reward timeout_s must be > 0, got {timeout_s!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+                or not 0 < timeout_s <= MAX_TIMEOUT_S:
+            raise UserError(f"reward timeout must be more than 0 and at most {MAX_TIMEOUT_S:g} s (Lambda's maximum), "
+                            f"got {timeout_s!r}")
         self.spec = resolve_handler(handler)
         self.handler = self.spec.text
         self.batch_size, self.max_concurrency = batch_size, max_concurrency
@@ -284,7 +291,7 @@ class RewardRunner:
         if self.spec.arn is not None:
             from grpo.reward.lambda_client import LambdaInvoker
 
-            if env:
+            if env or pass_env:
                 raise UserError("reward env variables apply to local handler files only; a deployed "
                                 "Lambda has its own environment")
 
@@ -299,7 +306,8 @@ class RewardRunner:
             try:
                 self._backend = WorkerPool(self.spec.path, self.spec.function, max_concurrency,
                                            self.timeout_s, Path(self._log_dir), startup_timeout_s,
-                                           env={str(k): str(v) for k, v in (env or {}).items()})
+                                           env={str(k): str(v) for k, v in (env or {}).items()},
+                                           pass_env=tuple(pass_env))
             except HandlerLoadError as exc:
                 shutil.rmtree(self._log_dir, ignore_errors=True)
                 raise UserError(f"reward handler {self.handler} could not be loaded: {exc}") from None

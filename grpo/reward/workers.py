@@ -1,6 +1,6 @@
 """Persistent worker processes that run a local Lambda handler file, isolated from the trainer.
 
-Each worker is ``python -m grpo.reward_workers PATH FUNCTION TIMEOUT``: it imports the handler once,
+Each worker is ``python -m grpo.reward.workers PATH FUNCTION TIMEOUT``: it imports the handler once,
 then serves calls over its stdin/stdout pipes until stdin closes. A handler that raises is reported
 with its own traceback; one that hangs past the timeout is dumped (faulthandler on SIGUSR1, so the
 report shows where it hung), killed and replaced; one that kills the interpreter (``os._exit``,
@@ -29,6 +29,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from grpo.reward.environment import handler_env
 
 _HEADER = struct.Struct(">cQ")
 TAIL_LINES = 20  # lines of handler output / traceback quoted in a failure
@@ -203,7 +205,7 @@ class _Worker:
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - the child's fd 2, O_APPEND so truncation works
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "grpo.reward_workers", path, function, repr(timeout_s)],
+            [sys.executable, "-m", "grpo.reward.workers", path, function, repr(timeout_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, close_fds=True,
             start_new_session=True,  # its own process group: Ctrl-C goes to the trainer, which closes
         )                            # us; kill() takes the handler's own subprocesses down with it
@@ -286,7 +288,8 @@ class WorkerPool:
     """``n`` persistent workers for one handler; ``call`` is thread-safe (one call per worker at once)."""
 
     def __init__(self, path: str, function: str, n: int, timeout_s: float, log_dir: Path,
-                 startup_timeout_s: float = 120.0, env: dict[str, str] | None = None):
+                 startup_timeout_s: float = 120.0, env: dict[str, str] | None = None,
+                 pass_env: list[str] | tuple = ()):
         import queue
 
         self.path, self.function, self.timeout_s = path, function, timeout_s
@@ -295,7 +298,7 @@ class WorkerPool:
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
         self._serial, self._closed = 0, False
-        self.env = {**_worker_env(Path(path)), **(env or {})}
+        self.env = handler_env(Path(path), env, pass_env)
         workers = [self._spawn() for _ in range(n)]
         try:
             for w in workers:
@@ -359,18 +362,6 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 pass
             w.kill()
-
-
-def _worker_env(handler: Path) -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # so `-m grpo.reward_workers` imports
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    name = handler.stem
-    env.setdefault("AWS_LAMBDA_FUNCTION_NAME", name)
-    env.setdefault("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-    env.setdefault("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-    env.setdefault("AWS_LAMBDA_LOG_GROUP_NAME", f"/aws/lambda/{name}")
-    return env
 
 
 if __name__ == "__main__":

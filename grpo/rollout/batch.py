@@ -1,11 +1,12 @@
-"""What a rollout returns: `RolloutBatch` (each sample's token ids, decoded answer and reasoning, group and
-sample index), `Sampled` (a batch plus the sampler's own token log-probs when it has them), and `pack`, which
-lays a batch out as right-padded tensors for the log-prob and update passes."""
+"""`RolloutBatch`: a sampler's responses as they are decoded (each sample's token ids, decoded answer and
+reasoning, group and sample index), and `pack`, which turns them into the step's grpo.batch.StepBatch (the
+tensors, and the sampler's own token log-probs when it has them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from grpo.batch import StepBatch, pack_step
 from grpo.rollout.prompts import split_reasoning
 
 
@@ -34,14 +35,13 @@ class RolloutBatch:
         self.group.append(group)
         self.sample.append(sample)
 
+    @property
+    def response_lengths(self) -> list[int]:
+        return [len(r) for r in self.response_ids]
 
-
-
-
-
-
-
-@dataclass
-class Sampled:
-    batch: RolloutBatch
-    logprobs: list[list[float]] | None  # per response token, under the sampler; None: the sampler is the policy
+    def pack(self, pad_id: int, sampler_logprobs: list[list[float]] | None = None) -> StepBatch:
+        """The step batch: right-padded tensors, and `sampler_logprobs` (one per response token, under the
+        sampler; None when the sampler is the trained policy) in the same layout."""
+        return pack_step(self.prompt_ids, self.response_ids, pad_id, group=self.group, sample=self.sample,
+                         truncated=self.truncated, contents=self.contents, reasoning=self.reasoning,
+                         sampler_logprobs=sampler_logprobs)

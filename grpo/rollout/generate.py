@@ -67,7 +67,7 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     return tokens.tolist()
 
 
-#: Sequences (prompts x samples) per decode call of `generate`; grpo.plan sizes the KV cache from it.
+#: Sequences (prompts x samples) per decode call of `generate`; grpo.training.dry_run sizes the KV cache from it.
 GEN_BATCH = 64
 
 

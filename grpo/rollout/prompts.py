@@ -40,6 +40,11 @@ _HARMONY_ANALYSIS = re.compile(r"<\|channel\|>analysis<\|message\|>(.*?)(?:<\|en
 _THINK = re.compile(r"^\s*<think>(.*?)(?:</think>|$)", re.S)
 
 
+def pad_token_id(tokenizer, model=None) -> int:
+    """The id that pads packed rows: the tokenizer's pad token, else its first end token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_ids(tokenizer, model)[0]
+
+
 def split_reasoning(text: str, special_tokens: list[str]) -> tuple[str, str | None]:
     """(content, reasoning_content) of one decoded response (decoded with special tokens kept)."""
     reasoning = None

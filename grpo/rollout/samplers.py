@@ -2,16 +2,16 @@
 
 Every backend has the same three calls, in the order the trainer makes them each step:
 
-    sampled = sampler.generate(prompts, n=G, ...)   # RolloutBatch + each token's log-prob under the sampler
+    batch = sampler.generate(prompts, n=G, ...)     # grpo.batch.StepBatch: packed, + the sampler's token log-probs
     sampler.sleep()                                 # right after: its memory back for the log-prob and update passes
     sampler.sync(policy)                            # after the optimizer step: the sampler sees the new weights
 
 - "transformers" (default): grpo.rollout.generate on the policy being trained. It samples from exactly the
-  trained distribution, so `logprobs` is None and no importance correction applies.
+  trained distribution, so `sampler_logprobs` is None and no importance correction applies.
 - "continuous": transformers' continuous batching (`generate_batch`: paged KV cache, requests scheduled as
   they finish, CUDA graphs on GPU) on the same module. Same weights, other kernels (paged attention), so it
-  returns its own log-probs and the trainer corrects with TIS (grpo.tis). Nothing to sync.
-- "vllm": a vLLM engine colocated in sleep mode (grpo.rollout_vllm), synced with the merged LoRA weights
+  returns its own log-probs and the trainer corrects with TIS (grpo.algorithms.tis). Nothing to sync.
+- "vllm": a vLLM engine colocated in sleep mode (grpo.rollout.vllm), synced with the merged LoRA weights
   after each update. Optional extra, not measured here.
 """
 
@@ -21,10 +21,11 @@ import dataclasses
 
 import torch
 
+from grpo.batch import StepBatch
 from grpo.errors import UserError
-from grpo.rollout.batch import RolloutBatch, Sampled
+from grpo.rollout.batch import RolloutBatch
 from grpo.rollout.generate import generate
-from grpo.rollout.prompts import end_token_ids, special_tokens
+from grpo.rollout.prompts import end_token_ids, pad_token_id, special_tokens
 
 
 class TransformersSampler:
@@ -36,9 +37,9 @@ class TransformersSampler:
         self.policy, self.tok, self.ignore_eos = policy, tokenizer, ignore_eos
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> Sampled:
-        return Sampled(generate(self.policy, self.tok, prompts, n=n, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, ignore_eos=self.ignore_eos), None)
+                 top_p: float = 1.0) -> StepBatch:
+        return generate(self.policy, self.tok, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, ignore_eos=self.ignore_eos).pack(pad_token_id(self.tok, self.policy))
 
     def sleep(self) -> None:
         pass
@@ -78,7 +79,7 @@ class ContinuousSampler:
         self.config_cls, self.config_fields = ContinuousBatchingConfig, fields
         self.page = fields["page_size"] if isinstance(fields.get("page_size"), int) else 256
         self.ends = end_token_ids(tokenizer, self.base)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.ends[0]
+        self.pad = pad_token_id(tokenizer, self.base)
         self.specials = special_tokens(tokenizer)
 
     def _configs(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float):
@@ -98,7 +99,7 @@ class ContinuousSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> Sampled:
+                 top_p: float = 1.0) -> StepBatch:
         gen, cb = self._configs(prompts, n, max_new_tokens, temperature, top_p)
         was_training = self.policy.training
         self.policy.eval()
@@ -115,7 +116,7 @@ class ContinuousSampler:
     def sync(self, policy) -> None:
         pass
 
-    def _read_results(self, results: dict, prompts: list[list[int]], n: int) -> Sampled:
+    def _read_results(self, results: dict, prompts: list[list[int]], n: int) -> StepBatch:
         """generate_batch's {request_id: GenerationOutput} in prompt order, sample order within a group.
         Request ids are `req_<k>` for the k-th prompt and `req_<k>__child#<j>` for its other samples; anything
         missing, failed or without one log-prob per token is an error, not a gap."""
@@ -144,17 +145,7 @@ class ContinuousSampler:
                 batch.add(self.tok, prompts[g], ids, truncated=not ids or ids[-1] not in self.ends, group=g,
                           sample=s, specials=self.specials)
                 logprobs.append([float(x) for x in out.logprobs])
-        return Sampled(batch, logprobs)
-
-
-def logprob_tensor(logprobs: list[list[float]], prompt_ids: list[list[int]], width: int) -> torch.Tensor:
-    """Per-response-token log-probs laid out like grpo.batch.pack's response_mask [N, width]: token j of
-    row i's response sits at column len(prompt_i) - 1 + j (the position that predicts it); 0 elsewhere."""
-    out = torch.zeros((len(logprobs), width), dtype=torch.float32)
-    for i, (lp, p) in enumerate(zip(logprobs, prompt_ids)):
-        if lp:
-            out[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
-    return out
+        return batch.pack(self.pad, sampler_logprobs=logprobs)
 
 
 def _child_index(rid: str, n: int) -> int:

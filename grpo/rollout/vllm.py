@@ -1,6 +1,6 @@
 """OPTIONAL vLLM generation backend, colocated with training. NOT MEASURED HERE: vLLM cannot be installed
 on this project's CI machines (no GPU), so only the parts below that do not need vLLM are tested
-(`merged_weights`, and the TIS math in grpo.tis). The default backend is transformers generation
+(`merged_weights`, and the TIS math in grpo.algorithms.tis). The default backend is transformers generation
 (grpo.rollout.generate), which samples from exactly the policy being trained.
 
 How the pieces fit (the design TRL's and verl's colocated modes use):
@@ -24,9 +24,10 @@ from collections.abc import Iterator
 
 import torch
 
+from grpo.batch import StepBatch
 from grpo.errors import UserError
-from grpo.rollout.batch import RolloutBatch, Sampled
-from grpo.rollout.prompts import special_tokens
+from grpo.rollout.batch import RolloutBatch
+from grpo.rollout.prompts import pad_token_id, special_tokens
 
 
 def merged_weights(policy, adapter: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
@@ -65,7 +66,7 @@ def _import_vllm():
 
 
 class VLLMRollout:
-    """vLLM colocated with the trainer, in sleep mode: the "vllm" backend of grpo.samplers (same calls as the
+    """vLLM colocated with the trainer, in sleep mode: the "vllm" backend of grpo.rollout.samplers (same calls as the
     others). Not measured here (see the module docstring)."""
 
     name = "vllm"
@@ -83,9 +84,9 @@ class VLLMRollout:
         self.asleep_tags: set[str] = set()  # what sleep() released and no wake_up has brought back
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> Sampled:
+                 top_p: float = 1.0) -> StepBatch:
         """Like grpo.rollout.generate (the full tempered distribution, top-k off), plus each sampled token's
-        log-prob under vLLM (for grpo.tis)."""
+        log-prob under vLLM (for grpo.algorithms.tis)."""
         self.wake_up()
         params = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1,
                                           max_tokens=max_new_tokens, logprobs=0, ignore_eos=self.ignore_eos)
@@ -98,7 +99,7 @@ class VLLMRollout:
                 batch.add(self.tokenizer, prompts[g], ids, truncated=comp.finish_reason == "length", group=g, sample=s,
                           specials=specials)
                 sampler_logp.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
-        return Sampled(batch, sampler_logp)
+        return batch.pack(pad_token_id(self.tokenizer), sampler_logprobs=sampler_logp)
 
     def sync(self, policy) -> None:
         """Load the policy's merged weights into vLLM (after each optimizer step), as TRL's colocate mode does."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.utils.checkpoint
@@ -23,6 +23,8 @@ from grpo.models.forward import forward_logprobs
 
 @dataclass
 class UpdateSettings:
+    """What the update reads: engine.algorithm's fields (same names), plus the numbers the job derives."""
+
     temperature: float
     clip_ratio_low: float
     clip_ratio_high: float
@@ -36,6 +38,16 @@ class UpdateSettings:
     mini_batch_seqs: int  # sequences per optimizer step on this process
     loss_scale_factor: float  # seq-mean-token-sum-norm's constant horizon: inference_max_tokens
     micro_batch_seqs: int
+    policy_loss: str = "vanilla"  # a grpo.algorithms POLICY_LOSSES name
+
+    @classmethod
+    def from_config(cls, cfg, world: int) -> "UpdateSettings":
+        """From a JobConfig: engine.algorithm's fields by name; the rest derived for `world` processes."""
+        a, h = cfg.engine.algorithm, cfg.hyperparameters
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in a.model_dump().items() if k in names}, temperature=cfg.engine.temperature,
+                   mini_batch_seqs=cfg.mini_batch_prompts() // world * h.training_sample_per_prompt,
+                   micro_batch_seqs=a.micro_batch_size, loss_scale_factor=float(h.inference_max_tokens))
 
 
 @torch.no_grad()
@@ -87,7 +99,7 @@ def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor
 
     `old_logp=None` means on-policy: one epoch, one mini-batch, so the old log-probs are the current
     ones detached (ratio 1) and no separate pass is needed. `is_weights` [N, L-1]: TIS weights for responses
-    drawn by another sampler (grpo.tis), multiplying each token's policy-gradient loss.
+    drawn by another sampler (grpo.algorithms.tis), multiplying each token's policy-gradient loss.
 
     A mini-batch whose gradient norm is not finite takes no optimizer step (its gradients are dropped, as
     verl's actor does), so one NaN cannot poison the adapter and Adam's moments; `actor_grad_norm` shows it.
@@ -95,6 +107,7 @@ def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor
     """
     n = len(batch)
     world = accelerator.num_processes
+    policy_loss = alg.get_policy_loss(s.policy_loss)  # the registered loss engine.algorithm.policy_loss names
     sums = {k: 0.0 for k in ("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "kl_loss", "entropy", "grad_norm")}
     n_updates = 0
     tok_total = 0.0
@@ -118,7 +131,7 @@ def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor
                     agg = dict(loss_agg_mode=s.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs,
                                loss_scale_factor=s.loss_scale_factor)
                     w_is = None if is_weights is None else is_weights[idx, :w].to(logp.device)
-                    out = alg.policy_loss_clipped(old, logp, adv, mask, clip_ratio_low=s.clip_ratio_low,
+                    out = policy_loss(old, logp, adv, mask, clip_ratio_low=s.clip_ratio_low,
                                                   clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
                                                   rollout_is_weights=w_is, **agg)
                     loss = out.pg_loss

@@ -3,7 +3,9 @@
 Layout: `<run>/checkpoints/step-000010/` with `adapter/` (loadable with `PeftModel.from_pretrained`),
 `trainer_state.pt` (optimizer and scheduler), `rng_<rank>.pt` (each process's RNG states) and
 `state.json` (step, epoch position, early-stopping state). A checkpoint is written into a temporary
-directory and renamed into place, so a crash mid-write never leaves a half checkpoint that looks whole.
+directory and renamed into place, so a crash mid-write never leaves a half checkpoint that looks whole; a
+write that fails (a full disk) removes the temporary directory and is a UserError saying so, the previous
+checkpoint intact; `remove_partial` clears a crash's leftover `step-N.tmp` on resume.
 
 The path helpers (checkpoint_dir, list_checkpoints, latest_checkpoint) are all the server uses: torch
 and numpy are imported only by the functions that save or restore state, so they never load it.
@@ -11,6 +13,7 @@ and numpy are imported only by the functions that save or restore state, so they
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -65,12 +68,52 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, *, accelerator, model, optimizer, scheduler, state: dict) -> Path:
-    """Collective: every process calls it (each saves its RNG); the main process writes the rest."""
-    import torch
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Remove the `step-N.tmp` directories a crash mid-write left (never a complete checkpoint)."""
+    root = Path(run_dir) / "checkpoints"
+    gone = [p for p in root.glob("step-*.tmp") if p.is_dir()] if root.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
+
+def _no_space(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC/EDQUOT, or torch's own wording for a short write
+    ("file write failed", "unexpected pos") on a device with almost nothing left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def save_checkpoint(run_dir: Path, step: int, *, accelerator, model, optimizer, scheduler, state: dict) -> Path:
+    """Collective: every process calls it (each saves its RNG); the main process writes the rest. A failed
+    write (disk full) leaves no `.tmp` behind and raises a UserError; the previous checkpoint stays whole."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        return _save(final, tmp, step, accelerator=accelerator, model=model, optimizer=optimizer,
+                     scheduler=scheduler, state=state)
+    except Exception as exc:  # torch says "unexpected pos", safetensors "IoError": all end here
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        keep = (f"the previous checkpoint {previous.name} is intact (--resume continues from it)" if previous
+                else "no earlier checkpoint exists")
+        if _no_space(exc, Path(run_dir)):
+            free = shutil.disk_usage(run_dir).free
+            raise UserError(f"checkpoint at step {step} could not be written to {final.parent}: no space left on the "
+                            f"device ({free / 2**20:.1f} MiB free); {keep}. Free some space and resume") from None
+        if isinstance(exc, OSError):
+            raise UserError(f"checkpoint at step {step} could not be written to {final.parent}: "
+                            f"{exc.strerror or exc}; {keep}") from None
+        raise
+
+
+def _save(final: Path, tmp: Path, step: int, *, accelerator, model, optimizer, scheduler, state: dict) -> Path:
+    import torch
+
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -4,7 +4,7 @@ The model is built from its config on the `meta` device (shapes only), the LoRA 
 peft exactly as training would, and the parameters are counted from that. Memory per GPU is then estimated
 from the counts and the job's sizes: bf16 (or 4-bit) weights, the fp32 adapter with its gradients and Adam
 states, the generation KV cache, the update's activations with or without gradient checkpointing, the
-log-prob chunk (grpo.actor) and, for MoE expert LoRA, peft's per-layer W + BA fold. The estimates are
+log-prob chunk (grpo.training.actor) and, for MoE expert LoRA, peft's per-layer W + BA fold. The estimates are
 first-order (they leave out allocator fragmentation, CUDA context and temporaries): read them as "fits
 comfortably", "tight" or "does not fit", not to the gigabyte.
 
@@ -196,7 +196,7 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
 
     types = info.layer_types or ["full_attention"] * info.layers
     if job.engine.rollout.backend == "continuous":
-        # grpo.samplers sizes the paged cache for every sequence of the step at full length, twice over
+        # grpo.rollout.samplers sizes the paged cache for every sequence of the step at full length, twice over
         gen_seqs, cached = 2 * h.batch_size // s.world * G, info.layers * seq
     else:
         gen_seqs = min(h.batch_size // s.world * G, max(1, GEN_BATCH // G) * G)

@@ -10,32 +10,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from grpo.algorithms import core as alg
-from grpo.algorithms.tis import sampler_mismatch_metrics, tis_weights
-from grpo.batch import pack
+from grpo.algorithms.tis import tis_weights
 from grpo.config import JobConfig
 from grpo.errors import UserError
 from grpo.reward.runner import RewardError
 from grpo.rollout.prompts import encode_prompt
-from grpo.rollout.samplers import logprob_tensor, make_sampler
+from grpo.rollout.samplers import make_sampler
 from grpo.rundir import RunDir, read_jsonl
 from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
-from grpo.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo.training.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from grpo.training.health import HealthMonitor
-from grpo.training.metrics import RunLog, data_metrics, reward_metrics
+from grpo.training.metrics import Processes, RunLog, marked_timer, step_metrics
 from grpo.training.validation import build_trajectories, sample_and_score
-
-
-def _group_scores(scores: torch.Tensor, groups: torch.Tensor) -> list[list[float]]:
-    out: dict[int, list[float]] = {}
-    for s, g in zip(scores.tolist(), groups.tolist()):
-        out.setdefault(g, []).append(s)
-    return list(out.values())
 
 
 class Trainer:
@@ -64,7 +55,8 @@ class Trainer:
         if h.batch_size % self.world:
             raise UserError(f"hyperparameters.batch_size={h.batch_size} must be a multiple of the number of processes ({self.world})")
         if cfg.mini_batch_prompts() % self.world:
-            raise UserError(f"engine.mini_batch_size={cfg.mini_batch_prompts()} must be a multiple of the number of processes ({self.world})")
+            raise UserError(f"engine.algorithm.mini_batch_size={cfg.mini_batch_prompts()} must be a multiple of the number "
+                            f"of processes ({self.world})")
         set_seed(cfg.run_seed + self.rank)
         # The run directory is made when the job starts (train), so a start that fails here leaves none behind.
         self.log = RunLog(self.run_dir, self.acc, enabled=self.is_main)
@@ -102,15 +94,11 @@ class Trainer:
                                     max_model_len=h.max_prompt_length + h.inference_max_tokens)
         self.runner = RewardRunner(cfg.handler, batch_size=e.reward.batch_size, max_concurrency=e.reward.concurrency,
                                    timeout_s=e.reward.timeout_s, on_failure=e.reward.on_failure,
-                                   endpoint_url=e.reward.endpoint_url)
-        G = h.training_sample_per_prompt
-        self.settings = UpdateSettings(
-            temperature=e.temperature, clip_ratio_low=e.clip_ratio_low, clip_ratio_high=e.clip_ratio_high,
-            clip_ratio_c=e.clip_ratio_c, loss_agg_mode=e.loss_agg_mode, kl_coef=e.kl_coef, kl_penalty=e.kl_penalty,
-            entropy_coef=e.entropy_coef, max_grad_norm=e.max_grad_norm, ppo_epochs=e.ppo_epochs,
-            mini_batch_seqs=cfg.mini_batch_prompts() // self.world * G, micro_batch_seqs=e.micro_batch_size,
-            loss_scale_factor=float(h.inference_max_tokens))
-        self.on_policy = e.ppo_epochs == 1 and cfg.mini_batch_prompts() == h.batch_size
+                                   endpoint_url=e.reward.endpoint_url, env=e.reward.env or None,
+                                   pass_env=e.reward.pass_env)
+        self.settings = UpdateSettings.from_config(cfg, self.world)
+        self.on_policy = e.algorithm.ppo_epochs == 1 and cfg.mini_batch_prompts() == h.batch_size
+        self.procs = Processes(self.acc)
         self.health = HealthMonitor(e.health)
         self.start_step, self.state = 0, {"best_val": None, "evals_without_improvement": 0, "baseline_val": None}
         if resume:
@@ -131,10 +119,17 @@ class Trainer:
         return [records[i] for i in keep], [ids[i] for i in keep]
 
     def _resume(self):
+        if self.is_main:
+            for partial in remove_partial(self.run_dir):  # a crash while it was being written
+                print(f"removed {partial}: a checkpoint a crash left half written")
         ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+        if ckpt is None:  # nothing to resume: the steps logged so far are redone, so they are dropped
+            logged = len(read_jsonl(RunDir(self.run_dir).metrics))
             if self.is_main:
-                print(f"no checkpoint in {self.run_dir}; starting from step 0")
+                self.log.clear()
+                print(f"no checkpoint in {self.run_dir}; starting from step 0"
+                      + (f" (the {logged} step(s) logged before it stopped are discarded)" if logged else ""))
+            self.acc.wait_for_everyone()
             return
         state = load_checkpoint(ckpt, accelerator=self.acc, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.start_step = state.pop("step")
@@ -156,137 +151,75 @@ class Trainer:
         picked = [perm[(i * B + k) % n] for k in range(B)]
         return picked[self.rank::self.world]
 
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """All processes' values of a 1-D tensor (lengths may differ)."""
-        if self.world == 1:
-            return x
-        x = self.acc.pad_across_processes(x.float().to(self.acc.device), pad_index=float("nan"))
-        x = self.acc.gather(x).cpu()
-        return x[~torch.isnan(x)]
-
     # -- the step --------------------------------------------------------------------------
     def step(self, step: int) -> dict:
-        cfg, e, h = self.cfg, self.cfg.engine, self.cfg.hyperparameters
-        timing, t_step = {}, time.perf_counter()
-        idx = self._step_prompts(step)
-        records = [self.train_records[i] for i in idx]
+        """One GRPO step (0-based `step`) on this process's prompts; its metrics over every process."""
+        e, h, a = self.cfg.engine, self.cfg.hyperparameters, self.cfg.engine.algorithm
+        timing: dict[str, float] = {}
+        with marked_timer("step", timing):
+            idx = self._step_prompts(step)
+            records = [self.train_records[i] for i in idx]
 
-        # 1. sample a group of responses per prompt (grpo.samplers: engine.rollout.backend)
-        t = time.perf_counter()
-        sampled = self.sampler.generate([self.train_prompts[i] for i in idx], n=h.training_sample_per_prompt,
-                                        max_new_tokens=h.inference_max_tokens, temperature=e.temperature, top_p=e.top_p)
-        rollout = sampled.batch
-        self.sampler.sleep()  # its memory back before the reference, old-log-prob and update passes
-        timing["gen"] = time.perf_counter() - t
+            # 1. sample a group of responses per prompt, packed (grpo.rollout.samplers: engine.rollout.backend),
+            # then let the sampler free its memory for the passes below
+            with marked_timer("gen", timing):
+                batch = self.sampler.generate([self.train_prompts[i] for i in idx],
+                                              n=h.training_sample_per_prompt, max_new_tokens=h.inference_max_tokens,
+                                              temperature=e.temperature, top_p=e.top_p)
+                self.sampler.sleep()
 
-        # 2. score them with the reward function (the Lambda contract)
-        t = time.perf_counter()
-        result = self.runner.score(build_trajectories(records, rollout))
-        timing["reward"] = time.perf_counter() - t
-        keep = [i for i, s in enumerate(result.scores) if s is not None]  # on_failure=skip: failures get no weight
-        self._log_samples(step + 1, records, rollout, result.scores)
+            # 2. score them with the reward function (the Lambda contract); a failure skipped under
+            # on_failure=skip leaves its row unscored: no token and no sequence of the loss
+            with marked_timer("reward", timing):
+                result = self.runner.score(build_trajectories(records, batch))
+            batch.fill_scores(result.scores)
+            self._log_samples(step + 1, records, batch)
 
-        # 3. group-normalized advantages, broadcast over each response's tokens
-        t = time.perf_counter()
-        scores = torch.tensor([result.scores[i] for i in keep], dtype=torch.float32)
-        groups = torch.tensor([rollout.group[i] for i in keep])
-        adv = torch.zeros(len(rollout))
-        if keep:
-            adv[keep] = alg.group_normalized_advantages(scores, groups, norm_by_std=e.norm_adv_by_std)
-        # A failed trajectory stays a row with an empty response mask: no token and no sequence in the loss
-        # (grpo.actor), while every process keeps the same mini-batch layout (dropping rows would desynchronise
-        # DDP's collectives).
-        batch = pack(rollout.prompt_ids, rollout.response_ids, self.tok.pad_token_id)
-        batch.response_mask[[i for i in range(len(rollout)) if result.scores[i] is None]] = 0.0
-        token_adv = alg.broadcast_to_tokens(adv, batch.response_mask)
-        timing["adv"] = time.perf_counter() - t
+            # 3. advantages from the registered estimator (grpo: group-normalized), on each response token
+            with marked_timer("adv", timing):
+                batch.fill_advantages(alg.get_advantage_estimator(a.adv_estimator), norm_by_std=a.norm_adv_by_std)
 
-        # 4. log-probs the update needs: the reference (adapter off) for KL, the old policy if off-policy or if
-        # another engine sampled (its numerics differ: the trainer's log-probs are the old policy, TIS corrects)
-        ref_logp = old_logp = is_weights = None
-        other_sampler = sampled.logprobs is not None
-        mb = e.micro_batch_size
-        if e.kl_coef > 0:
-            t = time.perf_counter()
-            with adapter_disabled(self.policy):
-                ref_logp = compute_logprobs(self.policy, batch, e.temperature, mb)
-            timing["ref"] = time.perf_counter() - t
-        if not self.on_policy or other_sampler:
-            t = time.perf_counter()
-            old_logp = compute_logprobs(self.policy, batch, e.temperature, mb)
-            timing["old_log_prob"] = time.perf_counter() - t
-        mismatch = {}
-        if other_sampler:
-            sampler_logp = logprob_tensor(sampled.logprobs, rollout.prompt_ids, batch.response_mask.shape[1])
-            sel = batch.response_mask.bool()
-            old_tok, sampler_tok = self._gather(old_logp[sel]), self._gather(sampler_logp[sel])
-            mismatch = sampler_mismatch_metrics(old_tok, sampler_tok, torch.ones_like(old_tok), cap=e.rollout.tis_cap)
-            if e.rollout.tis != "off":
-                is_weights = tis_weights(old_logp, sampler_logp, batch.response_mask, cap=e.rollout.tis_cap,
-                                         level=e.rollout.tis)
+            # 4. log-probs the update needs: the reference (adapter off) for the KL loss; the old policy when
+            # off-policy or when another engine sampled (the trainer's numerics are the old policy; TIS corrects)
+            if a.kl_coef > 0:
+                with marked_timer("ref", timing), adapter_disabled(self.policy):
+                    batch.ref_logprobs = compute_logprobs(self.policy, batch.trained, e.temperature, a.micro_batch_size)
+            if not self.on_policy or batch.sampler_logprobs is not None:
+                with marked_timer("old_log_prob", timing):
+                    batch.old_logprobs = compute_logprobs(self.policy, batch.trained, e.temperature, a.micro_batch_size)
 
-        # 5. the clipped policy-gradient update (mini-batches x ppo_epochs), then the learning-rate schedule's
-        # step (once per training step, as verl) and the sampler's copy of the new weights
-        t = time.perf_counter()
-        actor = update_policy(self.model, self.optimizer, batch, token_adv, self.settings,
-                              accelerator=self.acc, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights)
-        self.scheduler.step()
-        timing["update_actor"] = time.perf_counter() - t
-        if self.sampler.name != "transformers":
-            t = time.perf_counter()
-            self.sampler.sync(self.policy)
-            timing["sync_weights"] = time.perf_counter() - t
+            # 5. the policy update (mini-batches x ppo_epochs, the registered policy loss), the learning-rate
+            # schedule's step (once per training step, as verl), and the sampler's copy of the new weights
+            with marked_timer("update_actor", timing):
+                actor = update_policy(self.model, self.optimizer, batch.trained, batch.advantages, self.settings,
+                                      accelerator=self.acc, old_logp=batch.old_logprobs, ref_logp=batch.ref_logprobs,
+                                      is_weights=self._tis_weights(batch))
+                self.scheduler.step()
+            if self.sampler.name != "transformers":
+                with marked_timer("sync_weights", timing):
+                    self.sampler.sync(self.policy)
 
-        # 6. metrics, with Bedrock's names, over all processes
-        resp_len = torch.tensor([len(rollout.response_ids[i]) for i in keep], dtype=torch.float32)
-        zero_std = [float(len(set(s)) == 1) for s in _group_scores(scores, groups)]
-        m = data_metrics(scores=self._gather(scores), token_advantages=self._gather(token_adv[batch.response_mask.bool()]),
-                         frac_zero_std=float(self._gather(torch.tensor(zero_std)).mean()), response_lengths=self._gather(resp_len),
-                         prompt_lengths=self._gather(torch.tensor([len(rollout.prompt_ids[i]) for i in keep], dtype=torch.float32)),
-                         truncated=self._gather(torch.tensor([float(rollout.truncated[i]) for i in keep])))
-        vals = torch.tensor([actor[k] for k in sorted(actor)], device=self.acc.device)
-        actor = dict(zip(sorted(actor), self.acc.reduce(vals, reduction="mean").tolist()))
-        m.update(actor)
-        m.update(mismatch)
-        m.update(self._reward_metrics(result))
-        timing["step"] = time.perf_counter() - t_step
-        m.update({f"timing_s_{k}": v for k, v in timing.items()})
-        tokens = float(batch.attention_mask.sum()) * self.world
-        m["perf_throughput"] = tokens / timing["step"] / self.world
-        m["perf_time_per_step"] = timing["step"]
-        m["perf_total_num_tokens"] = tokens
-        if torch.cuda.is_available():
-            m["perf_max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return m
+        # 6. metrics, with Bedrock's names, over every process (grpo.training.metrics)
+        return step_metrics(batch, self.procs, actor=actor, reward=result, timing=timing,
+                            max_prompt_length=h.max_prompt_length, tis_cap=e.rollout.tis_cap,
+                            flops_config=getattr(self.policy, "config", None), ppo_epochs=a.ppo_epochs)
 
-    def _reward_metrics(self, result) -> dict:
-        """reward_score_mean, the handler's reward_<name>_mean, reward_failures and reward_calls over every
-        process's trajectories: sums and counts are gathered, so each mean weighs every trajectory once."""
-        if self.world == 1:
-            return reward_metrics(result.summary())
-        from accelerate.utils import gather_object
+    def _tis_weights(self, batch) -> torch.Tensor | None:
+        """Truncated importance weights (grpo.algorithms.tis) when another engine sampled and engine.rollout.tis is on."""
+        r = self.cfg.engine.rollout
+        if batch.sampler_logprobs is None or r.tis == "off":
+            return None
+        return tis_weights(batch.old_logprobs, batch.sampler_logprobs, batch.loss_mask, cap=r.tis_cap, level=r.tis)
 
-        ok = [s for s in result.scores if s is not None]
-        local = {"score": (sum(ok), len(ok)), **{k: (sum(v), len(v)) for k, v in result.metrics.items() if v},
-                 "#failures": (float(result.n_failed), 0), "#calls": (float(result.n_calls), 0)}
-        totals: dict[str, list[float]] = {}
-        for part in gather_object([local]):
-            for k, (total, count) in part.items():
-                acc = totals.setdefault(k, [0.0, 0])
-                acc[0] += total
-                acc[1] += count
-        out = {f"reward_{k}_mean": t / c for k, (t, c) in totals.items() if not k.startswith("#") and c}
-        out.update(reward_failures=totals["#failures"][0], reward_calls=totals["#calls"][0])
-        return out
-
-    def _log_samples(self, step: int, records, rollout, scores) -> None:
+    def _log_samples(self, step: int, records, batch) -> None:
         """A few responses per step in <run>/samples.jsonl: the first thing to read when a curve looks odd."""
-        n = min(self.cfg.engine.log_samples, len(rollout))
+        n = min(self.cfg.engine.log_samples, len(batch))
         if not (self.is_main and n):
             return
-        rows = [{"step": step, "id": records[rollout.group[i]].id, "sample": rollout.sample[i], "score": scores[i],
-                 "response": rollout.contents[i], "reasoning_content": rollout.reasoning[i],
-                 "truncated": rollout.truncated[i]} for i in range(0, len(rollout), max(1, len(rollout) // n))][:n]
+        rows = [{"step": step, "id": records[int(batch.group[i])].id, "sample": int(batch.sample[i]),
+                 "score": float(batch.scores[i]) if batch.scored[i] else None, "response": batch.contents[i],
+                 "reasoning_content": batch.reasoning[i], "truncated": bool(batch.truncated[i])}
+                for i in range(0, len(batch), max(1, len(batch) // n))][:n]
         with RunDir(self.run_dir).samples.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -300,7 +233,7 @@ class Trainer:
                                temperature=e.eval_temperature or e.temperature, top_p=e.top_p,
                                max_new_tokens=h.inference_max_tokens, prompt_ids=[self.val_prompts[i] for i in mine],
                                sampler=self.sampler)
-        graded = self._gather(torch.tensor(res.graded, dtype=torch.float32))
+        graded = self.procs.cat(torch.tensor(res.graded, dtype=torch.float32))
         return float(graded.mean()) if graded.numel() else float("nan")
 
     def _early_stop(self, val: float) -> bool:
@@ -345,7 +278,10 @@ class Trainer:
         last, stopped_early = None, False
         step = self.start_step
         for step in range(self.start_step + 1, self.total_steps + 1):
-            m = {"step": step, "total_steps": self.total_steps, "epoch": (step - 1) // self.steps_per_epoch + 1}
+            epoch = (step - 1) // self.steps_per_epoch
+            # verl's training/global_step (1-based) and training/epoch (0-based) beside our 1-based epoch
+            m = {"step": step, "total_steps": self.total_steps, "epoch": epoch + 1, "training_global_step": step,
+                 "training_epoch": epoch}
             try:
                 m.update(self.step(step - 1))
             except RewardError as err:  # on_failure=fail: the job fails, saying the handler's own words
@@ -353,9 +289,12 @@ class Trainer:
                 self._fail(step, f"Step {step}: the reward function failed on {err.result.n_failed} "
                                  f"trajectories: {err}")
                 raise
+            timing: dict[str, float] = {}
             if self.val_records and (step % self.eval_interval == 0 or step == self.total_steps):
-                m["val_score_rewards_mean"] = self.validate()
+                with marked_timer("testing", timing):
+                    m["val_score_rewards_mean"] = self.validate()
                 stopped_early = self._early_stop(m["val_score_rewards_mean"]) and step < self.total_steps
+            m.update({f"timing_s_{k}": v for k, v in timing.items()})
             self.log.step(m)
             for alarm in self.health.update(m):
                 self._alarm(alarm, bar)
@@ -367,7 +306,10 @@ class Trainer:
             bar.update(1)
             stop_alarm = self.health.stop_alarm if self.health.should_stop else None
             if step % cfg.engine.checkpoint_interval == 0 or step == self.total_steps or stopped_early or stop_alarm:
-                self._checkpoint(step)
+                with marked_timer("save_checkpoint", timing):
+                    self._checkpoint(step)
+                m["timing_s_save_checkpoint"] = timing["save_checkpoint"]
+                self.log.amend_step(step, {"timing_s_save_checkpoint": timing["save_checkpoint"]})
             if stopped_early:
                 self.log.event(f"Early stopping at step {step}: validation reward has not improved for "
                                f"{cfg.engine.early_stopping_patience} evaluations")

@@ -32,15 +32,16 @@ class EvalResult:
         return sum(g) / len(g) if g else float("nan")
 
 
-def build_trajectories(records, rollout) -> list[dict]:
-    """One Lambda-contract trajectory per sampled response (the event Bedrock would send)."""
+def build_trajectories(records, batch) -> list[dict]:
+    """One Lambda-contract trajectory per sampled response (the event Bedrock would send); `batch` is a
+    grpo.batch.StepBatch or a grpo.rollout.batch.RolloutBatch (the same group, sample and text fields)."""
     from grpo.reward.runner import make_trajectory
 
     out = []
-    for i in range(len(rollout)):
-        rec = records[rollout.group[i]]
-        out.append(make_trajectory(rec.id, rollout.sample[i], rec.messages, rollout.contents[i],
-                                   rec.reference_answer, rec.metadata, reasoning_content=rollout.reasoning[i]))
+    for i in range(len(batch)):
+        rec = records[int(batch.group[i])]
+        out.append(make_trajectory(rec.id, int(batch.sample[i]), rec.messages, batch.contents[i],
+                                   rec.reference_answer, rec.metadata, reasoning_content=batch.reasoning[i]))
     return out
 
 
@@ -48,13 +49,13 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
                      reasoning_effort: str = "low", top_p: float = 1.0, n: int = 1, batch_size: int = GEN_BATCH,
                      prompt_ids: list[list[int]] | None = None, keep_samples: bool = False,
                      sampler=None) -> EvalResult:
-    """Sample `n` responses per record (with `sampler`, a grpo.samplers backend, when given; else
+    """Sample `n` responses per record (with `sampler`, a grpo.rollout.samplers backend, when given; else
     transformers generation on `model`) and grade them with `runner`."""
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tokenizer, r.messages, reasoning_effort=reasoning_effort, tools=r.tools) for r in records]
     if sampler is not None:
         rollout = sampler.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p).batch
+                                   top_p=top_p)
     else:
         rollout = generate(model, tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, batch_size=batch_size)
@@ -64,6 +65,6 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
     if keep_samples:
         samples = [{"id": t["id"], "response": rollout.contents[i], "reasoning_content": rollout.reasoning[i],
                     "score": result.scores[i]} for i, t in enumerate(trajectories)]
-    return EvalResult(scores=list(result.scores), response_lengths=[len(r) for r in rollout.response_ids],
-                      truncated=list(rollout.truncated), failures=list(result.failures), metrics=result.summary(),
+    return EvalResult(scores=list(result.scores), response_lengths=[int(n) for n in rollout.response_lengths],
+                      truncated=[bool(t) for t in rollout.truncated], failures=list(result.failures), metrics=result.summary(),
                       samples=samples)

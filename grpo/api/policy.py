@@ -1,0 +1,203 @@
+"""What a client may decide on this server, and what only its operator decides (`grpo serve`'s flags).
+
+A job body comes from whoever holds the key; the machine, its files, its network and its credentials are the
+operator's. So:
+
+- **Model.** A job's `model` must be one this server serves: a `--model NAME=PATH` name (a Bedrock id such as
+  `qwen.qwen3-32b` may be one: `--model qwen.qwen3-32b=grpo:tiny-arith` makes the tiny model stand in for it,
+  for training jobs and inference alike), or, on a server started without any `--model`, one of Bedrock's ids
+  with its open-weights checkpoint. A path or hub id from a client is refused; so is `engine.model`.
+- **Grader.** A local handler file must lie under `--handlers-dir` (`engine.handler` or the grader's function).
+  A Lambda ARN runs only as the operator allows: `--lambda ARN=FILE` runs a local file in its place, and
+  `--invoke-lambdas` lets the server call deployed Lambdas with its own AWS credentials (at
+  `--lambda-endpoint-url` when given). A client never names a URL (`engine.reward.endpoint_url`).
+- **Engine.** The `engine` section is an allowlist of training knobs (learning rate, LoRA shape, sampling,
+  clipping, KL, batching, checkpoint interval, reward batching...), each with bounds (`CLIENT_ENGINE`);
+  paths, URLs, devices, precision, trackers that send data elsewhere and the handler environment's
+  pass-through are the operator's (`OPERATOR_ENGINE` says why for each).
+- **Resources.** `inference_max_tokens` is at most the server's max_tokens (32768, as for chat requests),
+  reward calls in flight at most `--max-reward-concurrency`, a reward call's timeout at most Lambda's 900 s.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpo.api.errors import bad_request
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Environment variables a client may not set for a handler: the interpreter's and loader's own (they would
+# run other code), locale/paths the worker relies on, and credentials (those are the operator's to pass).
+RESERVED_ENV = re.compile(r"^(PATH|HOME|SHELL|USER|LOGNAME|TMPDIR|PYTHON.*|LD_.*|DYLD_.*|AWS_.*|GRPO_.*|"
+                          r"SSL_.*|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|.*_PROXY|HF_.*|TRANSFORMERS_.*|"
+                          r"CUDA_.*|VIRTUAL_ENV|BASH_ENV|ENV)$", re.IGNORECASE)
+NUMBER_CAP = 1e6  # any number in a knob section without a bound of its own
+
+# A client's engine section: a value is (low, high) inclusive bounds, a set of allowed values, a dict for a
+# section, ANY for "as the config validates it", NAMES for a short list of module/parameter names.
+ANY, NAMES, ENV = "any", "names", "env"
+CLIENT_ENGINE: dict = {
+    "seed": (0, 2**32 - 1), "base_learning_rate": (0, 1.0), "lr_warmup_steps": (0, 100_000),
+    "weight_decay": (0, 1.0), "temperature": (0, 10.0), "top_p": ANY, "eval_temperature": (0, 10.0),
+    "ignore_eos": ANY, "clip_ratio_low": (0, 10.0), "clip_ratio_high": (0, 10.0), "clip_ratio_c": (1, 100.0),
+    "kl_coef": (0, 100.0), "kl_penalty": ANY, "entropy_coef": (-100.0, 100.0), "loss_agg_mode": ANY,
+    "norm_adv_by_std": ANY, "ppo_epochs": (1, 16), "mini_batch_size": (1, 512), "micro_batch_size": (1, 1024),
+    "max_grad_norm": (0, NUMBER_CAP), "gradient_checkpointing": ANY,
+    "lora": {"rank": (1, 1024), "alpha": (1, 4096), "dropout": ANY, "target_modules": NAMES,
+             "target_parameters": NAMES},
+    "checkpoint_interval": (1, 100_000), "eval_max_records": (1, 20_000), "early_stopping_patience": (1, 1000),
+    "early_stopping_min_delta": (0, NUMBER_CAP), "log_samples": (0, 64), "log_with": {"none", "tensorboard"},
+    "reward": {"batch_size": (1, 1024), "concurrency": "max_reward_concurrency", "timeout_s": (0, 900.0),
+               "on_failure": ANY, "env": ENV},
+    "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0)},
+    "health": "knobs", "algorithm": "knobs",
+    "handler": ANY,  # a local file under --handlers-dir (checked by jobs.resolve_handler); an ARN: see above
+}
+OPERATOR_ENGINE = {
+    "model": "a job trains the model this server serves under the job's `model` (grpo serve --model NAME=PATH)",
+    "dtype": "precision is the operator's (memory of this machine)",
+    "load_in_4bit": "quantization is the operator's (memory of this machine)",
+    "attn_implementation": "attention kernels are the operator's (what this machine has installed)",
+    "reward.endpoint_url": "this server sends requests only where its operator says (--lambda-endpoint-url)",
+    "reward.pass_env": "passing this server's environment to handlers is the operator's (--handler-env NAME)",
+    "rollout.gpu_memory_utilization": "GPU memory is the operator's",
+    "log_with": "trackers that send data off this machine are the operator's; a client may choose none or "
+                "tensorboard",
+}
+HYPERPARAMETER_BOUNDS = {"batch_size": (1, 512), "max_prompt_length": (1, 131_072),
+                         "learning_rate_multiplier": (0, 100.0)}
+
+
+@dataclass
+class ServerPolicy:
+    """The operator's decisions (`grpo serve` flags); `check_job` applies them to a client's job body."""
+
+    handlers_dir: Path = Path("rewards")
+    base_models: dict[str, str] = field(default_factory=dict)   # --model NAME=PATH
+    lambdas: dict[str, str] = field(default_factory=dict)       # --lambda ARN=FILE
+    invoke_lambdas: bool = False                                # --invoke-lambdas
+    lambda_endpoint_url: str | None = None                      # --lambda-endpoint-url
+    handler_env: dict[str, str] = field(default_factory=dict)   # --handler-env NAME=VALUE
+    handler_pass_env: list[str] = field(default_factory=list)   # --handler-env NAME
+    max_tokens: int = 32768
+    max_reward_concurrency: int = 8
+
+    def served_models(self) -> dict[str, str]:
+        """Model id -> what runs locally: the --model names, or Bedrock's ids when none was given."""
+        from grpo.config import BEDROCK_MODEL_IDS
+
+        return dict(self.base_models) if self.base_models else dict(BEDROCK_MODEL_IDS)
+
+    def local_model(self, model: str, param: str = "model") -> str:
+        served = self.served_models()
+        if model not in served:
+            raise bad_request(f"{param}: {_short(model)} is not a model this server serves; it serves "
+                              f"{', '.join(sorted(served)) or 'none'} (its operator chooses them: grpo serve "
+                              "--model NAME=PATH)", param, code="model_not_found")
+        return served[model]
+
+
+def _short(value, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "...'"
+
+
+def _check_value(path: str, rule, value, policy: ServerPolicy) -> None:
+    if rule == ANY or value is None:
+        return
+    if rule == "max_reward_concurrency":
+        rule = (1, policy.max_reward_concurrency)
+    if rule == "knobs":
+        return _check_numbers(path, value)
+    if rule == NAMES:
+        items = [value] if isinstance(value, str) else value
+        if not (isinstance(items, list) and len(items) <= 64 and all(
+                isinstance(s, str) and 0 < len(s) <= 128 and s.isprintable() for s in items)):
+            raise bad_request(f"engine.{path}: expected up to 64 module or parameter names", f"engine.{path}")
+        return
+    if rule == ENV:
+        for name, v in (value or {}).items():
+            if not ENV_NAME.match(str(name)) or RESERVED_ENV.match(str(name)):
+                raise bad_request(f"engine.{path}: {_short(name)} is not a variable a client may set for a handler "
+                                  "(interpreter, path, proxy and credential variables are the operator's: grpo "
+                                  "serve --handler-env)", f"engine.{path}")
+            if not isinstance(v, str) or len(v) > 4096 or "\0" in v:
+                raise bad_request(f"engine.{path}.{name}: expected a string of at most 4096 characters",
+                                  f"engine.{path}")
+        return
+    if isinstance(rule, set):
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v not in rule]
+        if bad:
+            raise bad_request(f"engine.{path}: {_short(bad[0])} is not allowed from a client here; allowed: "
+                              f"{', '.join(sorted(rule))} ({OPERATOR_ENGINE.get(path, 'the operator decides')})",
+                              f"engine.{path}")
+        return
+    lo, hi = rule
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise bad_request(f"engine.{path}: {_short(value)} is outside this server's bounds [{lo:g}, {hi:g}]",
+                          f"engine.{path}")
+
+
+def _check_numbers(path: str, value) -> None:
+    """Every number in a knob section within +-NUMBER_CAP (no unbounded window or count)."""
+    stack = [(path, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, dict):
+            stack += [(f"{where}.{k}", x) for k, x in v.items()]
+        elif isinstance(v, list):
+            stack += [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+                math.isfinite(v) and abs(v) <= NUMBER_CAP):
+            raise bad_request(f"engine.{where}: {_short(v)} is outside this server's bounds [-1e6, 1e6]",
+                              f"engine.{where}")
+
+
+def _default(path: str):
+    """EngineConfig's default for a dotted field path (what a full dump of an untouched section holds)."""
+    from grpo.config import EngineConfig
+
+    value = EngineConfig().model_dump(mode="json")
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def check_engine(raw_engine, policy: ServerPolicy, rules: dict = CLIENT_ENGINE, prefix: str = "") -> None:
+    """A client's engine section against the allowlist: operator-only fields, unknown fields and values out of
+    bounds are a 400 naming the field."""
+    if raw_engine is None:
+        return
+    if not isinstance(raw_engine, dict):
+        raise bad_request(f"engine{'.' + prefix[:-1] if prefix else ''}: expected an object", "engine")
+    for key, value in raw_engine.items():
+        path = f"{prefix}{key}"
+        if path in OPERATOR_ENGINE and path != "log_with":
+            if path == "model" or value == _default(path):  # model: jobs.validate_body compares it to the served one
+                continue  # a client that sends the whole section (grpo submit --with-engine) sends the defaults too
+            raise bad_request(f"engine.{path}: set by this server's operator, not by a client "
+                              f"({OPERATOR_ENGINE[path]})", f"engine.{path}")
+        rule = rules.get(key)
+        if rule is None:
+            raise bad_request(f"engine.{path}: not a setting a client may send to this server; allowed: "
+                              f"{', '.join(sorted(rules))}", f"engine.{path}")
+        if isinstance(rule, dict):
+            check_engine(value, policy, rule, f"{path}.")
+        else:
+            _check_value(path, rule, value, policy)
+
+
+def check_hyperparameters(hyper, policy: ServerPolicy) -> None:
+    """Bounds Bedrock's own schema leaves open: tokens sampled per response (the server's max_tokens),
+    prompts per step (the native API's 512), prompt length."""
+    param = "method.reinforcement.hyperparameters"
+    bounds = dict(HYPERPARAMETER_BOUNDS, inference_max_tokens=(1, policy.max_tokens))
+    for name, (lo, hi) in bounds.items():
+        v = getattr(hyper, name, None)
+        if v is not None and not lo <= v <= hi:
+            raise bad_request(f"{param}.{name}: {v!r} is outside this server's bounds [{lo:g}, {hi:g}]",
+                              f"{param}.{name}")
