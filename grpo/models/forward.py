@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
-from grpo.algorithms import logits as logit_ops
+from grpo.algorithms.logits import entropy_from_logits, log_probs_from_logits
 from grpo.batch import PackedBatch, left_pad
 from grpo.models.kv_cache import cache_kwarg, cache_of, shares_prefix
 
@@ -61,6 +61,10 @@ def _prefix_sharing_applies(model) -> bool:
     inner = extract_model_from_parallel(model)
     if inner is not model and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False  # FSDP / DeepSpeed wrappers: keep the one plain forward they are built around
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(inner, FSDPModule):  # FSDP2 shards in place (no wrapper); a second forward before backward crashes it
+        return False
     if not shares_prefix(inner):  # grpo.rollout: full-attention Qwen3 / Qwen2 / Llama
         return False
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
@@ -148,8 +152,8 @@ def _head_chunk(head, hidden, labels, temperature: float, with_entropy: bool):
     logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = logit_ops.log_probs_from_logits(logits, labels)
-    return (logp, logit_ops.entropy_from_logits(logits)) if with_entropy else (logp,)
+    logp = log_probs_from_logits(logits, labels)
+    return (logp, entropy_from_logits(logits)) if with_entropy else (logp,)
 
 
 def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bool):
@@ -159,8 +163,8 @@ def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bo
     logits = out.logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = logit_ops.log_probs_from_logits(logits, batch.input_ids[:, 1:].to(device))
-    return logp, (logit_ops.entropy_from_logits(logits) if with_entropy else None)
+    logp = log_probs_from_logits(logits, batch.input_ids[:, 1:].to(device))
+    return logp, (entropy_from_logits(logits) if with_entropy else None)
 
 
 def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entropy: bool = False,

@@ -2,7 +2,10 @@
 
 Layout: `<run>/checkpoints/step-000010/` with `adapter/` (loadable with `PeftModel.from_pretrained`),
 `trainer_state.pt` (optimizer and scheduler), `rng_<rank>.pt` (each process's RNG states) and
-`state.json` (step, epoch position, early-stopping state). A checkpoint is written into a temporary
+`state.json` (step, epoch position, early-stopping state); under ZeRO-3 also `optimizer_<rank>.pt` (each
+process's optimizer partition). Sharded modes (grpo.training.distributed): FSDP2's adapter weights and optimizer
+state are gathered whole (keyed by parameter name), ZeRO-3's adapter is gathered; the adapter is a plain peft
+adapter in every mode. A checkpoint is written into a temporary
 directory and renamed into place, so a crash mid-write never leaves a half checkpoint that looks whole; a
 write that fails (a full disk) removes the temporary directory and is a UserError saying so, the previous
 checkpoint intact; `remove_partial` clears a crash's leftover `step-N.tmp` on resume.
@@ -114,14 +117,23 @@ def save_checkpoint(run_dir: Path, step: int, *, accelerator, model, optimizer, 
 def _save(final: Path, tmp: Path, step: int, *, accelerator, model, optimizer, scheduler, state: dict) -> Path:
     import torch
 
+    from grpo.training.distributed import full_trainable_state, mode_name
+
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    mode = mode_name(accelerator)
+    weights, optim = full_trainable_state(accelerator, model, optimizer)  # collective; (None, None) unsharded
+    if mode.startswith("deepspeed"):
+        torch.save(optimizer.state_dict(), tmp / f"optimizer_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        peft_model = accelerator.unwrap_model(model)
+        peft_model.save_pretrained(tmp / "adapter", **({"state_dict": weights} if weights is not None else {}))
+        if optim is None and not mode.startswith("deepspeed"):
+            optim = optimizer.state_dict()
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "mode": mode}, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -138,15 +150,26 @@ def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from grpo.training.distributed import load_full_trainable_state, mode_name
+
     saved = len(list(ckpt.glob("rng_*.pt")))
     if saved != accelerator.num_processes:
         raise UserError(f"{ckpt}: written by {saved} process(es) but resumed with {accelerator.num_processes}; "
                         f"resume with the same number of processes (each process's RNG state is restored)")
-    adapter = ckpt / "adapter"
-    weights = adapter / "adapter_model.safetensors"
-    set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(weights)))
     trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    mode, was = mode_name(accelerator), trainer_state.get("mode", "ddp")
+    layout = {"single": "plain", "ddp": "plain"}  # one process and DDP store the same optimizer state
+    if layout.get(mode, mode) != layout.get(was, was):
+        raise UserError(f"{ckpt}: written under {was} but resumed under {mode}; resume with the same accelerate "
+                        f"config (the optimizer state is stored in that mode's layout)")
+    weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    if not load_full_trainable_state(accelerator, model, optimizer, weights, trainer_state["optimizer"]):
+        set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+        if mode.startswith("deepspeed"):
+            part = torch.load(ckpt / f"optimizer_{accelerator.process_index}.pt", map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(part)
+        else:
+            optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))

@@ -218,6 +218,9 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
         out["expert_fold"] = 2 * info.experts / info.layers * s.dtype_bytes
     update = out["activations"] + out["logprob_chunk"] + out.get("expert_fold", 0.0)
     generation = out["kv_cache"]
+    if s.sharded:  # grpo.training.distributed gathers every layer once per generate call and keeps them till it ends
+        out["gathered_for_generation"] = weights - out["weights"]
+        generation += out["gathered_for_generation"]
     if s.vllm_share is not None:  # vLLM's own full bf16 copy (one engine per process) + its KV cache, in its share
         out["vllm_weights"] = info.total * 2
         out["vllm_reserved"] = max(s.vllm_share * GPU_GIB * GIB, out["vllm_weights"] + out["kv_cache"])
@@ -305,6 +308,7 @@ def make_plan(job: JobConfig) -> str:
             columns.append((f"{n} GPUs FSDP2/ZeRO-3", estimate_memory(info, job, setup_for(job, info, n, True))))
     rows = [("weights", "weights"), ("adapter fp32 + grads + Adam", "adapter"),
             ("generation KV cache", "kv_cache"),
+            ("layers gathered for generation (sharded)", "gathered_for_generation"),
             (f"update activations ({'GC' if e.gradient_checkpointing else 'no GC'})", "activations"),
             (f"log-prob chunk ({base_setup.logprob_chunk} positions)", "logprob_chunk"),
             ("expert LoRA fold (one layer)", "expert_fold"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from grpo.rollout.samplers import make_sampler
 from grpo.rundir import RunDir, read_jsonl
 from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
 from grpo.training.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from grpo.training.distributed import for_generation, make_accelerator, prepare_policy
 from grpo.training.health import HealthMonitor
 from grpo.training.metrics import Processes, RunLog, marked_timer, step_metrics
 from grpo.training.validation import build_trajectories, sample_and_score
@@ -31,7 +31,6 @@ from grpo.training.validation import build_trajectories, sample_and_score
 
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: Path, *, resume: bool = False, progress: bool = True):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         from grpo.data import load_records
@@ -41,15 +40,8 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         e, h = cfg.engine, cfg.hyperparameters
         trackers = [t for t in e.log_with if t != "none"]
-        # Without GPUs, `accelerate launch --multi_gpu --num_processes N` starts N processes that each see a
-        # world of one (N independent runs writing one run dir) unless the Accelerator is told to use the
-        # CPU: then it is DDP over gloo.
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        self.acc = Accelerator(cpu=launched > 1 and not torch.cuda.is_available(), log_with=trackers or None,
-                               project_dir=str(self.run_dir))
-        if self.acc.num_processes != launched:
-            raise UserError(f"{launched} processes were launched but accelerate sees {self.acc.num_processes} "
-                            f"({self.acc.distributed_type}); check the accelerate config")
+        # DDP, FSDP2, ZeRO-3, several nodes; on CPUs over gloo too (grpo.training.distributed)
+        self.acc = make_accelerator(log_with=trackers or None, project_dir=str(self.run_dir))
         self.is_main = self.acc.is_main_process
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if h.batch_size % self.world:
@@ -88,10 +80,11 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=e.weight_decay)
         warm = e.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.model, self.optimizer = self.acc.prepare(policy, optimizer)
+        self.model, self.optimizer = prepare_policy(self.acc, policy, optimizer, micro_batch_seqs=e.algorithm.micro_batch_size)
         self.policy = self.acc.unwrap_model(self.model)
-        self.sampler = make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed + self.rank,
-                                    max_model_len=h.max_prompt_length + h.inference_max_tokens)
+        self.sampler = for_generation(make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed + self.rank,
+                                                   max_model_len=h.max_prompt_length + h.inference_max_tokens),
+                                      self.acc, self.model)  # sharded weights: gathered once per generate call
         self.runner = RewardRunner(cfg.handler, batch_size=e.reward.batch_size, max_concurrency=e.reward.concurrency,
                                    timeout_s=e.reward.timeout_s, on_failure=e.reward.on_failure,
                                    endpoint_url=e.reward.endpoint_url, env=e.reward.env or None,

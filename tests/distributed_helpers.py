@@ -1,0 +1,205 @@
+"""Shared by tests/test_fsdp.py and tests/test_multinode.py: a script that runs `update_policy` on fixed data
+under whatever launch mode started it (through `grpo.training.distributed`, as the trainer does), and the
+launchers that start it: plain python, `accelerate launch` with an accelerate config, several "nodes" on
+loopback.
+
+The script (the same idea as tests/test_distributed.py's, which it extends): 16 fixed sequences of unequal
+lengths, fixed advantages and old/reference log-probs, the same tiny model; each rank seeds its LoRA init
+differently (as the trainer does), so the runs agree only if every process starts from rank 0's; SGD, so
+float noise stays float noise (one AdamW run too). The run named `probe` in the plan also writes a checkpoint through
+`grpo.training.checkpoint.save_checkpoint`, the sharded model's log-probs on the whole batch, and the
+all-gathers of one `generate` call with and without `gathered_for_generation`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+from helpers_engine import PYTHON, REPO, cli_env
+
+ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
+ROWS, MINI = 16, 8
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# SGD learning rates that move the adapter by about 0.1 in every mode (tests/test_distributed.py's)
+LR = {"token-mean": 2.0, "seq-mean-token-mean": 0.7, "seq-mean-token-sum": 0.25, "seq-mean-token-sum-norm": 0.4}
+
+UPDATE_SCRIPT = r'''
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from grpo.batch import PackedBatch, pack
+from grpo.config import LoraConfig
+from grpo.models.loading import load_policy, load_tokenizer
+from grpo.rollout.generate import generate
+from grpo.training.actor import UpdateSettings, compute_logprobs, update_policy
+from grpo.training.checkpoint import save_checkpoint
+from grpo.training.distributed import (full_trainable_state, gathered_for_generation, make_accelerator, mode_name,
+                                       prepare_policy)
+
+model_dir, plan_path, out_path = sys.argv[1:4]
+plan = json.load(open(plan_path))
+acc = make_accelerator()
+world, rank = acc.num_processes, acc.process_index
+N, M, T = plan["rows"], plan["mini"], 0.9
+
+g = torch.Generator().manual_seed(123)
+prompts = [torch.randint(3, 300, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(N)]
+responses = [torch.randint(3, 300, (int(torch.randint(1, 13, (1,), generator=g)),), generator=g).tolist() for _ in range(N)]
+full = pack(prompts, responses, pad_id=0)
+mask = full.response_mask
+advantages = torch.randn(N, generator=g)[:, None] * mask
+noise_old = torch.randn(mask.shape, generator=g) * 0.3 * mask
+noise_ref = torch.randn(mask.shape, generator=g) * 0.3 * mask
+local = torch.tensor([k * M + j for k in range(N // M) for j in range(rank, M, world)])
+results = {"mode": mode_name(acc), "world": world, "runs": {}}
+
+
+def trainable(model):
+    weights, _ = full_trainable_state(acc, model)  # collective; None when the model is not sharded
+    if weights is None:
+        weights = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+    return weights
+
+
+def count_all_gathers(fn):
+    calls = [0]
+    real = dist.all_gather_single if hasattr(dist, "all_gather_single") else None
+    real_tensor = dist.all_gather_into_tensor
+
+    def counted(real_fn):
+        def wrapper(*a, **k):
+            calls[0] += 1
+            return real_fn(*a, **k)
+        return wrapper
+
+    if real is not None:
+        dist.all_gather_single = counted(real)
+    dist.all_gather_into_tensor = counted(real_tensor)
+    try:
+        fn()
+    finally:
+        if real is not None:
+            dist.all_gather_single = real
+        dist.all_gather_into_tensor = real_tensor
+    return calls[0]
+
+
+for name, run in plan["runs"].items():
+    batch = PackedBatch(full.input_ids[local], full.attention_mask[local], mask[local])
+    torch.manual_seed(rank)  # each rank its own LoRA A init, as the trainer seeds them: rank 0's must win
+    policy = load_policy(model_dir, LoraConfig(rank=4, alpha=8), dtype=torch.float32)
+    gb = torch.Generator().manual_seed(1)
+    for n, p in sorted(policy.named_parameters()):
+        if p.requires_grad and "lora_B" in n:  # nonzero B, so the A matrices get gradients from step one
+            p.data.copy_(torch.randn(p.shape, generator=gb) * 0.05)
+    base = torch.zeros(mask.shape)
+    if rank == 0:
+        base = compute_logprobs(policy, full, T, N)
+    if world > 1:
+        dist.broadcast(base, 0)
+    old, ref = (base + noise_old)[local], (base + noise_ref)[local]
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=run["lr"]) if run.get("optim") == "adamw" else torch.optim.SGD(trained, lr=run["lr"])
+    model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"])
+    before = trainable(model)
+    s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                       loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,
+                       max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=M // world,
+                       loss_scale_factor=12.0, micro_batch_seqs=run["micro"])
+    m = update_policy(model, opt, batch, advantages[local] * batch.response_mask, s, accelerator=acc,
+                      old_logp=old, ref_logp=ref)
+    vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
+    m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))
+    out = {"metrics": m, "before": before, "after": trainable(model)}
+    if name == plan.get("probe"):
+        from torch.distributed.tensor import DTensor
+
+        p0 = next(p for p in model.parameters() if p.requires_grad)
+        out["shard"] = [tuple(p0.to_local().shape) if isinstance(p0, DTensor) else tuple(p0.shape), tuple(p0.shape)]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer if hasattr(opt, "optimizer") else opt, lambda s: 1.0)
+        save_checkpoint(Path(plan["ckpt_dir"]), 1, accelerator=acc, model=model, optimizer=opt, scheduler=sched, state={})
+        out["logp"] = compute_logprobs(model, full, T, 5)
+        policy_view = acc.unwrap_model(model)
+
+        def gen():
+            torch.manual_seed(0)
+            generate(policy_view, load_tokenizer(model_dir), [prompts[0], prompts[1]], n=2, max_new_tokens=plan["new_tokens"],
+                     temperature=1.0, ignore_eos=True)
+
+        def gen_gathered():
+            with gathered_for_generation(acc, model):
+                gen()
+
+        out["all_gathers"] = {"plain": count_all_gathers(gen), "gathered": count_all_gathers(gen_gathered)}
+        units = [mod for mod in model.modules() if type(mod).__name__.startswith("FSDP")]
+        out["fsdp_units"] = len(units)
+        out["logp_after_generation"] = compute_logprobs(model, full, T, 5)
+    results["runs"][name] = out
+    acc.free_memory()
+if acc.is_main_process:
+    torch.save(results, out_path)
+acc.wait_for_everyone()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def update_runs(micro: int) -> dict:
+    runs = {mode: {"mode": mode, "micro": micro, "ppo_epochs": 2, "max_grad_norm": 1e4, "lr": LR[mode]} for mode in MODES}
+    # A binding grad-norm clip: the norm must be the global one for the clipped update to agree.
+    runs["token-mean-clipped"] = {"mode": "token-mean", "micro": micro, "ppo_epochs": 1, "max_grad_norm": 0.05, "lr": 2.0}
+    # AdamW, the trainer's optimizer (its state is sharded too): Adam turns float noise in a near-zero gradient
+    # into a whole step, so this only agrees when the gradients do to float precision
+    runs["token-mean-adamw"] = {"mode": "token-mean", "micro": micro, "ppo_epochs": 2, "max_grad_norm": 1.0, "lr": 0.005,
+                                "optim": "adamw"}
+    return runs
+
+
+def write_plan(path: Path, runs: dict, **extra) -> Path:
+    path.write_text(json.dumps({"rows": ROWS, "mini": MINI, "runs": runs, **extra}), encoding="utf-8")
+    return path
+
+
+def launch_cmd(args: list[str], *, world: int = 1, config: str | None = None, port: int | None = None,
+               machines: int = 1, machine_rank: int = 0) -> list[str]:
+    """`accelerate launch` with `world` processes in all (over `machines` loopback "nodes"), with an accelerate
+    config from configs/accelerate; plain python for one process."""
+    if world == 1 and config is None:
+        return [PYTHON, *args]
+    cmd = [ACCELERATE, "launch"]
+    if config:
+        cmd += ["--config_file", str(REPO / "configs" / "accelerate" / config)]
+    else:
+        cmd += ["--multi_gpu"]
+    return cmd + ["--num_processes", str(world), "--num_machines", str(machines), "--machine_rank", str(machine_rank),
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                  "--main_process_port", str(port or free_port()), *args]
+
+
+def run_checked(cmds: list[list[str]], cwd: Path, timeout: float = 180, **env) -> list[subprocess.CompletedProcess]:
+    """Start every command at once (the nodes of one job), wait for all; each must succeed."""
+    e = cli_env(MASTER_ADDR="127.0.0.1", **env)
+    procs = [subprocess.Popen(c, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    results = []
+    for c, p in zip(cmds, procs):
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        results.append(subprocess.CompletedProcess(c, p.returncode, out, err))
+    for r in results:
+        assert r.returncode == 0, f"{' '.join(r.args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return results

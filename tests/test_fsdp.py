@@ -1,0 +1,209 @@
+"""FSDP2 on two CPU processes over gloo, through accelerate's own FSDP2 preparation (`fsdp2_prepare_model`,
+reached by `grpo.training.distributed.make_accelerator` from `accelerate launch --config_file
+configs/accelerate/fsdp2.yaml`, the file a GPU run uses; only `--mixed_precision no` is added, fp32 on CPU).
+
+- the same update as one process, in every loss-aggregation mode, with a binding grad-norm clip too;
+- each rank starts from its own random LoRA init and the update still agrees (rank 0's is broadcast);
+- the parameters really are sharded (each rank holds half of each LoRA matrix);
+- a checkpoint written under FSDP2 holds a plain peft adapter: loaded in this one process, it gives the
+  sharded model's log-probs;
+- a `generate` call under `gathered_for_generation` all-gathers each layer once, not once per decoded token
+  (all-gather calls counted);
+- SIGKILL of the launcher's process group kills the ranks too, and `--resume` under FSDP2 ends with the same
+  adapter, optimizer state and metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_helpers import UPDATE_SCRIPT, launch_cmd, run_checked, update_runs, write_plan
+from helpers_engine import (
+    REPO,
+    build_model_dir,
+    cli_env,
+    read_jsonl,
+    stable_metrics,
+    write_data,
+    write_job,
+    write_varied_handler,
+)
+from safetensors.torch import load_file
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def updates(tmp_path_factory) -> dict:
+    """The update script with one process (micro-batch 5) and under FSDP2 with two (micro-batch 3)."""
+    d = tmp_path_factory.mktemp("fsdp")
+    model = build_model_dir(d / "model", seed=3)
+    script = d / "update.py"
+    script.write_text(UPDATE_SCRIPT, encoding="utf-8")
+    out = {"model": model, "dir": d}
+    cmds = []
+    for world, micro in ((1, 5), (2, 3)):
+        plan = write_plan(d / f"plan{world}.json", update_runs(micro), probe="token-mean",
+                          ckpt_dir=str(d / f"ckpt{world}"), new_tokens=NEW_TOKENS)
+        args = [str(script), str(model), str(plan), str(d / f"out{world}.pt")]
+        cmds.append(launch_cmd(args, world=world, config="fsdp2.yaml" if world == 2 else None))
+    run_checked(cmds, d, timeout=240)
+    for world in (1, 2):
+        out[world] = torch.load(d / f"out{world}.pt", weights_only=False)
+    return out
+
+
+def test_two_processes_really_ran_fsdp2_sharded(updates):
+    assert updates[1]["mode"] == "single" and updates[1]["world"] == 1
+    assert updates[2]["mode"] == "fsdp2" and updates[2]["world"] == 2
+    local, full = updates[2]["runs"]["token-mean"]["shard"]
+    assert local[0] * 2 == full[0] and local[1:] == full[1:], (local, full)
+
+
+@pytest.mark.parametrize("name", list(update_runs(1)))
+def test_same_update_with_one_process_or_fsdp2_over_two(updates, name):
+    one, two = updates[1]["runs"][name], updates[2]["runs"][name]
+    moved = max(float((one["after"][k] - one["before"][k]).abs().max()) for k in one["after"])
+    assert moved > 1e-3, f"{name}: the adapter barely moved ({moved:.2e}); the comparison would prove nothing"
+    assert one["after"].keys() == two["after"].keys()
+    for k in one["after"]:
+        assert torch.equal(one["before"][k], two["before"][k]), f"{name}: different initial {k}"
+        torch.testing.assert_close(two["after"][k], one["after"][k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+    m1, m2 = one["metrics"], two["metrics"]
+    for key in ("actor_pg_loss", "actor_kl_loss", "actor_entropy", "actor_grad_norm", "actor_pg_clipfrac", "actor_ppo_kl"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), f"{name}: {key}"
+    if name == "token-mean-clipped":
+        assert m1["actor_grad_norm"] > 0.1, "the clip did not bind"
+
+
+def test_fsdp2_checkpoint_is_a_plain_peft_adapter(updates):
+    """Written by two FSDP2 processes, loaded here in one plain process with peft: the same weights as the
+    sharded run's gathered ones, and the same log-probs as the sharded model computed."""
+    from grpo.batch import pack
+    from grpo.models.loading import load_for_inference
+    from grpo.training.actor import compute_logprobs
+
+    run = updates[2]["runs"]["token-mean"]
+    ckpt = updates["dir"] / "ckpt2" / "checkpoints" / "step-000001"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter", "rng_0.pt", "rng_1.pt", "state.json", "trainer_state.pt"]
+    saved = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == len(run["after"]) and all(".default." not in k for k in saved)
+    for k, v in run["after"].items():
+        torch.testing.assert_close(saved[k.replace(".default.", ".")], v, rtol=0, atol=0)
+    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert trainer_state["mode"] == "fsdp2"
+
+    policy = load_for_inference(str(updates["model"]), str(ckpt / "adapter"))
+    g = torch.Generator().manual_seed(123)  # the script's batch, rebuilt
+    prompts = [torch.randint(3, 300, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(16)]
+    responses = [torch.randint(3, 300, (int(torch.randint(1, 13, (1,), generator=g)),), generator=g).tolist() for _ in range(16)]
+    logp = compute_logprobs(policy, pack(prompts, responses, pad_id=0), 0.9, 16)
+    assert float(logp.abs().sum()) > 1
+    torch.testing.assert_close(logp, run["logp"], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_gathers_each_layer_once_per_call(updates):
+    """Counted all-gathers of one `generate` call (2 prompts x 2 samples, 6 new tokens) on the 2-layer model:
+    plain FSDP2 gathers both decoder layers for every forward (prefill + each decoded token), inside
+    `gathered_for_generation` each layer once. Sampling is unchanged by it (same log-probs after)."""
+    run = updates[2]["runs"]["token-mean"]
+    counts = run["all_gathers"]
+    assert counts["plain"] >= 2 * NEW_TOKENS, counts
+    assert 1 <= counts["gathered"] <= run["fsdp_units"], counts
+    assert counts["gathered"] * NEW_TOKENS <= counts["plain"], counts
+    torch.testing.assert_close(run["logp_after_generation"], run["logp"], rtol=0, atol=0)
+
+
+# -- SIGKILL + --resume under FSDP2, through the CLI --------------------------------------------------------
+
+TOTAL_STEPS = 4
+
+
+def _train_cmd(job, out, *extra):
+    return launch_cmd(["-m", "grpo", "train", str(job), "--output-dir", str(out), "--no-progress", *extra],
+                      world=2, config="fsdp2.yaml")
+
+
+def _ranks_of(out) -> list[int]:
+    """Live `grpo train` rank processes writing to `out` (the launcher itself runs `accelerate`)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        launcher = any(c.endswith(b"bin/accelerate") for c in cmd[:2])
+        if str(out).encode() in cmd and b"grpo" in cmd and not launcher and state != b"Z":
+            found.append(int(pid))
+    return found
+
+
+def test_fsdp2_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
+    """`accelerate launch` (FSDP2, two ranks) SIGKILLed as a whole process group once step 2's checkpoint is
+    written: the ranks (torch's agent starts each in a session of its own) die with it, and `--resume` under
+    FSDP2 ends with the same adapter, optimizer state and metrics as an uninterrupted run, bit for bit."""
+    model = build_model_dir(tmp_path / "model", seed=1)
+    train, val = write_data(tmp_path, n_train=8, n_val=2)
+    handler = write_varied_handler(tmp_path / "varied.py")
+    job = write_job(tmp_path / "job.yaml", model, train, val, handler=handler,
+                    hyper={"n_epochs": 1, "batch_size": 2, "eval_interval": 4},
+                    engine={"checkpoint_interval": 2, "micro_batch_size": 3, "seed": 7})
+    a, b = tmp_path / "A", tmp_path / "B"
+    run_checked([_train_cmd(job, a)], REPO, timeout=240)
+    # killed (the whole process group: launcher, both ranks, their reward workers) once step 2's checkpoint is
+    # written (each reward call then takes 1 s, so the kill lands inside step 3)
+    log = open(tmp_path / "B.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(_train_cmd(job, b), cwd=REPO, env=cli_env(TEST_REWARD_SLEEP_S="1.0", MASTER_ADDR="127.0.0.1"),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (b / "checkpoints" / "step-000002" / "state.json").is_file():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'B.log').read_text()[-3000:]}"
+        ranks = _ranks_of(b)
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10  # the ranks lead sessions of their own: they die with their agent
+        while _ranks_of(b) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _ranks_of(b), "training ranks outlived the SIGKILLed launcher"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    killed = read_jsonl(b / "metrics.jsonl")
+    assert not (b / "summary.json").exists() and 2 <= len(killed) < TOTAL_STEPS
+
+    run_checked([_train_cmd(job, b, "--resume")], REPO, timeout=240)
+    rows = read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
+    for x, y in zip(rows[:2], killed[:2]):
+        assert stable_metrics(x) == stable_metrics(y)
+    events = read_jsonl(b / "events.jsonl")
+    assert [e["message"] for e in events if e["message"].startswith("Resumed")] == ["Resumed from checkpoint at step 2"]
+    final = b / f"checkpoints/step-{TOTAL_STEPS:06d}"
+    state = torch.load(final / "trainer_state.pt", weights_only=False)
+    assert state["mode"] == "fsdp2" and all(".default." in k for k in state["optimizer"]["state"])
+    assert sorted(p.name for p in final.iterdir()) == ["adapter", "rng_0.pt", "rng_1.pt", "state.json", "trainer_state.pt"]
+    wa = load_file(str(a / final.relative_to(b) / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and any(float(v.abs().sum()) > 0 for k, v in wb.items() if "lora_B" in k)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"adapter tensor {k} differs after an FSDP2 resume"
+    sa = torch.load(a / final.relative_to(b) / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    for name, st in sa.items():
+        for key, t in st.items():
+            assert torch.equal(t, state["optimizer"]["state"][name][key]), f"optimizer state {name}.{key} differs"
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), rows):
+        assert stable_metrics(x) == stable_metrics(y), f"step {x['step']} metrics differ"
