@@ -68,9 +68,9 @@ def _peak_memory_mb() -> float:
 def run_ours(a) -> dict:
     import functools
 
-    from grpo import algorithms
-    from grpo import trainer as trainer_mod
+    from grpo.algorithms import core as algorithms
     from grpo.config import parse_config
+    from grpo.training import trainer as trainer_mod
 
     algorithms.group_normalized_advantages = functools.partial(algorithms.group_normalized_advantages, eps=ADV_EPS)
     job = {"model": a.model_dir, "training_file": a.data,

@@ -39,7 +39,7 @@ def add_arguments(p):
     p.description = ("Sample responses from a model (optionally with a trained LoRA adapter) for every record of a "
                      "data file and grade them with a Lambda-contract handler. Before training this is AWS's "
                      "baseline check: reward 0 means SFT first, above 0.95 means RFT is unnecessary.")
-    p.add_argument("--model", required=True, help="local path, hub id, Bedrock id, or grpo:tiny-arith; with "
+    p.add_argument("--model", required=True, help="local path, hub id, Bedrock id, .gguf file, grpo:tiny-arith or grpo:smollm2-135m-instruct; with "
                    "--base-url, the endpoint's model id (e.g. a job's fine_tuned_model)")
     p.add_argument("--adapter", default=None, help="a peft adapter directory (a run's checkpoints/step-N/adapter)")
     p.add_argument("--data", required=True, type=Path, help="Bedrock RFT JSONL")

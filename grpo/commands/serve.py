@@ -29,7 +29,8 @@ def add_arguments(p):
     p.add_argument("--handlers-dir", type=Path, default=Path("rewards"),
                    help="local reward handlers a job may name must lie under this directory (default rewards/)")
     p.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
-                   help="a base model to serve under NAME (a local directory, hub id or grpo:tiny-arith), for "
+                   help="a base model to serve under NAME (a local directory, hub id, .gguf file, grpo:tiny-arith or "
+                   "grpo:smollm2-135m-instruct), for "
                    "inference and training jobs; NAME may be a Bedrock id (--model qwen.qwen3-32b=grpo:tiny-arith "
                    "trains the tiny model for jobs naming qwen.qwen3-32b). Repeatable. Jobs may name only these; "
                    "without any --model, Bedrock's ids with their open-weights checkpoints")
