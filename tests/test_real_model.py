@@ -110,7 +110,8 @@ def test_real_model_loads_with_its_chat_template(tmp_path):
     assert tok.decode(ids) == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                                "<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>"
-    assert json.loads((Path(path) / "gguf_source.json").read_text())["gguf"] == str(gguf)
+    # the conversion is keyed by the file's content: the record names the file it was made from (maybe another venv's copy)
+    assert Path(json.loads((Path(path) / "gguf_source.json").read_text())["gguf"]).name == gguf.name
 
 
 @needs_smollm2

@@ -143,7 +143,7 @@ def test_default_cache_dir_honours_env(tmp_path, monkeypatch):
 
 
 def test_concurrent_builders_share_one_build(tmp_path):
-    code = ("import sys; from grpo import tiny; "
+    code = ("import sys; from grpo.models import tiny; "
             "print(tiny.ensure_tiny_model(sys.argv[1], progress=False, "
             "recipe_overrides={'steps': 2, 'batch_size': 4}))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,

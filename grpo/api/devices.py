@@ -79,12 +79,7 @@ def parse_devices(spec: str | None, *, min_cpu_slots: int = 1, env: dict | None 
         visible = env.get("CUDA_VISIBLE_DEVICES")
         if visible is not None and visible.strip():
             return parse_devices(visible, env=env)
-        try:
-            import torch
-
-            count = torch.cuda.device_count()
-        except Exception:  # noqa: BLE001 - no usable CUDA: CPU slots
-            count = 0
+        count = _cuda_device_count()
         if count:
             return DevicePool("cuda", [str(i) for i in range(count)])
         return DevicePool("cpu", [f"cpu{i}" for i in range(max(os.cpu_count() or 1, min_cpu_slots))])
@@ -125,3 +120,17 @@ def launch_command(train_args: list[str], kind: str, devices: list[str], *,
         if kind == "cpu":  # DDP over gloo (as tests/test_distributed.py launches it). Not with a config file:
             env["ACCELERATE_USE_CPU"] = "true"  # it would switch DeepSpeed off; the trainer handles CPU there
     return [*runner, "launch", *accel, "-m", "grpo.api.runner", *train_args], env
+
+
+def _cuda_device_count() -> int:
+    """The GPUs torch sees, counted in a child process: the server itself never loads torch (its memory and start
+    time stay small; jobs load it in their own processes). 0 when there is no usable CUDA or torch."""
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                             capture_output=True, text=True, timeout=120)
+        return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return 0
