@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from grpo.algorithms.logits import entropy_from_logits, log_probs_from_logits
 from grpo.batch import PackedBatch, left_pad
 from grpo.models.kv_cache import cache_kwarg, cache_of, shares_prefix
 
@@ -151,8 +152,8 @@ def _head_chunk(head, hidden, labels, temperature: float, with_entropy: bool):
     logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = logits.log_probs_from_logits(logits, labels)
-    return (logp, logits.entropy_from_logits(logits)) if with_entropy else (logp,)
+    logp = log_probs_from_logits(logits, labels)
+    return (logp, entropy_from_logits(logits)) if with_entropy else (logp,)
 
 
 def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bool):
@@ -162,8 +163,8 @@ def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bo
     logits = out.logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = logits.log_probs_from_logits(logits, batch.input_ids[:, 1:].to(device))
-    return logp, (logits.entropy_from_logits(logits) if with_entropy else None)
+    logp = log_probs_from_logits(logits, batch.input_ids[:, 1:].to(device))
+    return logp, (entropy_from_logits(logits) if with_entropy else None)
 
 
 def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entropy: bool = False,
