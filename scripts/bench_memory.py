@@ -100,7 +100,9 @@ def estimate(cfg_path: Path) -> dict:
     job = load_config(cfg_path)
     info = inspect_model(model_config(job.local_model)[0], job.engine.lora)
     est = estimate_memory(info, job, setup_for(job, info))
-    est["trainable"] = info.trainable
+    info.shares_prefix = False  # the plain update path (every row's prompt run), as the probe's second pass
+    plain = estimate_memory(info, job, setup_for(job, info))
+    est["update_no_prefix_sharing"] = plain["activations"] + plain["logprob_chunk"]
     return est
 
 
@@ -250,7 +252,7 @@ def run_case(name: str) -> list[tuple]:
             ("LoRA fp32 + grads + AdamW (tensor bytes)", est["adapter"], m["adapter"]),
             ("generation (KV cache, merged LoRA, decode)", est["kv_cache"] + est.get("merged_lora", 0.0), m["generation"]),
             ("update micro-batch (activations + log-prob chunk)", update_est, m["update"]),
-            ("  the same without prefix sharing", update_est, m["update_no_prefix_sharing"]),
+            ("  the same without prefix sharing", est["update_no_prefix_sharing"], m["update_no_prefix_sharing"]),
             ("grpo train: peak RSS - RSS of the loaded model", est_added, added)]
     print(f"  {'part':<52}{'estimate MiB':>14}{'measured MiB':>14}{'est/meas':>10}")
     for label, e_, m_ in rows:

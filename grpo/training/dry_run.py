@@ -4,9 +4,10 @@ The model is built from its config on the `meta` device (shapes only), the LoRA 
 peft exactly as training would, and the parameters are counted from that. Memory per GPU is then estimated
 from the counts and the job's sizes: bf16 (or 4-bit) weights, the fp32 adapter with its gradients and Adam
 states, the generation KV cache, the update's activations with or without gradient checkpointing, the
-log-prob chunk (grpo.training.actor) and, for MoE expert LoRA, peft's per-layer W + BA fold. The estimates are
-first-order (they leave out allocator fragmentation, CUDA context and temporaries): read them as "fits
-comfortably", "tight" or "does not fit", not to the gigabyte.
+log-prob chunk (grpo.training.actor), for fp32 decoding the merged LoRA copies (grpo.models.merge) and, for MoE
+expert LoRA, peft's per-layer W + BA fold. The estimates are first-order (they leave out allocator fragmentation,
+CUDA context and temporaries): read them as "fits comfortably", "tight" or "does not fit", not to the gigabyte.
+scripts/bench_memory.py checks them against CPU runs (docs/scale.md, "Memory model vs measured").
 
 Configs: a local model directory's config.json; the embedded tiny model's recipe; and, so that the two
 Bedrock models plan offline, their architectures copied from the hub (KNOWN_CONFIGS, sources beside them).
@@ -321,7 +322,7 @@ def make_plan(job: JobConfig) -> str:
             ("merged LoRA copies for decoding (fp32)", "merged_lora"),
             ("layers gathered for generation (sharded)", "gathered_for_generation"),
             (f"update activations ({'GC' if e.gradient_checkpointing else 'no GC'})", "activations"),
-            (f"log-prob chunk ({base_setup.logprob_chunk} positions)", "logprob_chunk"),
+            (f"log-prob chunk (<= {base_setup.logprob_chunk} positions)", "logprob_chunk"),
             ("expert LoRA fold (one layer)", "expert_fold"),
             ("vLLM weights copy (bf16)", "vllm_weights"),
             ("vLLM reserved while sampling", "vllm_reserved"),
