@@ -11,7 +11,7 @@ from grpo.errors import UserError
 
 # command name -> (module under grpo.commands, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("data", "validate Bedrock RFT JSONL, or build it from GSM8K"),
+    "data": ("data", "validate Bedrock RFT JSONL, build it from GSM8K, or filter it by measured pass rate"),
     "reward": ("reward", "the reward lab: run a Lambda-contract handler over data and report"),
     "train": ("train", "run a GRPO job from a Bedrock-shaped YAML config"),
     "eval": ("evaluate", "sample and grade a model (base or adapter) on a data file"),

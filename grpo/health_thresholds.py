@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 #: Stable alarm ids (used in `engine.health.stop_on` / `disable`), in display order.
 ALARM_NAMES = ("baseline_zero", "baseline_saturated", "reward_stuck", "reward_flat", "reward_variance_collapse",
                "entropy_collapse", "entropy_high_flat", "response_length_spike", "response_length_clipped",
-               "reward_hacking", "grad_norm_spike")
+               "reward_hacking", "grad_norm_spike", "sampler_drift")
 
 
 def check_alarm_names(names, where: str) -> list[str]:
@@ -46,6 +46,9 @@ class HealthThresholds:
     hack_val_drop: float = 0.05      # validation fell at each of them, by this much in all ...
     hack_train_gain: float = 0.05    # ... while the rolling training reward rose by this much
     grad_spike_factor: float = 5.0   # grad norm > factor x median of the previous `window` steps (or not finite)
+    sampler_kl_floor: float = 1e-3   # sampler_drift: rollout_kl_k3 (median of 3 steps) above this ...
+    sampler_drift_factor: float = 10.0  # ... and above factor x its start (median of the first 3 steps)
+    sampler_clipfrac_floor: float = 0.02  # or rollout_tis_clipfrac above this and factor x its start
     baseline_low: float = 0.0        # AWS: baseline reward 0 -> SFT first (fires when baseline <= this)
     baseline_high: float = 0.95      # AWS: above 95% RFT is unnecessary (fires when baseline > this)
     stop_on: list[str] = field(default_factory=list)  # alarms that should stop the run

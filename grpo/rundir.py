@@ -7,6 +7,8 @@ and the server read it.
     <run>/samples.jsonl    a few responses per step, with their scores
     <run>/summary.json     status, steps, baseline/best validation reward, final metrics, adapter path
     <run>/checkpoints/     step-NNNNNN/ (grpo.training.checkpoint)
+    <run>/pause.request    present: the trainer checkpoints after its current step and stops, status "paused"
+                           (the server's POST /v1/fine_tuning/jobs/{id}/pause writes it; resume removes it)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG, METRICS, EVENTS, SAMPLES, SUMMARY = "config.json", "metrics.jsonl", "events.jsonl", "samples.jsonl", "summary.json"
+PAUSE_REQUEST = "pause.request"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.path / SUMMARY
+
+    @property
+    def pause_request(self) -> Path:
+        return self.path / PAUSE_REQUEST
 
 
 def make_event(message: str, *, type: str = "message", level: str = "info", data: dict | None = None) -> dict:

@@ -68,11 +68,14 @@ def _peak_memory_mb() -> float:
 def run_ours(a) -> dict:
     import functools
 
-    from grpo import algorithms
-    from grpo import trainer as trainer_mod
+    from grpo.algorithms import core as algorithms
     from grpo.config import parse_config
+    from grpo.training import trainer as trainer_mod
 
-    algorithms.group_normalized_advantages = functools.partial(algorithms.group_normalized_advantages, eps=ADV_EPS)
+    # TRL's std epsilon, through the registry (the trainer looks the estimator up by name, engine.algorithm)
+    if "grpo_trl_eps" not in algorithms.ADVANTAGE_ESTIMATORS:
+        algorithms.register_adv_est("grpo_trl_eps")(
+            functools.partial(algorithms.group_normalized_advantages, eps=ADV_EPS))
     job = {"model": a.model_dir, "training_file": a.data,
            "method": {"type": "reinforcement", "reinforcement": {
                "grader": {"type": "lambda", "lambda": {"function": str(HANDLER)}},
@@ -84,7 +87,7 @@ def run_ours(a) -> dict:
                       "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "temperature": 1.0, "top_p": 1.0,
                       "micro_batch_size": a.prompts * a.group, "log_with": ["none"], "log_samples": 0,
                       "ignore_eos": a.fixed,
-                      "lora": LORA, "reward": {"concurrency": 1}}}
+                      "lora": LORA, "reward": {"concurrency": 1}, "algorithm": {"adv_estimator": "grpo_trl_eps"}}}
     cfg = parse_config(job)
     with tempfile.TemporaryDirectory() as run_dir:
         tr = trainer_mod.Trainer(cfg, Path(run_dir), progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo.algorithms import core as alg
-from grpo.algorithms import logits
+from grpo.algorithms.logits import entropy_from_logits, entropy_from_logits_chunked, log_probs_from_logits
 
 torch.set_num_threads(1)
 D = torch.float64
@@ -291,21 +291,21 @@ def test_kl_unknown_kind_lists_known():
 
 # ------------------------------------------------------------------ logits
 def test_entropy_uniform_onehot_and_two_class():
-    close(logits.entropy_from_logits(torch.zeros(2, 3, 7, dtype=D)), torch.full((2, 3), math.log(7), dtype=D))
-    assert abs(logits.entropy_from_logits(t([100.0, 0.0, 0.0, 0.0])).item()) < 1e-12
+    close(entropy_from_logits(torch.zeros(2, 3, 7, dtype=D)), torch.full((2, 3), math.log(7), dtype=D))
+    assert abs(entropy_from_logits(t([100.0, 0.0, 0.0, 0.0])).item()) < 1e-12
     # p = [1/4, 3/4] -> H = -(1/4 ln 1/4 + 3/4 ln 3/4)
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    close(logits.entropy_from_logits(t([0.0, math.log(3.0)])), h)
+    close(entropy_from_logits(t([0.0, math.log(3.0)])), h)
 
 
 def test_entropy_chunked_matches_and_upcasts():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 5, 11, generator=g, dtype=D)
-    close(logits.entropy_from_logits_chunked(z, chunk_size=4), logits.entropy_from_logits(z))
+    close(entropy_from_logits_chunked(z, chunk_size=4), entropy_from_logits(z))
     zb = z.to(torch.bfloat16)
-    out = logits.entropy_from_logits_chunked(zb, chunk_size=4)
+    out = entropy_from_logits_chunked(zb, chunk_size=4)
     assert out.dtype == torch.float32 and out.shape == (3, 5)
-    close(out, logits.entropy_from_logits(zb.double()), tol=1e-5)
+    close(out, entropy_from_logits(zb.double()), tol=1e-5)
 
 
 def test_log_probs_from_logits_matches_log_softmax_gather():
@@ -313,18 +313,18 @@ def test_log_probs_from_logits_matches_log_softmax_gather():
     z = (torch.randn(2, 5, 13, generator=g, dtype=D) * 5).requires_grad_(True)
     labels = torch.randint(0, 13, (2, 5), generator=g)
     ref = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    out = logits.log_probs_from_logits(z, labels, chunk_size=3)  # 10 positions in chunks of 3
+    out = log_probs_from_logits(z, labels, chunk_size=3)  # 10 positions in chunks of 3
     close(out, ref)
     (g1,) = torch.autograd.grad(out.sum(), z)
     (g2,) = torch.autograd.grad(ref.sum(), z)
     close(g1, g2)
     zb = z.detach().to(torch.bfloat16)
-    ob = logits.log_probs_from_logits(zb, labels)
+    ob = log_probs_from_logits(zb, labels)
     assert ob.dtype == torch.float32
     ref_b = torch.log_softmax(zb.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     close(ob, ref_b, tol=1e-5)
     with pytest.raises(ValueError, match="labels shape"):
-        logits.log_probs_from_logits(z, labels[:, :4])
+        log_probs_from_logits(z, labels[:, :4])
 
 
 # ------------------------------------------------------------------ registries

@@ -279,7 +279,7 @@ def test_bad_threshold_config_names_the_field():
     with pytest.raises(ValueError, match="engine.health.hack_evals"):
         HealthThresholds(hack_evals=2)
     assert health.check_alarm_names(("reward_flat",), "x") == ["reward_flat"]
-    assert len(set(ALARM_NAMES)) == 11
+    assert len(set(ALARM_NAMES)) == 12
 
 
 def test_thresholds_embed_in_a_strict_pydantic_config():

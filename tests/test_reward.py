@@ -226,6 +226,12 @@ def test_check_answer_accepts_ints_and_missing_metrics():
     assert failures == [] and [e["aggregate_reward_score"] for e in entries] == [1, 0.5]
     _, failures = check_answer(b"[{]", ["a"])
     assert failures[0].kind == "malformed" and "not JSON" in failures[0].message
+    # an entry without a score that says why: that trajectory fails, quoting the handler's words
+    entries, failures = check_answer(b'[{"id":"a","error":"judge unreachable"},{"id":"b","aggregate_reward_score":1}]',
+                                     ["a", "b"])
+    assert entries[0] is None and entries[1]["aggregate_reward_score"] == 1
+    assert [(f.trajectory_ids, f.message) for f in failures] == [
+        (["a"], "malformed answer: the handler could not grade it: judge unreachable (id 'a')")]
 
 
 def test_payload_splitting_and_oversized_trajectory():
@@ -339,6 +345,14 @@ def test_cli_reward_check(tmp_path):
     assert report["score"]["mean"] == pytest.approx(0.5)  # q0: #### 0 right, #### 3 wrong; ...
     assert report["metrics"]["accuracy"] == {"type": "Reward", "mean": 0.5, "n": 6}
     assert all(c["ok"] for c in report["checks"]) and report["failures"] == []
+
+    # a file under Bedrock's 100 records is a warning in the lab (no --allow-small needed); validate keeps the rule
+    out = grpo("--handler", ROOT / "rewards" / "gsm8k.py", "--data", data)
+    assert out.returncode == 0, out.stderr
+    assert f"warning: {data}: 12 records; fine for checking a handler, but a Bedrock job needs at least 100" in out.stderr
+    val = subprocess.run([sys.executable, "-m", "grpo", "data", "validate", str(data)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert val.returncode == 2 and "12 records; Bedrock needs at least 100" in val.stdout
 
     bad = write_data(tmp_path / "bad.jsonl", ["#### 1", "boom", "#### 2"])
     out = grpo("--handler", H / "raises.py", "--data", bad, "--allow-small", "--batch-size", "1")

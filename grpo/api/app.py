@@ -58,9 +58,18 @@ class ServerConfig:
     handler_pass_env: list[str] = field(default_factory=list)  # --handler-env NAME
     max_reward_concurrency: int = 8
     max_json_bytes: int = 16 * 2**20
+    devices: str | None = None  # --devices: GPU ids or cpu:N (default: this machine's GPUs, else CPU slots)
+    accelerate_config: str | None = None  # --accelerate-config: for jobs with several processes
+    max_processes_per_job: int | None = None  # default: all the devices
 
-    def policy(self) -> ServerPolicy:
-        return ServerPolicy(handlers_dir=Path(self.handlers_dir), base_models=dict(self.base_models),
+    def device_pool(self):
+        from grpo.api.devices import parse_devices
+
+        return parse_devices(self.devices, min_cpu_slots=self.max_jobs)
+
+    def policy(self, pool=None) -> ServerPolicy:
+        size = (pool or self.device_pool()).size
+        return ServerPolicy(max_processes_per_job=min(self.max_processes_per_job or size, size),handlers_dir=Path(self.handlers_dir), base_models=dict(self.base_models),
                             lambdas=dict(self.lambdas), invoke_lambdas=self.invoke_lambdas,
                             lambda_endpoint_url=self.lambda_endpoint_url, handler_env=dict(self.handler_env),
                             handler_pass_env=list(self.handler_pass_env), max_tokens=self.max_tokens,
@@ -94,10 +103,12 @@ def _safe_filename(name: str | None) -> str:
 
 def create_app(cfg: ServerConfig) -> FastAPI:
     store = Store(cfg.state_dir)
-    manager = JobManager(store, max_jobs=cfg.max_jobs, env=cfg.job_env)
+    pool = cfg.device_pool()
+    manager = JobManager(store, max_jobs=cfg.max_jobs, env=cfg.job_env, devices=pool,
+                         accelerate_config=cfg.accelerate_config)
     cache = ModelCache(cfg.max_loaded_models)
     started = int(time.time())
-    policy = cfg.policy()
+    policy = cfg.policy(pool)
     for orphan in store.files_dir.glob(".upload-*"):  # an upload cut short by a killed server
         orphan.unlink(missing_ok=True)
 
@@ -270,6 +281,16 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     def cancel_job(job_id: str):
         get_job(job_id)
         return J.job_object(manager.cancel(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(job_id: str):
+        get_job(job_id)
+        return J.job_object(manager.pause(job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(job_id: str):
+        get_job(job_id)
+        return J.job_object(manager.resume(job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     def list_events(job_id: str, limit: str | None = None, after: str | None = None):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from grpo.api.errors import ApiError, bad_request
-from grpo.data import SURROGATE_ESCAPE, lone_surrogate
+from grpo.jsonl import SURROGATE_ESCAPE, lone_surrogate
 
 MAX_JSON_DEPTH = 64
 

@@ -15,6 +15,9 @@ operator's. So:
   clipping, KL, batching, checkpoint interval, reward batching...), each with bounds (`CLIENT_ENGINE`);
   paths, URLs, devices, precision, trackers that send data elsewhere and the handler environment's
   pass-through are the operator's (`OPERATOR_ENGINE` says why for each).
+- **Devices.** A job asks for `engine.num_processes` (at most `--max-processes-per-job`, itself at most the
+  server's devices); which devices, and the accelerate config file, are the operator's (`--devices`,
+  `--accelerate-config`; grpo.api.devices).
 - **Resources.** `inference_max_tokens` is at most the server's max_tokens (32768, as for chat requests),
   reward calls in flight at most `--max-reward-concurrency`, a reward call's timeout at most Lambda's 900 s.
 """
@@ -48,7 +51,7 @@ CLIENT_ENGINE: dict = {
     "max_grad_norm": (0, NUMBER_CAP), "gradient_checkpointing": ANY,
     "lora": {"rank": (1, 1024), "alpha": (1, 4096), "dropout": ANY, "target_modules": NAMES,
              "target_parameters": NAMES},
-    "checkpoint_interval": (1, 100_000), "eval_max_records": (1, 20_000), "early_stopping_patience": (1, 1000),
+    "checkpoint_interval": (1, 100_000), "num_processes": "max_processes_per_job", "eval_max_records": (1, 20_000), "early_stopping_patience": (1, 1000),
     "early_stopping_min_delta": (0, NUMBER_CAP), "log_samples": (0, 64), "log_with": {"none", "tensorboard"},
     "reward": {"batch_size": (1, 1024), "concurrency": "max_reward_concurrency", "timeout_s": (0, 900.0),
                "on_failure": ANY, "env": ENV},
@@ -84,6 +87,7 @@ class ServerPolicy:
     handler_pass_env: list[str] = field(default_factory=list)   # --handler-env NAME
     max_tokens: int = 32768
     max_reward_concurrency: int = 8
+    max_processes_per_job: int = 1                              # --max-processes-per-job (at most the devices)
 
     def served_models(self) -> dict[str, str]:
         """Model id -> what runs locally: the --model names, or Bedrock's ids when none was given."""
@@ -110,6 +114,8 @@ def _check_value(path: str, rule, value, policy: ServerPolicy) -> None:
         return
     if rule == "max_reward_concurrency":
         rule = (1, policy.max_reward_concurrency)
+    if rule == "max_processes_per_job":
+        rule = (1, policy.max_processes_per_job)
     if rule == "knobs":
         return _check_numbers(path, value)
     if rule == NAMES:

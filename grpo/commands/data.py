@@ -1,4 +1,4 @@
-"""`grpo data validate FILE` and `grpo data gsm8k --input SRC --out FILE`.
+"""`grpo data validate FILE`, `grpo data gsm8k --input SRC --out FILE` and `grpo data filter` (grpo.commands.data_filter).
 
 validate: prints every problem as FILE:LINE: field: message (capped, then a count line) and exits 2,
 or prints a summary of a valid file and exits 0. gsm8k: builds the spec's headline data set.
@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="train",
                    help="hub split, or <split>.jsonl in a directory (default: train)")
     g.add_argument("--config", default="main", help="hub dataset config (default: main)")
+    from grpo.commands import data_filter
+
+    data_filter.add_parser(sub)
     parser.set_defaults(_data_parser=parser)
 
 
@@ -37,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data_command == "validate":
         return _validate(args)
+    if args.data_command == "filter":
+        from grpo.commands import data_filter
+
+        return data_filter.run(args)
     if args.data_command == "gsm8k":
         from grpo.gsm8k import convert_gsm8k
 

@@ -31,6 +31,7 @@ def _number(parse, ok, expected: str, bound: str):
 
 _count = _number(int, lambda v: v >= 1, "an integer >= 1", ">= 1")
 _non_negative = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number", "a finite number >= 0")
+_finite = _number(float, math.isfinite, "a number", "a finite number")
 _top_p = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "in (0, 1]")
 
 
@@ -38,7 +39,7 @@ def add_arguments(p):
     p.description = ("Sample responses from a model (optionally with a trained LoRA adapter) for every record of a "
                      "data file and grade them with a Lambda-contract handler. Before training this is AWS's "
                      "baseline check: reward 0 means SFT first, above 0.95 means RFT is unnecessary.")
-    p.add_argument("--model", required=True, help="local path, hub id, Bedrock id, or grpo:tiny-arith; with "
+    p.add_argument("--model", required=True, help="local path, hub id, Bedrock id, .gguf file, grpo:tiny-arith or grpo:smollm2-135m-instruct; with "
                    "--base-url, the endpoint's model id (e.g. a job's fine_tuned_model)")
     p.add_argument("--adapter", default=None, help="a peft adapter directory (a run's checkpoints/step-N/adapter)")
     p.add_argument("--data", required=True, type=Path, help="Bedrock RFT JSONL")
@@ -49,7 +50,12 @@ def add_arguments(p):
     p.add_argument("--temperature", type=_non_negative, default=0.6,
                    help="sampling temperature (AWS advises ~0.6); > 0 locally, 0 allowed with --base-url")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling, in (0, 1] (1.0)")
-    p.add_argument("--samples", type=_count, default=1, help="responses per prompt")
+    p.add_argument("--samples", type=_count, default=1, help="responses per prompt; with G >= 2 (your job's "
+                   "training_sample_per_prompt) a learnability report: each prompt's pass rate, the share of prompts "
+                   "whose G rewards all tie (no GRPO gradient: too hard or solved), a pass-rate histogram and the "
+                   "expected share of each step's samples that carry an advantage")
+    p.add_argument("--pass-score", type=_finite, default=1.0, metavar="X",
+                   help="a sample passes when its score >= X (1.0, the top of AWS's 0..1 scale); for the pass rates")
     p.add_argument("--max-tokens", type=_count, default=1024, help="max tokens per response")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
                    help="default: low locally; with --base-url only sent when given")
@@ -61,7 +67,8 @@ def add_arguments(p):
                    help="how responses are sampled (engine.rollout.backend): transformers generation, or "
                         "transformers' continuous batching (paged KV cache; faster on GPUs, slower on CPU)")
     p.add_argument("--out", type=Path, default=None, help="write every sample and its score as JSONL "
-                   "(checked before the model loads, written after the result is printed)")
+                   "(checked before the model loads, written after the result is printed); `grpo data filter "
+                   "--scores` reads it")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     g = p.add_argument_group("through an OpenAI-compatible endpoint (Bedrock, or grpo serve)")
     g.add_argument("--base-url", default=None, help="sample with chat.completions at this endpoint instead of "
@@ -154,20 +161,30 @@ def run(args) -> int:
            "response_length_clip_ratio": sum(res.truncated) / max(len(res.truncated), 1), **res.metrics}
     if args.base_url:
         out["base_url"] = args.base_url
+    learn = None
+    if args.samples >= 2:
+        from grpo.training.learnability import learnability
+
+        learn = learnability(res.ids, res.scores, group_size=args.samples, pass_score=args.pass_score)
     base_model = args.adapter is None and (not args.base_url or args.model in BEDROCK_MODEL_IDS)
     alarms = HealthMonitor().check_baseline(res.mean) if base_model else []
     advice = alarms[0].message if alarms else None
     if args.json:
-        print(json.dumps({**out, "advice": advice}))
+        print(json.dumps({**out, "advice": advice, **({"learnability": learn} if learn else {})}))
     else:
         for k, v in out.items():
             print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
         if advice:
             print(f"advice: {advice}")
+        if learn:
+            from grpo.training.learnability import report_lines
+
+            print("\n".join(report_lines(learn, temperature=args.temperature)))
     for f in res.failures[:5]:
         print(f"handler failure ({f.kind}) on {len(f.trajectory_ids)} trajectories: {f.message.splitlines()[0] if f.message else ''}",
               file=sys.stderr)
     if args.out is not None:
-        n = write_jsonl(args.out, res.samples)
+        data = str(args.data.resolve())  # `grpo data filter` finds the records again from here
+        n = write_jsonl(args.out, ({**s, "data": data} for s in res.samples))
         print(f"wrote {n} samples to {args.out}", file=sys.stderr)
     return 1 if res.failures else 0

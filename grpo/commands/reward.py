@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="calls at once = worker processes (default min(4, CPUs))")
     c.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds per call, at most 900 as on Lambda (300)")
-    c.add_argument("--allow-small", action="store_true", help="accept fewer than 100 records")
+    c.add_argument("--allow-small", action="store_true",
+                   help="kept for old scripts: a file under 100 records is only a warning here (checking a handler "
+                        "on ten examples is what the lab is for); `grpo data validate` keeps Bedrock's minimum")
     c.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                    help="environment variable for a local handler (its Lambda configuration): KEY=VALUE, or KEY to "
                    "pass this shell's value; repeatable. The handler gets only these, its Lambda variables and a "
@@ -180,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reward_command != "check":
         args._reward_parser.print_help()
         return 0 if args.reward_command is None else 2
-    from grpo.data import load_records
+    from grpo.data import MIN_RECORDS, load_records
     from grpo.reward.environment import parse_env_options
     from grpo.reward.runner import RewardRunner, make_trajectory
 
@@ -188,7 +190,10 @@ def run(args: argparse.Namespace) -> int:
         env, pass_env = parse_env_options(args.env)
     except ValueError as e:
         raise UserError(str(e)) from None
-    records = load_records(args.data, allow_small=args.allow_small)
+    records = load_records(args.data, min_records=1)  # the other rules hold; the count is only a warning here
+    if len(records) < MIN_RECORDS:
+        print(f"warning: {args.data}: {len(records)} record{'s' * (len(records) != 1)}; fine for checking a handler, "
+              f"but a Bedrock job needs at least {MIN_RECORDS} (`grpo data validate` applies that rule)", file=sys.stderr)
     note = None
     if args.responses is None and not args.reference_as_response:
         note = ("no --responses given: grading each record's reference as its response "

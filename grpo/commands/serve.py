@@ -29,7 +29,8 @@ def add_arguments(p):
     p.add_argument("--handlers-dir", type=Path, default=Path("rewards"),
                    help="local reward handlers a job may name must lie under this directory (default rewards/)")
     p.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
-                   help="a base model to serve under NAME (a local directory, hub id or grpo:tiny-arith), for "
+                   help="a base model to serve under NAME (a local directory, hub id, .gguf file, grpo:tiny-arith or "
+                   "grpo:smollm2-135m-instruct), for "
                    "inference and training jobs; NAME may be a Bedrock id (--model qwen.qwen3-32b=grpo:tiny-arith "
                    "trains the tiny model for jobs naming qwen.qwen3-32b). Repeatable. Jobs may name only these; "
                    "without any --model, Bedrock's ids with their open-weights checkpoints")
@@ -48,6 +49,16 @@ def add_arguments(p):
     p.add_argument("--max-reward-concurrency", type=int, default=8, metavar="N",
                    help="the most reward calls in flight a job may ask for (engine.reward.concurrency; default 8)")
     p.add_argument("--max-jobs", type=int, default=1, help="jobs trained at once; the rest wait queued (default 1)")
+    p.add_argument("--devices", default=None, metavar="IDS",
+                   help="devices jobs are placed on: GPU ids (--devices 0,1,2,3,4,5,6,7: two 4-process jobs run side "
+                   "by side, a third waits queued until one ends) handed to each job as CUDA_VISIBLE_DEVICES, or "
+                   "cpu:N (N CPU slots, gloo ranks; for machines without GPUs). Default: CUDA_VISIBLE_DEVICES, else "
+                   "every GPU torch sees, else one CPU slot per core. A job asks for engine.num_processes (default 1)")
+    p.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
+                   help="accelerate config (accelerate config / FSDP / DeepSpeed) for jobs with several processes; "
+                   "default: plain DDP (accelerate launch --multi_gpu). --num_processes is the job's own")
+    p.add_argument("--max-processes-per-job", type=int, default=None, metavar="N",
+                   help="the most processes (devices) one job may ask for (default: all of --devices)")
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest file upload, in MiB (default 512)")
     p.add_argument("--max-request-mb", type=float, default=16,
                    help="largest JSON request body (jobs, chat, responses), in MiB (default 16)")
@@ -140,6 +151,10 @@ def run(args) -> int:
         raise UserError(f"--max-reward-concurrency {args.max_reward_concurrency}: expected at least 1")
     if args.lambda_endpoint_url and not args.invoke_lambdas:
         raise UserError("--lambda-endpoint-url is for --invoke-lambdas (jobs invoking deployed Lambdas)")
+    if args.max_processes_per_job is not None and args.max_processes_per_job < 1:
+        raise UserError(f"--max-processes-per-job {args.max_processes_per_job}: expected at least 1")
+    if args.accelerate_config is not None and not args.accelerate_config.is_file():
+        raise UserError(f"--accelerate-config {args.accelerate_config}: no such file")
     models, lambdas = _models(args.models), _lambdas(args.lambdas)
     handler_env, pass_env = _handler_env(args.handler_env)
     try:
@@ -157,7 +172,9 @@ def run(args) -> int:
                        base_models=models, lambdas=lambdas, invoke_lambdas=args.invoke_lambdas,
                        lambda_endpoint_url=args.lambda_endpoint_url, handler_env=handler_env,
                        handler_pass_env=pass_env, max_reward_concurrency=args.max_reward_concurrency,
-                       max_jobs=args.max_jobs,
+                       max_jobs=args.max_jobs, devices=args.devices,
+                       accelerate_config=str(args.accelerate_config.resolve()) if args.accelerate_config else None,
+                       max_processes_per_job=args.max_processes_per_job,
                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_json_bytes=int(args.max_request_mb * 2**20), max_loaded_models=args.max_loaded_models,
                        default_max_tokens=args.default_max_tokens)
     try:
@@ -166,9 +183,11 @@ def run(args) -> int:
                   "can upload data and run jobs", file=sys.stderr)
     except ValueError:
         pass  # a host name: uvicorn resolves it
+    pool = cfg.device_pool()  # a bad --devices is a UserError before anything starts
     app = create_app(cfg)
     print(f"grpo serve: http://{args.host}:{args.port}/v1  state: {args.state_dir.resolve()}  "
-          f"handlers: {args.handlers_dir.resolve()}  models: {', '.join(cfg.policy().served_models())}", flush=True)
+          f"handlers: {args.handlers_dir.resolve()}  models: {', '.join(cfg.policy(pool).served_models())}  "
+          f"devices: {pool.describe()}", flush=True)
     print(f"console: http://{args.host}:{args.port}/console/  (sign in with the API key)", flush=True)
     if generated:
         print(f"API key (generated for this run; set --api-key or GRPO_API_KEY to choose one): {key}", flush=True)

@@ -16,8 +16,8 @@ def add_arguments(p):
     p.add_argument("job", help="fine-tuning job id (ftjob-...)")
     add_connection_arguments(p)
     p.add_argument("--json", action="store_true", help="print {job, latest_metrics} as one JSON object")
-    p.add_argument("--watch", action="store_true", help="poll until the job ends, with a progress bar; exit 0 "
-                   "if it succeeded, 1 if it failed or was cancelled")
+    p.add_argument("--watch", action="store_true", help="poll until the job ends or is paused, with a progress "
+                   "bar; exit 0 if it succeeded, 1 if it failed, was cancelled or is paused")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls with --watch (default 10)")
 
 
@@ -36,6 +36,11 @@ def describe(job: dict, metrics: dict | None) -> str:
         lines.append("no metrics yet")
     if job.get("error"):
         lines.append(f"error: {json.dumps(job['error'])}")
+    if job.get("status") == "pausing":
+        lines.append("pausing: the trainer saves a checkpoint after its current step, then the job is paused")
+    elif job.get("status") == "paused":
+        lines.append(f"paused: continue it from its last checkpoint with client.fine_tuning.jobs.resume("
+                     f"\"{job.get('id')}\") (POST /v1/fine_tuning/jobs/{job.get('id')}/resume)")
     return "\n".join(lines)
 
 
@@ -53,11 +58,12 @@ def run(args) -> int:
             return as_dict(client.fine_tuning.jobs.retrieve(args.job)), latest_metrics(client, args.job)
 
     job, metrics = fetch()
-    if args.watch and job.get("status") not in TERMINAL_STATUSES:
+    stops = (*TERMINAL_STATUSES, "paused")  # a paused job waits for a resume: nothing more to watch
+    if args.watch and job.get("status") not in stops:
         from tqdm import tqdm
 
         bar = tqdm(total=None, unit="step", file=sys.stderr, desc=args.job, disable=args.json)
-        while job.get("status") not in TERMINAL_STATUSES:
+        while job.get("status") not in stops:
             if metrics and metrics.get("total_steps"):
                 bar.total = metrics["total_steps"]
                 bar.n = metrics.get("step", 0)

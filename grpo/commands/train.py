@@ -65,7 +65,9 @@ def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool
                 f"(mean of the last {len(tail)} steps {sum(tail) / max(len(tail), 1):.3f})")
         if base is not None and val is not None:
             line += f", validation reward {base:.3f} -> {val:.3f}"
-        print(line + (" (stopped early)" if summary["stopped_early"] else ""))
+        print(line + (" (stopped early)" if summary["stopped_early"] else "")
+              + (f" (paused: {RunDir(run_dir).pause_request.name} was asked for; remove it and --resume to continue)"
+                 if summary["status"] == "paused" else ""))
         print(f"run: {run_dir}  metrics: {RunDir(run_dir).metrics}  plot: {png}  adapter: {summary['adapter']}")
     return 0
 

@@ -29,6 +29,8 @@ def _head_parts(model):
     if get_dec is None or get_head is None:
         return None
     decoder, head = get_dec(), get_head()
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        return None  # DeepSpeed ZeRO-3: a checkpointed chunk's recompute would see the head's released partition
     cfg = getattr(base, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if decoder is None or head is None or decoder is base:

@@ -18,11 +18,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name: str, *, progress: bool = True) -> str:
-    """A local path or hub id; `grpo:tiny-arith` builds (once, cached) the embedded tiny model."""
+    """A local path or hub id; `grpo:tiny-arith` builds (once, cached) the embedded tiny model; a GGUF model
+    (a `.gguf` file, a directory with one, or `grpo:smollm2-135m-instruct`) is converted once into a cached
+    transformers directory (grpo.models.gguf)."""
     if name == TINY_MODEL:
         from grpo.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(progress=progress))
+    from grpo.models.gguf import ensure_gguf_model, gguf_source
+
+    gguf = gguf_source(name)
+    if gguf is not None:
+        return str(ensure_gguf_model(gguf, progress=progress))
     return name
 
 

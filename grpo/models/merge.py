@@ -44,8 +44,8 @@ def _merge_plan(model):
     except ImportError:
         return []
     mods = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged_adapters")]
-    if not mods:
-        return []
+    if not mods or any(hasattr(p, "ds_id") for p in model.parameters()):
+        return []  # none, or DeepSpeed ZeRO-3's partitioned weights: its hooks fetch only the parameters it made
     plan, total = [], 0
     for m in mods:
         active = [a for a in m.active_adapters if a in m.lora_A]

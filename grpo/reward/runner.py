@@ -24,7 +24,9 @@ runs on Lambda); ``max_concurrency`` calls at once.
 Answer checks: a list of the same length, ids equal and in order, a finite numeric
 ``aggregate_reward_score`` (bool is not numeric), and ``metrics_list`` (optional) a list of
 ``{"name": non-empty str, "value": finite number, "type": "Reward"|"Metric"}`` with distinct names.
-A wrong length / wrong ids fail the whole call; a bad entry fails that trajectory only.
+A wrong length / wrong ids fail the whole call; a bad entry fails that trajectory only. An entry
+without a score that carries a string ``error`` (``{"id", "error": "judge unreachable"}``, as
+rewards/llm_judge.py answers) is such a failure, and its message quotes that error.
 
 Failure policy ``on_failure``: every failure (handler exception or FunctionError, timeout, dead
 worker, malformed answer, invoke error after retries, oversized trajectory) is recorded as a
@@ -179,6 +181,8 @@ def _entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return f"entry is {_JSON_TYPES.get(type(entry), type(entry).__name__)}, not an object"
     if "aggregate_reward_score" not in entry:
+        if isinstance(entry.get("error"), str) and entry["error"]:  # the handler's own word on this trajectory
+            return f"the handler could not grade it: {entry['error'][:2000]}"
         return "entry has no aggregate_reward_score"
     bad = _bad_number(entry["aggregate_reward_score"])
     if bad:

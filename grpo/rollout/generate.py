@@ -10,7 +10,7 @@ import contextlib
 import torch
 
 from grpo.batch import left_pad
-from grpo.models.kv_cache import cache_kwarg, cache_of, shares_prefix
+from grpo.models.kv_cache import cache_kwarg, cache_of, preallocate, shares_prefix
 from grpo.models.merge import merged_lora
 from grpo.rollout.batch import RolloutBatch
 from grpo.rollout.prompts import end_token_ids, special_tokens
@@ -39,6 +39,7 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = cache_of(out)
     cache.batch_repeat_interleave(n)
+    preallocate(cache, max_new_tokens)  # in-place KV writes per token instead of a full-cache concatenation
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)
     mask = mask.repeat_interleave(n, dim=0)
     next_pos = mask.sum(dim=1, keepdim=True)

@@ -67,6 +67,13 @@ def model_config(name: str):
             return AutoConfig.from_pretrained(cached.parent), f"{cached.parent} (the cached tiny model)"
         cfg = Qwen3Config(**RECIPE["model"], vocab_size=RECIPE["tokenizer_vocab_size"])
         return cfg, "grpo.models.tiny.RECIPE (not built yet; vocabulary size approximate)"
+    from grpo.models.gguf import gguf_source
+
+    gguf = gguf_source(name)
+    if gguf is not None:
+        from grpo.models.gguf import gguf_config
+
+        return gguf_config(gguf), f"{gguf} (GGUF metadata)"
     if Path(name).is_dir():
         try:
             return AutoConfig.from_pretrained(name), f"{name}/config.json"

@@ -71,6 +71,8 @@ class HealthMonitor:
         self._clip: list[float] = []
         self._gn: list[float] = []
         self._val: list[tuple[int, float, float]] = []  # (step, val reward, rolling train reward then)
+        self._rkl: list[float] = []  # rollout_kl_k3 (a continuous/vllm sampler against the trained policy)
+        self._rclip: list[float] = []  # rollout_tis_clipfrac
         if baseline_val is not None:
             self.check_baseline(baseline_val)
 
@@ -101,7 +103,8 @@ class HealthMonitor:
         total = _num(metrics.get("total_steps"))
         self._total = int(total) if total is not None else self._total
         now = {k: _num(metrics.get(k)) for k in ("critic_rewards_mean", "actor_entropy", "response_length_mean",
-                                                 "response_length_clip_ratio", "val_score_rewards_mean")}
+                                                 "response_length_clip_ratio", "val_score_rewards_mean",
+                                                 "rollout_kl_k3", "rollout_tis_clipfrac", "rollout_tis_weight_mean")}
         zstd = _num(metrics.get("critic_frac_reward_zero_std"))
         rmax, rmin = _num(metrics.get("critic_rewards_max")), _num(metrics.get("critic_rewards_min"))
         if zstd is None and rmax is not None and rmax == rmin:
@@ -114,7 +117,8 @@ class HealthMonitor:
 
         W = self.th.window
         for key, hist in (("critic_rewards_mean", self._r), ("zstd", self._zstd), ("actor_entropy", self._ent),
-                          ("response_length_mean", self._len), ("response_length_clip_ratio", self._clip)):
+                          ("response_length_mean", self._len), ("response_length_clip_ratio", self._clip),
+                          ("rollout_kl_k3", self._rkl), ("rollout_tis_clipfrac", self._rclip)):
             if now[key] is not None:
                 hist.append(now[key])
         if now["critic_rewards_mean"] is not None and len(self._r) >= W:
@@ -342,6 +346,32 @@ class HealthMonitor:
                     "or max_grad_norm, and check this step's rewards for outliers.",
                     {"grad_norm": g, "median": med})
         return False
+
+    def _sampler_drift(self, now):
+        """The sampler's distribution moving away from the trained policy's as updates accumulate: its weights
+        are not reaching the sampler (a sync that does nothing, an adapter never loaded: verl issue 7495)."""
+        if now["rollout_kl_k3"] is None and now["rollout_tis_clipfrac"] is None:
+            return None  # the transformers backend samples the policy itself: nothing to compare
+        th, k = self.th, self.th.min_history
+        found = []
+        for name, hist, floor in (("rollout_kl_k3", self._rkl, th.sampler_kl_floor),
+                                  ("rollout_tis_clipfrac", self._rclip, th.sampler_clipfrac_floor)):
+            if len(hist) > k:  # start: the first steps', before the updates add up (the median keeps noise out)
+                start, cur = _median(hist[:_SMOOTH]), _median(hist[-_SMOOTH:])
+                if cur > max(floor, th.sampler_drift_factor * start):
+                    found.append((name, cur, start))
+        if not found:
+            return False
+        name, cur, start = found[0]
+        tis = now["rollout_tis_weight_mean"]
+        return (f"Sampler drift: {name} is {cur:.3g} (median of the last {_SMOOTH} steps), up from {start:.3g} at the "
+                f"start{f', {cur / start:.0f}x' if start > 0 else ''}, growing with the updates"
+                + (f" (rollout_tis_weight_mean {tis:.3f})" if tis is not None else "") + ": the sampler is not "
+                "sampling the policy being trained, so every step learns from an older policy's samples. The "
+                "rollout backend's sync is not delivering the new weights (a LoRA adapter that never reaches the "
+                "sampler looks like staleness: verl issue 7495). Check timing_s_sync_weights and that the sampler "
+                "loads the adapter; TIS corrects small numeric mismatches, not this.",
+                {"metric": name, "value": cur, "start": start, "rollout_tis_weight_mean": tis})
 
 
 def scan(metrics_rows: list[dict], baseline_val: float | None = None,

@@ -244,6 +244,20 @@ class Trainer:
         self.log.event(f"Checkpoint created at step {step}", type="checkpoint",
                        data={"step": step, "path": str(path)})
 
+    def _pause_requested(self, done: int) -> bool:
+        """Whether a pause was asked for (RunDir.pause_request, written by the server's pause): then the `done`
+        steps are checkpointed (unless they are already) and the job stops; a resume continues from there."""
+        asked = torch.tensor([float(RunDir(self.run_dir).pause_request.exists())], device=self.acc.device)
+        if self.world > 1:  # every process stops at the same step
+            asked = self.acc.reduce(asked, reduction="sum")
+        if not asked.item():
+            return False
+        from grpo.training.checkpoint import checkpoint_dir
+
+        if done > 0 and not (checkpoint_dir(self.run_dir, done) / "state.json").is_file():
+            self._checkpoint(done)
+        return True
+
     # -- the job ---------------------------------------------------------------------------
     def train(self) -> dict:
         from tqdm.auto import tqdm
@@ -268,9 +282,12 @@ class Trainer:
             self.sampler.sync(self.policy)  # a resumed adapter is not the base the sampler loaded
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="grpo", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
-        last, stopped_early = None, False
+        last, stopped_early, paused = None, False, False
         step = self.start_step
         for step in range(self.start_step + 1, self.total_steps + 1):
+            if self._pause_requested(step - 1):
+                step, paused = step - 1, True
+                break
             epoch = (step - 1) // self.steps_per_epoch
             # verl's training/global_step (1-based) and training/epoch (0-based) beside our 1-based epoch
             m = {"step": step, "total_steps": self.total_steps, "epoch": epoch + 1, "training_global_step": step,
@@ -313,7 +330,7 @@ class Trainer:
                 stopped_early = True
                 break
         bar.close()
-        summary = self._finish(step, last, stopped_early)
+        summary = self._finish(step, last, stopped_early, paused)
         self.runner.close()
         self.acc.end_training()
         return summary
@@ -332,11 +349,11 @@ class Trainer:
                 {"status": "failed", "steps": step - 1, "total_steps": self.total_steps, "error": message}, indent=2))
         self.runner.close()
 
-    def _finish(self, step: int, last: dict | None, stopped_early: bool) -> dict:
+    def _finish(self, step: int, last: dict | None, stopped_early: bool, paused: bool = False) -> dict:
         from grpo.training.checkpoint import latest_checkpoint as latest
 
         ckpt = latest(self.run_dir)
-        summary = {"status": "succeeded", "steps": step, "total_steps": self.total_steps, "stopped_early": stopped_early,
+        summary = {"status": "paused" if paused else "succeeded", "steps": step, "total_steps": self.total_steps, "stopped_early": stopped_early,
                    "baseline_val_score_rewards_mean": self.state.get("baseline_val"),
                    "best_val_score_rewards_mean": self.state.get("best_val"),
                    "final": {k: v for k, v in (last or {}).items() if not k.startswith(("timing_", "perf_"))},
@@ -344,5 +361,6 @@ class Trainer:
                    "health": self.health.summary()}
         if self.is_main:
             RunDir(self.run_dir).summary.write_text(json.dumps(summary, indent=2))
-            self.log.event("The job has successfully completed", data={"step": step})
+            self.log.event(f"The job was paused after step {step}; it resumes from its checkpoint" if paused
+                           else "The job has successfully completed", data={"step": step})
         return summary

@@ -21,6 +21,7 @@ class EvalResult:
     failures: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # each score's trajectory id, `<record id>#<sample>`
 
     @property
     def graded(self) -> list[float]:
@@ -67,4 +68,4 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
                     "score": result.scores[i]} for i, t in enumerate(trajectories)]
     return EvalResult(scores=list(result.scores), response_lengths=[int(n) for n in rollout.response_lengths],
                       truncated=[bool(t) for t in rollout.truncated], failures=list(result.failures), metrics=result.summary(),
-                      samples=samples)
+                      samples=samples, ids=[t["id"] for t in trajectories])
