@@ -24,10 +24,12 @@ def merged_lora(model):
         return
     saved = []
     try:
-        for mod, name, delta in plan:
+        for mod, name in plan:
             base = mod.base_layer
             saved.append((mod, base.weight))
-            base.weight = torch.nn.Parameter(base.weight.detach() + delta, requires_grad=False)
+            with torch.no_grad():  # one layer's delta at a time: the call holds one merged copy, no deltas besides
+                merged = base.weight.detach() + (mod.lora_B[name].weight @ mod.lora_A[name].weight) * mod.scaling[name]
+            base.weight = torch.nn.Parameter(merged, requires_grad=False)
             mod.merged_adapters.append(name)
         yield
     finally:
@@ -51,11 +53,8 @@ def _merge_plan(model):
                 or m.merged_adapters or len(active) != 1 or m.base_layer.weight.dtype != torch.float32
                 or getattr(m, "use_dora", {}).get(active[0], False) or m.fan_in_fan_out):
             return []
-        a = active[0]
-        with torch.no_grad():
-            delta = (m.lora_B[a].weight @ m.lora_A[a].weight) * m.scaling[a]
-        total += delta.numel() * delta.element_size()
+        total += m.base_layer.weight.numel() * m.base_layer.weight.element_size()
         if total > MERGE_LIMIT_BYTES:
             return []
-        plan.append((m, a, delta))
+        plan.append((m, active[0]))
     return plan

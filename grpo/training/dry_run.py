@@ -4,9 +4,10 @@ The model is built from its config on the `meta` device (shapes only), the LoRA 
 peft exactly as training would, and the parameters are counted from that. Memory per GPU is then estimated
 from the counts and the job's sizes: bf16 (or 4-bit) weights, the fp32 adapter with its gradients and Adam
 states, the generation KV cache, the update's activations with or without gradient checkpointing, the
-log-prob chunk (grpo.training.actor) and, for MoE expert LoRA, peft's per-layer W + BA fold. The estimates are
-first-order (they leave out allocator fragmentation, CUDA context and temporaries): read them as "fits
-comfortably", "tight" or "does not fit", not to the gigabyte.
+log-prob chunk (grpo.training.actor), for fp32 decoding the merged LoRA copies (grpo.models.merge) and, for MoE
+expert LoRA, peft's per-layer W + BA fold. The estimates are first-order (they leave out allocator fragmentation,
+CUDA context and temporaries): read them as "fits comfortably", "tight" or "does not fit", not to the gigabyte.
+scripts/bench_memory.py checks them against CPU runs (docs/scale.md, "Memory model vs measured").
 
 Configs: a local model directory's config.json; the embedded tiny model's recipe; and, so that the two
 Bedrock models plan offline, their architectures copied from the hub (KNOWN_CONFIGS, sources beside them).
@@ -112,6 +113,8 @@ class ModelInfo:
     layer_types: list[str] = field(default_factory=list)
     sliding_window: int | None = None
     lora_targets: str = ""
+    shares_prefix: bool = False  # grpo.models.kv_cache: a group's prompt runs once (generation and the update)
+    lora_linear: int = 0  # weights of the nn.Linear layers LoRA wraps (what grpo.models.merge copies in fp32)
 
     @property
     def active(self) -> int:
@@ -131,6 +134,7 @@ def inspect_model(config, lora) -> ModelInfo:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from grpo.models.kv_cache import shares_prefix
     from grpo.models.loading import lora_target_parameters, peft_lora_config, quiet_transformers
 
     quiet_transformers()
@@ -145,6 +149,8 @@ def inspect_model(config, lora) -> ModelInfo:
         except ValueError as e:
             raise UserError(f"engine.lora: {str(e).splitlines()[0]}") from None
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    lora_linear = sum(m.base_layer.weight.numel() for m in policy.modules()
+                      if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), torch.nn.Linear))
     emb = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
@@ -162,7 +168,8 @@ def inspect_model(config, lora) -> ModelInfo:
         n_experts=getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0,
         top_k=getattr(config, "num_experts_per_tok", None) or 0,
         layer_types=list(getattr(config, "layer_types", None) or []),
-        sliding_window=getattr(config, "sliding_window", None), lora_targets=targets)
+        sliding_window=getattr(config, "sliding_window", None), lora_targets=targets,
+        shares_prefix=shares_prefix(model), lora_linear=lora_linear)
 
 
 @dataclass
@@ -202,22 +209,33 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
         gen_seqs = min(h.batch_size // s.world * G, max(1, GEN_BATCH // G) * G)
         cached = sum(min(seq, info.sliding_window or seq) if t == "sliding_attention" else seq for t in types)
     out["kv_cache"] = gen_seqs * cached * 2 * info.kv_heads * info.head_dim * s.dtype_bytes
+    from grpo.models.merge import MERGE_LIMIT_BYTES
+
+    if (e.rollout.backend == "transformers" and info.shares_prefix and s.dtype_bytes == 4 and not s.load_in_4bit
+            and not s.sharded and info.lora_linear * 4 <= MERGE_LIMIT_BYTES):
+        out["merged_lora"] = info.lora_linear * 4  # grpo.models.merge: fp32 decoding on merged copies of W + BA
     micro = min(e.micro_batch_size, job.mini_batch_prompts() // s.world * G)
-    tokens = micro * seq
+    if info.shares_prefix and not s.sharded:  # grpo.models.forward runs each group's prompt once (measured:
+        # scripts/bench_memory.py, docs/scale.md "Memory model vs measured")
+        tokens = -(-micro // G) * h.max_prompt_length + micro * h.inference_max_tokens
+    else:
+        tokens = micro * seq
     q, kv = info.heads * info.head_dim, info.kv_heads * info.head_dim
     inter = info.intermediate * (info.top_k or 1)
-    per_layer = tokens * 2 * (6 * info.hidden + 2 * q + 3 * kv + 4 * inter)  # bf16 tensors saved for backward
-    if s.attn == "eager":  # the [micro, heads, T, T] scores: fp32 softmax and bf16 probabilities
-        per_layer += micro * info.heads * seq * seq * (4 + 2)
+    b = s.dtype_bytes  # the activations are in the weights' dtype (fp32 runs: 4 bytes, not bf16's 2)
+    per_layer = tokens * b * (6 * info.hidden + 2 * q + 3 * kv + 4 * inter)  # tensors saved for backward
+    if s.attn == "eager":  # the [micro, heads, T, T] scores: fp32 softmax and the probabilities
+        per_layer += micro * info.heads * seq * seq * (4 + b)
     if s.gradient_checkpointing:
-        out["activations"] = info.layers * tokens * info.hidden * 2 + per_layer
+        out["activations"] = info.layers * tokens * info.hidden * b + per_layer
     else:
         out["activations"] = info.layers * per_layer
-    out["logprob_chunk"] = s.logprob_chunk * info.vocab * 4 * 3  # fp32 logits, softmax, their gradient
+    positions = min(s.logprob_chunk, micro * h.inference_max_tokens)  # a chunk holds only response positions
+    out["logprob_chunk"] = positions * info.vocab * 4 * 3  # fp32 logits, softmax, their gradient
     if info.experts and "parameters" in info.lora_targets:  # peft folds W + BA per MoE layer, and its gradient
         out["expert_fold"] = 2 * info.experts / info.layers * s.dtype_bytes
     update = out["activations"] + out["logprob_chunk"] + out.get("expert_fold", 0.0)
-    generation = out["kv_cache"]
+    generation = out["kv_cache"] + out.get("merged_lora", 0.0)
     if s.sharded:  # grpo.training.distributed gathers every layer once per generate call and keeps them till it ends
         out["gathered_for_generation"] = weights - out["weights"]
         generation += out["gathered_for_generation"]
@@ -308,9 +326,10 @@ def make_plan(job: JobConfig) -> str:
             columns.append((f"{n} GPUs FSDP2/ZeRO-3", estimate_memory(info, job, setup_for(job, info, n, True))))
     rows = [("weights", "weights"), ("adapter fp32 + grads + Adam", "adapter"),
             ("generation KV cache", "kv_cache"),
+            ("merged LoRA copies for decoding (fp32)", "merged_lora"),
             ("layers gathered for generation (sharded)", "gathered_for_generation"),
             (f"update activations ({'GC' if e.gradient_checkpointing else 'no GC'})", "activations"),
-            (f"log-prob chunk ({base_setup.logprob_chunk} positions)", "logprob_chunk"),
+            (f"log-prob chunk (<= {base_setup.logprob_chunk} positions)", "logprob_chunk"),
             ("expert LoRA fold (one layer)", "expert_fold"),
             ("vLLM weights copy (bf16)", "vllm_weights"),
             ("vLLM reserved while sampling", "vllm_reserved"),
