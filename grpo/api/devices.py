@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from grpo.errors import UserError
 
@@ -125,9 +126,12 @@ def launch_command(train_args: list[str], kind: str, devices: list[str], *,
 def _cuda_device_count() -> int:
     """The GPUs torch sees, counted in a child process: the server itself never loads torch (its memory and start
     time stay small; jobs load it in their own processes). 0 when there is no usable CUDA or torch."""
+    import shutil
     import subprocess
     import sys
 
+    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/kfd").exists() or shutil.which("nvidia-smi")):
+        return 0  # no NVIDIA or ROCm driver: no child process (and no torch import) at every server start
     try:
         out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                              capture_output=True, text=True, timeout=120)
