@@ -117,7 +117,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def ensure_gguf_model(gguf: Path, cache_dir: str | Path | None = None, *, progress: bool = True) -> Path:
     """The cached transformers directory of `gguf`, converting it first if it is not there yet (under a file
     lock, in a temporary directory renamed into place, like grpo.models.tiny's cache)."""
-    from grpo.models.tiny import _locked, default_cache_dir
+    from grpo.models.tiny import cache_lock, default_cache_dir
 
     _require_gguf(gguf)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -127,7 +127,7 @@ def ensure_gguf_model(gguf: Path, cache_dir: str | Path | None = None, *, progre
     marker = final / "gguf_source.json"
     if marker.exists():
         return final
-    with _locked(root / f".{final.name}.lock"):
+    with cache_lock(root / f".{final.name}.lock"):
         if marker.exists():
             return final
         if progress:

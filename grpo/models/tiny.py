@@ -230,7 +230,7 @@ def pretrain(recipe: dict, *, progress: bool = True, on_step=None):
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def cache_lock(path: Path):
     """An exclusive advisory lock on ``path`` (no-op where fcntl is missing: rename still wins)."""
     try:
         import fcntl
@@ -259,7 +259,7 @@ def ensure_tiny_model(cache_dir: str | Path | None = None, *, progress: bool = T
     final = root / f"tiny-qwen3-{recipe_hash(recipe)}"
     if (final / "recipe.json").exists():
         return final
-    with _locked(root / f".{final.name}.lock"):
+    with cache_lock(root / f".{final.name}.lock"):
         if (final / "recipe.json").exists():  # another process built it while we waited
             return final
         if progress:
