@@ -124,6 +124,8 @@ class EngineConfig(_Strict):
     gradient_checkpointing: bool = False
     load_in_4bit: bool = Field(False, description="QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes); Qwen3-32B on one 80 GB GPU")
     attn_implementation: str | None = Field(None, description="transformers attention kernel; default the model's own (SDPA for Qwen3; eager for GPT-OSS, whose attention sinks SDPA lacks)")
+    cpu_linear: Literal["onednn", "aten"] = Field("onednn", description="frozen float32 Linear layers on the CPU: "
+                                                  "oneDNN (2-3x MKL's speed on AMD CPUs) or PyTorch's default")
     num_processes: int = Field(1, ge=1, description="grpo serve: processes (one device each) the server launches "
                                "this job with under accelerate launch; grpo train runs as it was launched")
     checkpoint_interval: int = Field(50, ge=1, description="steps between checkpoints (and one at the end)")

@@ -64,6 +64,7 @@ OPERATOR_ENGINE = {
     "dtype": "precision is the operator's (memory of this machine)",
     "load_in_4bit": "quantization is the operator's (memory of this machine)",
     "attn_implementation": "attention kernels are the operator's (what this machine has installed)",
+    "cpu_linear": "CPU kernels are the operator's (what this machine's processor runs best)",
     "reward.endpoint_url": "this server sends requests only where its operator says (--lambda-endpoint-url)",
     "reward.pass_env": "passing this server's environment to handlers is the operator's (--handler-env NAME)",
     "rollout.gpu_memory_utilization": "GPU memory is the operator's",

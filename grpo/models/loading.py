@@ -13,6 +13,7 @@ import torch
 
 from grpo.config import TINY_MODEL, LoraConfig
 from grpo.errors import UserError
+from grpo.models.cpu_linear import use_onednn_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,7 +75,8 @@ def model_options(engine) -> dict[str, Any]:
     """The engine's model-loading options as `load_policy` keywords (fields read with defaults, so a config
     without them loads as before): `load_in_4bit` (QLoRA base) and `attn_implementation`."""
     return {"load_in_4bit": bool(getattr(engine, "load_in_4bit", False)),
-            "attn_implementation": getattr(engine, "attn_implementation", None)}
+            "attn_implementation": getattr(engine, "attn_implementation", None),
+            "cpu_linear": getattr(engine, "cpu_linear", None)}
 
 
 def _require(module: str, what: str, extra: str) -> None:
@@ -97,10 +99,11 @@ def _quant_method(path: str) -> str | None:
 
 
 def load_base_model(path: str, dtype: torch.dtype, *, gradient_checkpointing: bool = False,
-                    load_in_4bit: bool = False, attn_implementation: str | None = None):
+                    load_in_4bit: bool = False, attn_implementation: str | None = None, cpu_linear: str | None = None):
     """The base causal LM in `dtype`. MXFP4 checkpoints (GPT-OSS) are dequantized to `dtype`: LoRA trains the
     experts through peft `target_parameters`, which needs real weight tensors. `load_in_4bit` quantizes the
-    linear layers to NF4 with bitsandbytes (QLoRA; Qwen3-32B on one 80 GB GPU)."""
+    linear layers to NF4 with bitsandbytes (QLoRA; Qwen3-32B on one 80 GB GPU). Frozen float32 Linear layers
+    compute through oneDNN while they are on the CPU (grpo.models.cpu_linear; `cpu_linear="aten"`: not)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -124,6 +127,7 @@ def load_base_model(path: str, dtype: torch.dtype, *, gradient_checkpointing: bo
         _unpack_on_cpu(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    use_onednn_linears(model, cpu_linear)
     return model
 
 
@@ -210,9 +214,10 @@ def add_lora(model, lora: LoraConfig, *, adapter_path: str | None = None):
 
 
 def load_policy(path: str, lora: LoraConfig, *, dtype: torch.dtype, gradient_checkpointing: bool = False,
-                adapter_path: str | None = None, load_in_4bit: bool = False, attn_implementation: str | None = None):
+                adapter_path: str | None = None, load_in_4bit: bool = False, attn_implementation: str | None = None,
+                cpu_linear: str | None = None):
     model = load_base_model(path, dtype, gradient_checkpointing=gradient_checkpointing, load_in_4bit=load_in_4bit,
-                            attn_implementation=attn_implementation)
+                            attn_implementation=attn_implementation, cpu_linear=cpu_linear)
     policy = add_lora(model, lora, adapter_path=adapter_path)
     if gradient_checkpointing:
         policy.enable_input_require_grads()
