@@ -27,6 +27,7 @@ MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-to
 LR = {"token-mean": 2.0, "seq-mean-token-mean": 0.7, "seq-mean-token-sum": 0.25, "seq-mean-token-sum-norm": 0.4}
 
 UPDATE_SCRIPT = r'''
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -68,6 +69,16 @@ def trainable(model):
     return weights
 
 
+def loaded_weights_whole(policy):
+    """Collective under ZeRO-3: its zero.Init partitioned the weights as they loaded, so rank 0's plain
+    forward needs them gathered (no hooks are installed before `prepare`); a no-op in other modes."""
+    if mode_name(acc) == "deepspeed-zero3":
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(policy.parameters()))
+    return contextlib.nullcontext()
+
+
 def count_all_gathers(fn):
     calls = [0]
     real = dist.all_gather_single if hasattr(dist, "all_gather_single") else None
@@ -100,14 +111,15 @@ for name, run in plan["runs"].items():
         if p.requires_grad and "lora_B" in n:  # nonzero B, so the A matrices get gradients from step one
             p.data.copy_(torch.randn(p.shape, generator=gb) * 0.05)
     base = torch.zeros(mask.shape)
-    if rank == 0:
-        base = compute_logprobs(policy, full, T, N)
+    with loaded_weights_whole(policy):  # ZeRO-3 (zero3_init_flag) partitions the base weights as they load
+        if rank == 0:
+            base = compute_logprobs(policy, full, T, N)
     if world > 1:
         dist.broadcast(base, 0)
     old, ref = (base + noise_old)[local], (base + noise_ref)[local]
     trained = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=run["lr"]) if run.get("optim") == "adamw" else torch.optim.SGD(trained, lr=run["lr"])
-    model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"])
+    model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"], max_grad_norm=run["max_grad_norm"])
     before = trainable(model)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                        loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,

@@ -118,11 +118,13 @@ def is_sharded(acc) -> bool:
     return mode_name(acc) in ("fsdp2", "deepspeed-zero3")
 
 
-def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int):
+def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int, max_grad_norm: float):
     """`acc.prepare(policy, optimizer)`, with what sharding needs first: every process starts from rank 0's
     LoRA initialisation (DDP broadcasts it when it wraps the model; `fully_shard` and ZeRO-3 keep each rank's
-    own slice of its own random init, and the trainer seeds each rank differently), and DeepSpeed is told the
-    micro-batch size (accelerate refuses to guess it without a dataloader)."""
+    own slice of its own random init, and the trainer seeds each rank differently). DeepSpeed is told the
+    micro-batch size (accelerate refuses to guess it without a dataloader) and the clip: DeepSpeed clips inside
+    its own step (`gradient_clipping`, which accelerate fills with its config's value or 1.0), and
+    `accelerator.clip_grad_norm_` only reads the norm back, so engine.algorithm.max_grad_norm is put there."""
     from accelerate.utils import DistributedType
 
     if acc.num_processes > 1:
@@ -134,6 +136,7 @@ def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int):
         ds = acc.state.deepspeed_plugin.deepspeed_config
         if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
             ds["train_micro_batch_size_per_gpu"] = micro_batch_seqs
+        ds["gradient_clipping"] = max_grad_norm
     return acc.prepare(policy, optimizer)
 
 
