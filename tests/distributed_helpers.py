@@ -119,6 +119,7 @@ for name, run in plan["runs"].items():
     old, ref = (base + noise_old)[local], (base + noise_ref)[local]
     trained = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=run["lr"]) if run.get("optim") == "adamw" else torch.optim.SGD(trained, lr=run["lr"])
+    torch_opt = opt  # the trainer's scheduler drives it (DeepSpeed's own optimizer is no torch Optimizer)
     model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"], max_grad_norm=run["max_grad_norm"])
     before = trainable(model)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
@@ -134,8 +135,11 @@ for name, run in plan["runs"].items():
         from torch.distributed.tensor import DTensor
 
         p0 = next(p for p in model.parameters() if p.requires_grad)
-        out["shard"] = [tuple(p0.to_local().shape) if isinstance(p0, DTensor) else tuple(p0.shape), tuple(p0.shape)]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer if hasattr(opt, "optimizer") else opt, lambda s: 1.0)
+        if hasattr(p0, "ds_tensor"):  # ZeRO-3: this rank's partition (flat), the full shape
+            out["shard"] = [tuple(p0.ds_tensor.shape), tuple(p0.ds_shape)]
+        else:
+            out["shard"] = [tuple(p0.to_local().shape) if isinstance(p0, DTensor) else tuple(p0.shape), tuple(p0.shape)]
+        sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda s: 1.0)
         save_checkpoint(Path(plan["ckpt_dir"]), 1, accelerator=acc, model=model, optimizer=opt, scheduler=sched, state={})
         out["logp"] = compute_logprobs(model, full, T, 5)
         policy_view = acc.unwrap_model(model)
