@@ -1,7 +1,7 @@
-"""Shared by tests/test_fsdp.py and tests/test_multinode.py: a script that runs `update_policy` on fixed data
-under whatever launch mode started it (through `grpo.training.distributed`, as the trainer does), and the
-launchers that start it: plain python, `accelerate launch` with an accelerate config, several "nodes" on
-loopback.
+"""Shared by tests/test_fsdp.py, tests/test_multinode.py and tests/test_zero3.py: a script that runs
+`update_policy` on fixed data under whatever launch mode started it (through `grpo.training.distributed`, as the
+trainer does), the launchers that start it (plain python, `accelerate launch` with an accelerate config, several
+"nodes" on loopback), and `grpo train` SIGKILLed mid-run and resumed under a sharded launch mode.
 
 The script (the same idea as tests/test_distributed.py's, which it extends): 16 fixed sequences of unequal
 lengths, fixed advantages and old/reference log-probs, the same tiny model; each rank seeds its LoRA init
@@ -14,11 +14,24 @@ all-gathers of one `generate` call with and without `gathered_for_generation`.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
-from helpers_engine import PYTHON, REPO, cli_env
+from helpers_engine import (
+    PYTHON,
+    REPO,
+    build_model_dir,
+    cli_env,
+    read_jsonl,
+    stable_metrics,
+    write_data,
+    write_job,
+    write_varied_handler,
+)
 
 ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
 ROWS, MINI = 16, 8
@@ -219,3 +232,81 @@ def run_checked(cmds: list[list[str]], cwd: Path, timeout: float = 180, **env) -
     for r in results:
         assert r.returncode == 0, f"{' '.join(r.args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return results
+
+
+# -- SIGKILL + --resume through the CLI, under a sharded launch mode --------------------------------------------
+
+RESUME_STEPS = 4
+
+
+def _train_cmd(job, out, config, *extra):
+    return launch_cmd(["-m", "grpo", "train", str(job), "--output-dir", str(out), "--no-progress", *extra],
+                      world=2, config=config)
+
+
+def ranks_of(out) -> list[int]:
+    """Live `grpo train` rank processes writing to `out` (the launcher itself runs `accelerate`)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        launcher = any(c.endswith(b"bin/accelerate") for c in cmd[:2])
+        if str(out).encode() in cmd and b"grpo" in cmd and not launcher and state != b"Z":
+            found.append(int(pid))
+    return found
+
+
+def killed_and_resumed(tmp_path: Path, config: str, *, micro_batch_size: int) -> tuple[Path, Path]:
+    """Run A: `grpo train` (2 ranks, `config`) for RESUME_STEPS steps uninterrupted. Run B: the same job,
+    SIGKILLed as a whole process group once step 2's checkpoint is written (each reward call then takes 1 s, so
+    the kill lands inside step 3): the ranks (torch's agent starts each in a session of its own) die with it;
+    then `--resume`. Checks what every mode shares (the kill, the resumed steps, the same metrics as A); returns
+    (A, B) for the mode's own checks of the final checkpoint."""
+    model = build_model_dir(tmp_path / "model", seed=1)
+    train, val = write_data(tmp_path, n_train=8, n_val=2)
+    handler = write_varied_handler(tmp_path / "varied.py")
+    job = write_job(tmp_path / "job.yaml", model, train, val, handler=handler,
+                    hyper={"n_epochs": 1, "batch_size": 2, "eval_interval": 4},
+                    engine={"checkpoint_interval": 2, "micro_batch_size": micro_batch_size, "seed": 7})
+    a, b = tmp_path / "A", tmp_path / "B"
+    run_checked([_train_cmd(job, a, config)], REPO, timeout=300)
+    log = open(tmp_path / "B.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(_train_cmd(job, b, config), cwd=REPO,
+                            env=cli_env(TEST_REWARD_SLEEP_S="1.0", MASTER_ADDR="127.0.0.1"),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (b / "checkpoints" / "step-000002" / "state.json").is_file():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'B.log').read_text()[-3000:]}"
+        ranks = ranks_of(b)
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10  # the ranks lead sessions of their own: they die with their agent
+        while ranks_of(b) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ranks_of(b), "training ranks outlived the SIGKILLed launcher"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    killed = read_jsonl(b / "metrics.jsonl")
+    assert not (b / "summary.json").exists() and 2 <= len(killed) < RESUME_STEPS
+
+    run_checked([_train_cmd(job, b, config, "--resume")], REPO, timeout=300)
+    rows = read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, RESUME_STEPS + 1))
+    for x, y in zip(rows[:2], killed[:2]):
+        assert stable_metrics(x) == stable_metrics(y)
+    events = read_jsonl(b / "events.jsonl")
+    assert [e["message"] for e in events if e["message"].startswith("Resumed")] == ["Resumed from checkpoint at step 2"]
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), rows):
+        assert stable_metrics(x) == stable_metrics(y), f"step {x['step']} metrics differ"
+    return a, b

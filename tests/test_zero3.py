@@ -7,7 +7,9 @@ GPU run uses (`configs/accelerate/zero3.yaml`; only `--mixed_precision no` is ad
   FSDP2): every loss-aggregation mode, two micro-batches per optimizer step on each rank (DeepSpeed accumulates
   them and steps once, inside accelerate's `backward`), a binding grad-norm clip (DeepSpeed clips inside its own
   step, at engine.algorithm.max_grad_norm), AdamW (DeepSpeed's ZeRO-3 optimizer wraps torch's);
-- a checkpoint written under ZeRO-3 loads in one process and gives the partitioned model's log-probs.
+- a checkpoint written under ZeRO-3 loads in one process and gives the partitioned model's log-probs;
+- SIGKILL mid-run and `--resume` under ZeRO-3 end with the same adapter, optimizer partitions and metrics as an
+  uninterrupted run, bit for bit.
 
 Needs `pip install 'grpo[deepspeed]'`: skipped without it (it is not in the `dev` extra)."""
 
@@ -17,7 +19,15 @@ import importlib.util
 
 import pytest
 import torch
-from distributed_helpers import UPDATE_SCRIPT, launch_cmd, run_checked, update_runs, write_plan
+from distributed_helpers import (
+    RESUME_STEPS,
+    UPDATE_SCRIPT,
+    killed_and_resumed,
+    launch_cmd,
+    run_checked,
+    update_runs,
+    write_plan,
+)
 from helpers_engine import REPO, build_model_dir, read_jsonl, write_data, write_job, write_varied_handler
 from safetensors.torch import load_file
 
@@ -111,3 +121,35 @@ def test_zero3_checkpoint_is_a_plain_peft_adapter(updates):
     logp = compute_logprobs(policy, pack(prompts, responses, pad_id=0), 0.9, 16)
     assert float(logp.abs().sum()) > 1
     torch.testing.assert_close(logp, run["logp"], rtol=1e-5, atol=1e-5)
+
+
+# -- SIGKILL + --resume under ZeRO-3, through the CLI ---------------------------------------------------------
+
+def _tensors(obj, prefix=""):
+    """Every tensor in a nested dict/list (an optimizer partition's state), keyed by its path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, val in items for k, v in _tensors(val, f"{prefix}/{key}").items()}
+
+
+def test_zero3_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
+    """`accelerate launch` (ZeRO-3, two ranks, two micro-batches per optimizer step) SIGKILLed as a whole process
+    group once step 2's checkpoint is written, then `--resume` under ZeRO-3: the same adapter, the same optimizer
+    partitions (each rank's AdamW moments and fp32 master weights) and metrics as an uninterrupted run."""
+    a, b = killed_and_resumed(tmp_path, "zero3.yaml", micro_batch_size=3)
+    final = b / f"checkpoints/step-{RESUME_STEPS:06d}"
+    assert torch.load(final / "trainer_state.pt", weights_only=False)["mode"] == "deepspeed-zero3"
+    assert sorted(p.name for p in final.iterdir()) == ["adapter", "optimizer_0.pt", "optimizer_1.pt", "rng_0.pt",
+                                                        "rng_1.pt", "state.json", "trainer_state.pt"]
+    wa = load_file(str(a / final.relative_to(b) / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and any(float(v.abs().sum()) > 0 for k, v in wb.items() if "lora_B" in k)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"adapter tensor {k} differs after a ZeRO-3 resume"
+    for rank in (0, 1):
+        sa = _tensors(torch.load(a / final.relative_to(b) / f"optimizer_{rank}.pt", weights_only=False))
+        sb = _tensors(torch.load(final / f"optimizer_{rank}.pt", weights_only=False))
+        assert sa.keys() == sb.keys() and any("exp_avg_sq" in k for k in sa), sorted(sa)
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"rank {rank}'s optimizer partition {k} differs"
