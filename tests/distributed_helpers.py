@@ -6,7 +6,8 @@ trainer does), the launchers that start it (plain python, `accelerate launch` wi
 The script (the same idea as tests/test_distributed.py's, which it extends): 16 fixed sequences of unequal
 lengths, fixed advantages and old/reference log-probs, the same tiny model; each rank seeds its LoRA init
 differently (as the trainer does), so the runs agree only if every process starts from rank 0's; SGD, so
-float noise stays float noise (one AdamW run too). The run named `probe` in the plan also writes a checkpoint through
+float noise stays float noise (one AdamW run too); `logprob_chunk` in the plan sets the positions per lm_head chunk
+(each rank's chunks counted). The run named `probe` in the plan also writes a checkpoint through
 `grpo.training.checkpoint.save_checkpoint`, the sharded model's log-probs on the whole batch, and the
 all-gathers of one `generate` call with and without `gathered_for_generation`.
 """
@@ -115,6 +116,18 @@ def count_all_gathers(fn):
     return calls[0]
 
 
+chunk_calls = [0]
+if plan.get("logprob_chunk"):  # positions per lm_head chunk (grpo.models.forward, read at each call); counted
+    import grpo.models.forward as fwd
+
+    fwd.LOGPROB_CHUNK = plan["logprob_chunk"]
+    real_chunk = fwd._head_chunk
+
+    def counted_chunk(*a, **k):
+        chunk_calls[0] += 1
+        return real_chunk(*a, **k)
+
+    fwd._head_chunk = counted_chunk
 for name, run in plan["runs"].items():
     batch = PackedBatch(full.input_ids[local], full.attention_mask[local], mask[local])
     torch.manual_seed(rank)  # each rank its own LoRA A init, as the trainer seeds them: rank 0's must win
@@ -129,6 +142,7 @@ for name, run in plan["runs"].items():
             base = compute_logprobs(policy, full, T, N)
     if world > 1:
         dist.broadcast(base, 0)
+    chunk_calls[0] = 0  # from here: the update's chunks
     old, ref = (base + noise_old)[local], (base + noise_ref)[local]
     trained = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=run["lr"]) if run.get("optim") == "adamw" else torch.optim.SGD(trained, lr=run["lr"])
@@ -143,7 +157,10 @@ for name, run in plan["runs"].items():
                       old_logp=old, ref_logp=ref)
     vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
     m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))
-    out = {"metrics": m, "before": before, "after": trainable(model)}
+    out = {"metrics": m, "before": before, "after": trainable(model), "head_chunks": [chunk_calls[0]]}
+    if world > 1:  # each rank's count of lm_head chunks in this run's update (forward and recompute)
+        out["head_chunks"] = [None] * world
+        dist.all_gather_object(out["head_chunks"], chunk_calls[0])
     if name == plan.get("probe"):
         from torch.distributed.tensor import DTensor
 

@@ -6,7 +6,8 @@ GPU run uses (`configs/accelerate/zero3.yaml`; only `--mixed_precision no` is ad
 - the same update as one process (tests/distributed_helpers.py's script, as tests/test_fsdp.py runs it under
   FSDP2): every loss-aggregation mode, two micro-batches per optimizer step on each rank (DeepSpeed accumulates
   them and steps once, inside accelerate's `backward`), a binding grad-norm clip (DeepSpeed clips inside its own
-  step, at engine.algorithm.max_grad_norm), AdamW (DeepSpeed's ZeRO-3 optimizer wraps torch's);
+  step, at engine.algorithm.max_grad_norm), AdamW (DeepSpeed's ZeRO-3 optimizer wraps torch's), with the chunked
+  log-probs (lm_head in chunks of positions, its partitioned weights gathered once per call);
 - a checkpoint written under ZeRO-3 loads in one process and gives the partitioned model's log-probs;
 - SIGKILL mid-run and `--resume` under ZeRO-3 end with the same adapter, optimizer partitions and metrics as an
   uninterrupted run, bit for bit.
@@ -64,7 +65,8 @@ def test_grpo_train_under_zero3_on_two_cpu_processes(tmp_path):
 @pytest.fixture(scope="module")
 def updates(tmp_path_factory) -> dict:
     """The update script with one process (micro-batch 5) and under ZeRO-3 with two (micro-batch 3: each rank's
-    4 sequences per mini-batch are two micro-batches)."""
+    4 sequences per mini-batch are two micro-batches); lm_head applied 4 positions at a time (the chunked
+    log-probs, so each micro-batch takes several chunks, and the ranks different numbers of them)."""
     d = tmp_path_factory.mktemp("zero3")
     model = build_model_dir(d / "model", seed=3)
     script = d / "update.py"
@@ -72,7 +74,7 @@ def updates(tmp_path_factory) -> dict:
     cmds = []
     for world, micro in ((1, 5), (2, 3)):
         plan = write_plan(d / f"plan{world}.json", update_runs(micro), probe="token-mean",
-                          ckpt_dir=str(d / f"ckpt{world}"), new_tokens=2)
+                          ckpt_dir=str(d / f"ckpt{world}"), new_tokens=2, logprob_chunk=4)
         cmds.append(launch_cmd([str(script), str(model), str(plan), str(d / f"out{world}.pt")], world=world,
                                config="zero3.yaml" if world == 2 else None))
     run_checked(cmds, d, timeout=400)
@@ -83,6 +85,10 @@ def test_two_processes_really_ran_zero3_partitioned(updates):
     assert updates[1]["mode"] == "single" and updates[2]["mode"] == "deepspeed-zero3" and updates[2]["world"] == 2
     local, full = updates[2]["runs"]["token-mean"]["shard"]  # this rank's flat partition of a LoRA matrix
     assert 2 * local[0] == full[0] * full[1], (local, full)
+    # the ranks made different numbers of lm_head chunks (their response tokens differ): a head gathered per chunk
+    # would have paired the ranks' all-gathers wrongly; it is gathered once per forward_logprobs call
+    chunks = updates[2]["runs"]["token-mean"]["head_chunks"]
+    assert chunks[0] != chunks[1], chunks
 
 
 @pytest.mark.parametrize("name", list(update_runs(1)))
@@ -99,6 +105,7 @@ def test_same_update_with_one_process_or_zero3_over_two(updates, name):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), f"{name}: {key}"
     if name == "token-mean-clipped":
         assert m1["actor_grad_norm"] > 0.1, "the clip did not bind"
+    assert min(two["head_chunks"]) > 8, two["head_chunks"]  # the chunked log-probs ran, several chunks per micro-batch
 
 
 def test_zero3_checkpoint_is_a_plain_peft_adapter(updates):
