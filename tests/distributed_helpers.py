@@ -1,12 +1,13 @@
-"""Shared by tests/test_fsdp.py and tests/test_multinode.py: a script that runs `update_policy` on fixed data
-under whatever launch mode started it (through `grpo.training.distributed`, as the trainer does), and the
-launchers that start it: plain python, `accelerate launch` with an accelerate config, several "nodes" on
-loopback.
+"""Shared by tests/test_fsdp.py, tests/test_multinode.py and tests/test_zero3.py: a script that runs
+`update_policy` on fixed data under whatever launch mode started it (through `grpo.training.distributed`, as the
+trainer does), the launchers that start it (plain python, `accelerate launch` with an accelerate config, several
+"nodes" on loopback), and `grpo train` SIGKILLed mid-run and resumed under a sharded launch mode.
 
 The script (the same idea as tests/test_distributed.py's, which it extends): 16 fixed sequences of unequal
 lengths, fixed advantages and old/reference log-probs, the same tiny model; each rank seeds its LoRA init
 differently (as the trainer does), so the runs agree only if every process starts from rank 0's; SGD, so
-float noise stays float noise (one AdamW run too). The run named `probe` in the plan also writes a checkpoint through
+float noise stays float noise (one AdamW run too); `logprob_chunk` in the plan sets the positions per lm_head chunk
+(each rank's chunks counted). The run named `probe` in the plan also writes a checkpoint through
 `grpo.training.checkpoint.save_checkpoint`, the sharded model's log-probs on the whole batch, and the
 all-gathers of one `generate` call with and without `gathered_for_generation`.
 """
@@ -14,11 +15,24 @@ all-gathers of one `generate` call with and without `gathered_for_generation`.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
-from helpers_engine import PYTHON, REPO, cli_env
+from helpers_engine import (
+    PYTHON,
+    REPO,
+    build_model_dir,
+    cli_env,
+    read_jsonl,
+    stable_metrics,
+    write_data,
+    write_job,
+    write_varied_handler,
+)
 
 ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
 ROWS, MINI = 16, 8
@@ -27,6 +41,7 @@ MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-to
 LR = {"token-mean": 2.0, "seq-mean-token-mean": 0.7, "seq-mean-token-sum": 0.25, "seq-mean-token-sum-norm": 0.4}
 
 UPDATE_SCRIPT = r'''
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -68,6 +83,16 @@ def trainable(model):
     return weights
 
 
+def loaded_weights_whole(policy):
+    """Collective under ZeRO-3: its zero.Init partitioned the weights as they loaded, so rank 0's plain
+    forward needs them gathered (no hooks are installed before `prepare`); a no-op in other modes."""
+    if mode_name(acc) == "deepspeed-zero3":
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(policy.parameters()))
+    return contextlib.nullcontext()
+
+
 def count_all_gathers(fn):
     calls = [0]
     real = dist.all_gather_single if hasattr(dist, "all_gather_single") else None
@@ -91,6 +116,18 @@ def count_all_gathers(fn):
     return calls[0]
 
 
+chunk_calls = [0]
+if plan.get("logprob_chunk"):  # positions per lm_head chunk (grpo.models.forward, read at each call); counted
+    import grpo.models.forward as fwd
+
+    fwd.LOGPROB_CHUNK = plan["logprob_chunk"]
+    real_chunk = fwd._head_chunk
+
+    def counted_chunk(*a, **k):
+        chunk_calls[0] += 1
+        return real_chunk(*a, **k)
+
+    fwd._head_chunk = counted_chunk
 for name, run in plan["runs"].items():
     batch = PackedBatch(full.input_ids[local], full.attention_mask[local], mask[local])
     torch.manual_seed(rank)  # each rank its own LoRA A init, as the trainer seeds them: rank 0's must win
@@ -100,14 +137,17 @@ for name, run in plan["runs"].items():
         if p.requires_grad and "lora_B" in n:  # nonzero B, so the A matrices get gradients from step one
             p.data.copy_(torch.randn(p.shape, generator=gb) * 0.05)
     base = torch.zeros(mask.shape)
-    if rank == 0:
-        base = compute_logprobs(policy, full, T, N)
+    with loaded_weights_whole(policy):  # ZeRO-3 (zero3_init_flag) partitions the base weights as they load
+        if rank == 0:
+            base = compute_logprobs(policy, full, T, N)
     if world > 1:
         dist.broadcast(base, 0)
+    chunk_calls[0] = 0  # from here: the update's chunks
     old, ref = (base + noise_old)[local], (base + noise_ref)[local]
     trained = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=run["lr"]) if run.get("optim") == "adamw" else torch.optim.SGD(trained, lr=run["lr"])
-    model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"])
+    torch_opt = opt  # the trainer's scheduler drives it (DeepSpeed's own optimizer is no torch Optimizer)
+    model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"], max_grad_norm=run["max_grad_norm"])
     before = trainable(model)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                        loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,
@@ -117,13 +157,19 @@ for name, run in plan["runs"].items():
                       old_logp=old, ref_logp=ref)
     vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
     m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))
-    out = {"metrics": m, "before": before, "after": trainable(model)}
+    out = {"metrics": m, "before": before, "after": trainable(model), "head_chunks": [chunk_calls[0]]}
+    if world > 1:  # each rank's count of lm_head chunks in this run's update (forward and recompute)
+        out["head_chunks"] = [None] * world
+        dist.all_gather_object(out["head_chunks"], chunk_calls[0])
     if name == plan.get("probe"):
         from torch.distributed.tensor import DTensor
 
         p0 = next(p for p in model.parameters() if p.requires_grad)
-        out["shard"] = [tuple(p0.to_local().shape) if isinstance(p0, DTensor) else tuple(p0.shape), tuple(p0.shape)]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer if hasattr(opt, "optimizer") else opt, lambda s: 1.0)
+        if hasattr(p0, "ds_tensor"):  # ZeRO-3: this rank's partition (flat), the full shape
+            out["shard"] = [tuple(p0.ds_tensor.shape), tuple(p0.ds_shape)]
+        else:
+            out["shard"] = [tuple(p0.to_local().shape) if isinstance(p0, DTensor) else tuple(p0.shape), tuple(p0.shape)]
+        sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda s: 1.0)
         save_checkpoint(Path(plan["ckpt_dir"]), 1, accelerator=acc, model=model, optimizer=opt, scheduler=sched, state={})
         out["logp"] = compute_logprobs(model, full, T, 5)
         policy_view = acc.unwrap_model(model)
@@ -203,3 +249,81 @@ def run_checked(cmds: list[list[str]], cwd: Path, timeout: float = 180, **env) -
     for r in results:
         assert r.returncode == 0, f"{' '.join(r.args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return results
+
+
+# -- SIGKILL + --resume through the CLI, under a sharded launch mode --------------------------------------------
+
+RESUME_STEPS = 4
+
+
+def _train_cmd(job, out, config, *extra):
+    return launch_cmd(["-m", "grpo", "train", str(job), "--output-dir", str(out), "--no-progress", *extra],
+                      world=2, config=config)
+
+
+def ranks_of(out) -> list[int]:
+    """Live `grpo train` rank processes writing to `out` (the launcher itself runs `accelerate`)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        launcher = any(c.endswith(b"bin/accelerate") for c in cmd[:2])
+        if str(out).encode() in cmd and b"grpo" in cmd and not launcher and state != b"Z":
+            found.append(int(pid))
+    return found
+
+
+def killed_and_resumed(tmp_path: Path, config: str, *, micro_batch_size: int) -> tuple[Path, Path]:
+    """Run A: `grpo train` (2 ranks, `config`) for RESUME_STEPS steps uninterrupted. Run B: the same job,
+    SIGKILLed as a whole process group once step 2's checkpoint is written (each reward call then takes 1 s, so
+    the kill lands inside step 3): the ranks (torch's agent starts each in a session of its own) die with it;
+    then `--resume`. Checks what every mode shares (the kill, the resumed steps, the same metrics as A); returns
+    (A, B) for the mode's own checks of the final checkpoint."""
+    model = build_model_dir(tmp_path / "model", seed=1)
+    train, val = write_data(tmp_path, n_train=8, n_val=2)
+    handler = write_varied_handler(tmp_path / "varied.py")
+    job = write_job(tmp_path / "job.yaml", model, train, val, handler=handler,
+                    hyper={"n_epochs": 1, "batch_size": 2, "eval_interval": 4},
+                    engine={"checkpoint_interval": 2, "micro_batch_size": micro_batch_size, "seed": 7})
+    a, b = tmp_path / "A", tmp_path / "B"
+    run_checked([_train_cmd(job, a, config)], REPO, timeout=300)
+    log = open(tmp_path / "B.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(_train_cmd(job, b, config), cwd=REPO,
+                            env=cli_env(TEST_REWARD_SLEEP_S="1.0", MASTER_ADDR="127.0.0.1"),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (b / "checkpoints" / "step-000002" / "state.json").is_file():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'B.log').read_text()[-3000:]}"
+        ranks = ranks_of(b)
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10  # the ranks lead sessions of their own: they die with their agent
+        while ranks_of(b) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ranks_of(b), "training ranks outlived the SIGKILLed launcher"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    killed = read_jsonl(b / "metrics.jsonl")
+    assert not (b / "summary.json").exists() and 2 <= len(killed) < RESUME_STEPS
+
+    run_checked([_train_cmd(job, b, config, "--resume")], REPO, timeout=300)
+    rows = read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, RESUME_STEPS + 1))
+    for x, y in zip(rows[:2], killed[:2]):
+        assert stable_metrics(x) == stable_metrics(y)
+    events = read_jsonl(b / "events.jsonl")
+    assert [e["message"] for e in events if e["message"].startswith("Resumed")] == ["Resumed from checkpoint at step 2"]
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), rows):
+        assert stable_metrics(x) == stable_metrics(y), f"step {x['step']} metrics differ"
+    return a, b

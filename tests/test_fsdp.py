@@ -15,25 +15,18 @@ configs/accelerate/fsdp2.yaml`, the file a GPU run uses; only `--mixed_precision
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-from pathlib import Path
-
 import pytest
 import torch
-from distributed_helpers import UPDATE_SCRIPT, launch_cmd, run_checked, update_runs, write_plan
-from helpers_engine import (
-    REPO,
-    build_model_dir,
-    cli_env,
-    read_jsonl,
-    stable_metrics,
-    write_data,
-    write_job,
-    write_varied_handler,
+from distributed_helpers import (
+    RESUME_STEPS,
+    UPDATE_SCRIPT,
+    killed_and_resumed,
+    launch_cmd,
+    run_checked,
+    update_runs,
+    write_plan,
 )
+from helpers_engine import build_model_dir
 from safetensors.torch import load_file
 
 NEW_TOKENS = 6
@@ -122,77 +115,12 @@ def test_generation_gathers_each_layer_once_per_call(updates):
 
 # -- SIGKILL + --resume under FSDP2, through the CLI --------------------------------------------------------
 
-TOTAL_STEPS = 4
-
-
-def _train_cmd(job, out, *extra):
-    return launch_cmd(["-m", "grpo", "train", str(job), "--output-dir", str(out), "--no-progress", *extra],
-                      world=2, config="fsdp2.yaml")
-
-
-def _ranks_of(out) -> list[int]:
-    """Live `grpo train` rank processes writing to `out` (the launcher itself runs `accelerate`)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        launcher = any(c.endswith(b"bin/accelerate") for c in cmd[:2])
-        if str(out).encode() in cmd and b"grpo" in cmd and not launcher and state != b"Z":
-            found.append(int(pid))
-    return found
-
-
 def test_fsdp2_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
     """`accelerate launch` (FSDP2, two ranks) SIGKILLed as a whole process group once step 2's checkpoint is
-    written: the ranks (torch's agent starts each in a session of its own) die with it, and `--resume` under
-    FSDP2 ends with the same adapter, optimizer state and metrics as an uninterrupted run, bit for bit."""
-    model = build_model_dir(tmp_path / "model", seed=1)
-    train, val = write_data(tmp_path, n_train=8, n_val=2)
-    handler = write_varied_handler(tmp_path / "varied.py")
-    job = write_job(tmp_path / "job.yaml", model, train, val, handler=handler,
-                    hyper={"n_epochs": 1, "batch_size": 2, "eval_interval": 4},
-                    engine={"checkpoint_interval": 2, "micro_batch_size": 3, "seed": 7})
-    a, b = tmp_path / "A", tmp_path / "B"
-    run_checked([_train_cmd(job, a)], REPO, timeout=240)
-    # killed (the whole process group: launcher, both ranks, their reward workers) once step 2's checkpoint is
-    # written (each reward call then takes 1 s, so the kill lands inside step 3)
-    log = open(tmp_path / "B.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(_train_cmd(job, b), cwd=REPO, env=cli_env(TEST_REWARD_SLEEP_S="1.0", MASTER_ADDR="127.0.0.1"),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (b / "checkpoints" / "step-000002" / "state.json").is_file():
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'B.log').read_text()[-3000:]}"
-        ranks = _ranks_of(b)
-        assert len(ranks) == 2, ranks
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        deadline = time.monotonic() + 10  # the ranks lead sessions of their own: they die with their agent
-        while _ranks_of(b) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _ranks_of(b), "training ranks outlived the SIGKILLed launcher"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-    killed = read_jsonl(b / "metrics.jsonl")
-    assert not (b / "summary.json").exists() and 2 <= len(killed) < TOTAL_STEPS
-
-    run_checked([_train_cmd(job, b, "--resume")], REPO, timeout=240)
-    rows = read_jsonl(b / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
-    for x, y in zip(rows[:2], killed[:2]):
-        assert stable_metrics(x) == stable_metrics(y)
-    events = read_jsonl(b / "events.jsonl")
-    assert [e["message"] for e in events if e["message"].startswith("Resumed")] == ["Resumed from checkpoint at step 2"]
-    final = b / f"checkpoints/step-{TOTAL_STEPS:06d}"
+    written: the ranks die with it, and `--resume` under FSDP2 ends with the same adapter, optimizer state and
+    metrics as an uninterrupted run, bit for bit (distributed_helpers.killed_and_resumed)."""
+    a, b = killed_and_resumed(tmp_path, "fsdp2.yaml", micro_batch_size=3)
+    final = b / f"checkpoints/step-{RESUME_STEPS:06d}"
     state = torch.load(final / "trainer_state.pt", weights_only=False)
     assert state["mode"] == "fsdp2" and all(".default." in k for k in state["optimizer"]["state"])
     assert sorted(p.name for p in final.iterdir()) == ["adapter", "rng_0.pt", "rng_1.pt", "state.json", "trainer_state.pt"]
@@ -205,5 +133,3 @@ def test_fsdp2_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
     for name, st in sa.items():
         for key, t in st.items():
             assert torch.equal(t, state["optimizer"]["state"][name][key]), f"optimizer state {name}.{key} differs"
-    for x, y in zip(read_jsonl(a / "metrics.jsonl"), rows):
-        assert stable_metrics(x) == stable_metrics(y), f"step {x['step']} metrics differ"

@@ -4,6 +4,8 @@ allows it."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.utils.checkpoint
 
@@ -29,8 +31,8 @@ def _head_parts(model):
     if get_dec is None or get_head is None:
         return None
     decoder, head = get_dec(), get_head()
-    if any(hasattr(p, "ds_id") for p in head.parameters()):
-        return None  # DeepSpeed ZeRO-3: a checkpointed chunk's recompute would see the head's released partition
+    if _zero3_partitioned(head) and (type(head) is not torch.nn.Linear or any(p.requires_grad for p in head.parameters())):
+        return None  # ZeRO-3 and a head that trains or is more than a Linear: DeepSpeed's hooks must see it whole
     cfg = getattr(base, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if decoder is None or head is None or decoder is base:
@@ -40,6 +42,30 @@ def _head_parts(model):
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return None
     return decoder, head
+
+
+def _zero3_partitioned(module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _gathered_head(head):
+    """ZeRO-3: lm_head(h) with the head's weights gathered once, for all chunks of a forward_logprobs call.
+    Called as a module, the partitioned head would all-gather (a collective) at every chunk, and ranks with
+    different numbers of response tokens make different numbers of chunks, so their gathers would pair up
+    wrongly; and a checkpointed chunk's recompute ran after DeepSpeed had released the partition (torch's
+    CheckpointError: the saved weight [V, H], recomputed [0]). So a frozen nn.Linear head is gathered once into
+    a plain copy, kept (by the chunks' checkpoints) until the backward: one head's memory, not the micro-batch's
+    [N, L, V] logits. Already gathered (inside an outer `GatheredParameters`, where DeepSpeed refuses a nested
+    one over the same weights): copied as it is."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = list(head.parameters())
+    whole = all(p.ds_status == ZeroParamStatus.AVAILABLE for p in params)
+    with contextlib.nullcontext() if whole else deepspeed.zero.GatheredParameters(params):
+        weight = head.weight.detach().clone()
+        bias = head.bias.detach().clone() if head.bias is not None else None
+    return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
 
 def _run_decoder(model, decoder, **inputs):
@@ -170,7 +196,7 @@ def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bo
 
 
 def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entropy: bool = False,
-                     chunk_size: int = LOGPROB_CHUNK, share_prefix: bool = True):
+                     chunk_size: int | None = None, share_prefix: bool = True):
     """log pi(token_{t+1} | <= t) at every response position t ([N, L-1]; 0 elsewhere), from logits divided by
     the sampling temperature (as verl does, so the log-probs are those of the distribution the rollout sampled
     from), and the token entropy at the same positions if asked.
@@ -180,7 +206,8 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
     `logits_to_keep=1`; a forward hook on the decoder keeps its last hidden state; lm_head is then applied to
     the response positions `chunk_size` at a time. Under autograd each chunk is checkpointed, so only its
     hidden states are kept and its logits are recomputed in the backward pass (one extra lm_head pass).
-    Models whose logits are not plain lm_head(hidden) take the full-logits path instead.
+    Models whose logits are not plain lm_head(hidden) take the full-logits path instead. `chunk_size`: default
+    LOGPROB_CHUNK (read at call time). ZeRO-3: the head is gathered once per call (`_gathered_head`).
 
     Shared prompts: rows that share a prompt (a GRPO group) run it once (`_shared_prefix_hidden`): the prompt's
     forward gives a KV cache that every row of the group attends to, and only the responses are run per row.
@@ -193,6 +220,7 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
         mask = batch.response_mask.to(logp.device)
         return logp * mask, (entropy * mask if entropy is not None else None)
     decoder, head = parts
+    chunk_size = chunk_size or LOGPROB_CHUNK
     device = next(model.parameters()).device
     shared = _shared_prefix_hidden(model, decoder, batch, device) if share_prefix else None
     if shared is not None:
@@ -203,6 +231,8 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
         sel = batch.response_mask.to(hidden.device) > 0
         h_sel, lab_sel = hidden[sel], batch.input_ids[:, 1:].to(hidden.device)[sel]
     grad = torch.is_grad_enabled() and h_sel.requires_grad
+    if _zero3_partitioned(head):  # after the model's forward: every rank gathers it here exactly once
+        head = _gathered_head(head)
     logps, ents = [], []
     for i in range(0, max(len(h_sel), 1), chunk_size):  # at least one (maybe empty) chunk keeps the graph whole
         args = (head, h_sel[i:i + chunk_size], lab_sel[i:i + chunk_size], temperature, with_entropy)

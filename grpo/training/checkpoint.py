@@ -163,13 +163,19 @@ def load_checkpoint(ckpt: Path, *, accelerator, model, optimizer, scheduler) -> 
         raise UserError(f"{ckpt}: written under {was} but resumed under {mode}; resume with the same accelerate "
                         f"config (the optimizer state is stored in that mode's layout)")
     weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
-    if not load_full_trainable_state(accelerator, model, optimizer, weights, trainer_state["optimizer"]):
+    if mode.startswith("deepspeed"):
+        # DeepSpeed's ZeRO optimizer loads from the list of every process's partition (it picks its own). Under
+        # ZeRO-3 that partition also holds the fp32 master copy of this process's slice of the adapter, which
+        # DeepSpeed copies into the partitioned parameters: the adapter file (their gathered copy, what a
+        # partitioned parameter cannot take through load_state_dict) is not read back.
+        parts = [torch.load(ckpt / f"optimizer_{r}.pt", map_location="cpu", weights_only=False)
+                 for r in range(accelerator.num_processes)]
+        if mode != "deepspeed-zero3":
+            set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+        optimizer.load_state_dict(parts)
+    elif not load_full_trainable_state(accelerator, model, optimizer, weights, trainer_state["optimizer"]):
         set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-        if mode.startswith("deepspeed"):
-            part = torch.load(ckpt / f"optimizer_{accelerator.process_index}.pt", map_location="cpu", weights_only=False)
-            optimizer.load_state_dict(part)
-        else:
-            optimizer.load_state_dict(trainer_state["optimizer"])
+        optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))

@@ -118,11 +118,17 @@ def is_sharded(acc) -> bool:
     return mode_name(acc) in ("fsdp2", "deepspeed-zero3")
 
 
-def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int):
+def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int, max_grad_norm: float):
     """`acc.prepare(policy, optimizer)`, with what sharding needs first: every process starts from rank 0's
     LoRA initialisation (DDP broadcasts it when it wraps the model; `fully_shard` and ZeRO-3 keep each rank's
-    own slice of its own random init, and the trainer seeds each rank differently), and DeepSpeed is told the
-    micro-batch size (accelerate refuses to guess it without a dataloader)."""
+    own slice of its own random init, and the trainer seeds each rank differently). DeepSpeed is told the
+    micro-batch size (accelerate refuses to guess it without a dataloader) and the clip: DeepSpeed clips inside
+    its own step (`gradient_clipping`, which accelerate fills with its config's value or 1.0), and
+    `accelerator.clip_grad_norm_` only reads the norm back, so engine.algorithm.max_grad_norm is put there.
+    DeepSpeed's own gradient accumulation must stay 1: grpo marks the accumulation boundary itself (the last
+    micro-batch of a mini-batch, `grpo.training.actor`) and normalises each micro-batch's loss by the
+    mini-batch's global token count, so DeepSpeed's extra division of the loss by its accumulation steps would
+    shrink every update."""
     from accelerate.utils import DistributedType
 
     if acc.num_processes > 1:
@@ -134,6 +140,13 @@ def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int):
         ds = acc.state.deepspeed_plugin.deepspeed_config
         if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
             ds["train_micro_batch_size_per_gpu"] = micro_batch_seqs
+        ds["gradient_clipping"] = max_grad_norm
+        gas = ds.get("gradient_accumulation_steps")
+        if gas not in (None, "auto", 1):
+            raise UserError(f"the accelerate/DeepSpeed config sets gradient_accumulation_steps: {gas}; set it to 1. grpo "
+                            "accumulates micro-batches itself: engine.algorithm.micro_batch_size sequences per "
+                            "backward, one optimizer step per mini-batch")
+        ds["gradient_accumulation_steps"] = 1
     return acc.prepare(policy, optimizer)
 
 

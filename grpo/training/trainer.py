@@ -80,7 +80,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=e.weight_decay)
         warm = e.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.model, self.optimizer = prepare_policy(self.acc, policy, optimizer, micro_batch_seqs=e.algorithm.micro_batch_size)
+        self.model, self.optimizer = prepare_policy(self.acc, policy, optimizer, micro_batch_seqs=e.algorithm.micro_batch_size,
+                                                   max_grad_norm=e.algorithm.max_grad_norm)
         self.policy = self.acc.unwrap_model(self.model)
         self.sampler = for_generation(make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed + self.rank,
                                                    max_model_len=h.max_prompt_length + h.inference_max_tokens),
