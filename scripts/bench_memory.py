@@ -18,8 +18,8 @@ RSS and not torch's allocator: torch has no CPU peak counter. glibc keeps freed 
 mmapped, so the probe and the run are started with MALLOC_MMAP_THRESHOLD_=65536: every tensor larger than
 64 KiB is its own mapping, returned to the system when freed, and the resident set follows the live tensors.
 
-    python scripts/bench_memory.py --cases tiny,smollm2   # ~5 min on a shared 2-core machine
-    python scripts/bench_memory.py                        # also SmolLM2 with gradient checkpointing (smollm2-gc)
+    python scripts/bench_memory.py --cases tiny,smollm2   # ~12 min on a shared, busy 2-core machine
+    python scripts/bench_memory.py                        # also SmolLM2 with gradient checkpointing (~25 min)
     python scripts/bench_memory.py --cases tiny           # the tiny model only (~1 min)
 """
 
