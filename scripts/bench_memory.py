@@ -224,7 +224,7 @@ def train_probe(cfg_path: Path, outdir: Path) -> dict:
     probe), the RSS is read and VmHWM is reset: peak - that RSS is what training adds, within one process."""
     import torch
 
-    import grpo.models.loading as loading
+    from grpo.models import loading
     from grpo.cli import main as cli_main
 
     seen = {}

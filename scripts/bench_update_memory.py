@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import CASES, MIB, ROOT, _child_env, _reset_peak, _status, smollm2_dir, write_job  # noqa: E402
+from bench_memory import CASES, MIB, ROOT, _child_env, _reset_peak, _status, smollm2_dir, write_job
 
 #: (label, gradient checkpointing, micro-batch, LoRA rank, pieces)
 RUNS = [("GC", True, 16, 32, "head,decoder,update"), ("GC, micro 8", True, 8, 32, "decoder"),
@@ -95,7 +95,7 @@ def main() -> int:
     from grpo.config import load_config
     from grpo.training.dry_run import estimate_memory, inspect_model, model_config, setup_for
 
-    name, (model, base) = ("smollm2", CASES["smollm2"]) if smollm2_dir() else ("tiny", CASES["tiny"])
+    model, base = CASES["smollm2"] if smollm2_dir() else CASES["tiny"]
     model = smollm2_dir() if model == "SMOLLM2" else model
     print(f"{model}, fp32; {base['batch']} prompts x {base['G']}, {base['new']} response tokens; MiB")
     print(f"  {'run':<14}{'piece':<16}{'estimate':>10}{'measured':>10}{'est/meas':>10}  estimate term")
@@ -109,7 +109,7 @@ def main() -> int:
         est = estimate_memory(info, job, setup_for(job, info))
         info.shares_prefix = False
         plain = estimate_memory(info, job, setup_for(job, info))
-        res = subprocess.run([sys.executable, __file__, "--probe", str(cfg), pieces], env=_child_env(),
+        res = subprocess.run([sys.executable, __file__, "--probe", str(cfg), pieces], env=_child_env(), check=False,
                              capture_output=True, text=True)
         if res.returncode:
             sys.exit(f"probe failed:\n{res.stderr[-3000:]}")
