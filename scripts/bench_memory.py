@@ -8,16 +8,18 @@ For each case (the embedded tiny model; SmolLM2-135M-Instruct when it is cached)
    each phase): the base weights, the LoRA adapter with its gradients and AdamW states, one `generate` call
    (KV cache and decode temporaries), one micro-batch's forward + backward through `forward_logprobs`
    (activations and the log-prob chunk);
-3. a real `grpo train` in a subprocess (one step, responses forced to full length with engine.ignore_eos), its
-   peak RSS (wait4's ru_maxrss) minus the probe's RSS once the model and adapter were loaded: what training
-   adds on top of the loaded model.
+3. a real `grpo train` (two steps, responses forced to full length with engine.ignore_eos) in a subprocess that
+   wraps the trainer's `load_policy`: the RSS once the model and the adapter are loaded (pages touched), then
+   the peak RSS after that (VmHWM reset there), both in that one process: what training adds on top of the
+   loaded model, against the estimate's peak - weights - the fp32 LoRA weights. (Subtracting the probe's RSS
+   from the run's peak, two processes with different histories, was off by 145 MiB; it is printed beside.)
 
 RSS and not torch's allocator: torch has no CPU peak counter. glibc keeps freed blocks unless they were
 mmapped, so the probe and the run are started with MALLOC_MMAP_THRESHOLD_=65536: every tensor larger than
 64 KiB is its own mapping, returned to the system when freed, and the resident set follows the live tensors.
 
-    python scripts/bench_memory.py --cases tiny,smollm2   # ~5 min on a shared 2-core machine
-    python scripts/bench_memory.py                        # also SmolLM2 with gradient checkpointing (smollm2-gc)
+    python scripts/bench_memory.py --cases tiny,smollm2   # ~12 min on a shared, busy 2-core machine
+    python scripts/bench_memory.py                        # also SmolLM2 with gradient checkpointing (~25 min)
     python scripts/bench_memory.py --cases tiny           # the tiny model only (~1 min)
 """
 
@@ -56,16 +58,18 @@ def smollm2_dir() -> str | None:
     return next((d for d in dirs if Path(d, "model.safetensors").is_file()), None)
 
 
-#: name -> (engine.model, overrides); every case is fp32 on CPU, one step, full-length responses
+#: name -> (engine.model, overrides); every case is fp32 on CPU, full-length responses, and `grpo train` runs two
+#: steps: the second is the steady state the estimate describes (AdamW's state exists while generating)
 CASES = {
     "tiny": ("grpo:tiny-arith", dict(batch=4, G=8, new=48, micro=32, gc=False, repeat=3)),
     "smollm2": ("SMOLLM2", dict(batch=2, G=8, new=24, micro=16, gc=False, repeat=2)),
     "smollm2-gc": ("SMOLLM2", dict(batch=2, G=8, new=24, micro=16, gc=True, repeat=2)),
 }
+TRAIN_STEPS = 2
 
 
 def write_job(workdir: Path, model: str, o: dict) -> Path:
-    """A one-step job whose prompts are all the same length, with max_prompt_length set to exactly it."""
+    """A two-step job whose prompts are all the same length, with max_prompt_length set to exactly it."""
     from grpo.models.loading import load_tokenizer, resolve_model_path
     from grpo.rollout.prompts import encode_prompt
 
@@ -74,7 +78,7 @@ def write_job(workdir: Path, model: str, o: dict) -> Path:
     plen = len(encode_prompt(tok, messages, reasoning_effort="low"))
     data = workdir / "train.jsonl"
     data.write_text("".join(json.dumps({"id": f"r{i}", "messages": messages, "reference_answer": "#### 7"}) + "\n"
-                            for i in range(o["batch"])))
+                            for i in range(o["batch"] * TRAIN_STEPS)))
     job = {
         "model": "qwen.qwen3-32b", "training_file": str(data),
         "method": {"type": "reinforcement", "reinforcement": {
@@ -102,7 +106,7 @@ def estimate(cfg_path: Path) -> dict:
     est = estimate_memory(info, job, setup_for(job, info))
     info.shares_prefix = False  # the plain update path (every row's prompt run), as the probe's second pass
     plain = estimate_memory(info, job, setup_for(job, info))
-    est["update_no_prefix_sharing"] = plain["activations"] + plain["logprob_chunk"]
+    est["update_no_prefix_sharing"] = plain["update"]
     return est
 
 
@@ -122,7 +126,8 @@ def probe(cfg_path: Path) -> dict:
     e, h = job.engine, job.hyperparameters
     path = resolve_model_path(job.local_model, progress=False)
     tok = load_tokenizer(path)
-    prompts = [encode_prompt(tok, r.messages, reasoning_effort="low") for r in load_records(job.training_file, allow_small=True)]
+    prompts = [encode_prompt(tok, r.messages, reasoning_effort="low")
+               for r in load_records(job.training_file, allow_small=True)[:h.batch_size]]  # one step's prompts
     out = {}
     # warm-up: the first load, LoRA wrap, optimizer step, generate and backward import code and fill caches
     # (hundreds of MiB of RSS on the first call, none of it tensors); measured are the second ones
@@ -213,17 +218,60 @@ def _child_env() -> dict:
     return env
 
 
-def run_train(cfg_path: Path, workdir: Path) -> tuple[int, float]:
-    """Peak RSS of a real `grpo train` (the trainer process and anything it waited for), and its wall time."""
+def train_probe(cfg_path: Path, outdir: Path) -> dict:
+    """A real `grpo train` in this process (grpo.cli.main), with `load_policy` wrapped so that, once the trainer has
+    loaded the model and the adapter, their pages are touched (fp32 safetensors are mmapped views, as in the
+    probe), the RSS is read and VmHWM is reset: peak - that RSS is what training adds, within one process."""
+    import torch
+
+    from grpo.models import loading
+    from grpo.cli import main as cli_main
+
+    seen = {}
+    load_policy = loading.load_policy
+
+    def measured_load_policy(*args, **kwargs):
+        policy = load_policy(*args, **kwargs)
+        with torch.no_grad():
+            for t in list(policy.parameters()) + list(policy.buffers()):
+                t.sum()
+        seen["loaded_rss"] = _reset_peak()
+        return policy
+
+    from grpo.training.trainer import Trainer
+
+    step = Trainer.step
+    steps = []
+
+    def measured_step(self, n):  # each step: RSS at its start (VmHWM reset there) and its peak
+        start = _status("VmRSS")
+        peak_so_far = _status("VmHWM")
+        _reset_peak()
+        try:
+            return step(self, n)
+        finally:
+            steps.append((start, _status("VmHWM")))
+            seen["peak"] = max(seen.get("peak", 0), peak_so_far, steps[-1][1])
+
+    loading.load_policy = measured_load_policy  # the trainer imports it from the module when it builds the policy
+    Trainer.step = measured_step
+    rc = cli_main(["train", str(cfg_path), "--output-dir", str(outdir), "--no-progress"])
+    return {"rc": rc, "loaded_rss": seen["loaded_rss"], "peak": max(seen["peak"], _status("VmHWM")), "steps": steps}
+
+
+def run_train(cfg_path: Path, workdir: Path) -> tuple[dict, int, float]:
+    """`grpo train` in a subprocess (train_probe): its own RSS after loading and its peak after that; also the
+    peak RSS of the whole process (wait4's ru_maxrss), and the wall time."""
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "grpo", "train", str(cfg_path), "--output-dir", str(workdir / "run"),
-                             "--no-progress"], env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, __file__, "--train-probe", str(cfg_path), str(workdir / "run")],
+                            env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     outp = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+    res = json.loads(outp.decode().strip().splitlines()[-1]) if not proc.returncode else {}
+    if proc.returncode or res.get("rc"):
         sys.exit(f"grpo train failed ({proc.returncode}):\n{outp.decode()[-3000:]}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - t
+    return res, usage.ru_maxrss * 1024, time.perf_counter() - t
 
 
 def run_case(name: str) -> list[tuple]:
@@ -240,10 +288,12 @@ def run_case(name: str) -> list[tuple]:
     if res.returncode:
         sys.exit(f"probe failed:\n{res.stderr[-3000:]}")
     m = json.loads(res.stdout.strip().splitlines()[-1])
-    train_peak, train_s = run_train(cfg, workdir)
-    added = train_peak - m["loaded_rss"]
-    est_added = est["peak"] - est["weights"]
-    update_est = est["activations"] + est["logprob_chunk"]
+    tr, train_peak, train_s = run_train(cfg, workdir)
+    added = tr["peak"] - tr["loaded_rss"]
+    est_added = est["peak"] - est["weights"] - est["adapter"] / 4  # the fp32 LoRA weights (4 of 16 B) are loaded
+    start, peak = tr["steps"][-1]  # the last step: weights, LoRA and AdamW's m and v held at its start; grads freed
+    step_added, est_step = peak - start, est["peak"] - est["weights"] - est["adapter"] * 12 / 16
+    update_est = est["update"]
     print(f"\n{name}: {model}, fp32, batch {o['batch']} x G {o['G']}, max_prompt_length = prompt length, "
           f"{o['new']} new tokens, micro-batch {o['micro']} ({m['update_tokens']} tokens), "
           f"gradient checkpointing {'on' if o['gc'] else 'off'}; config {cfg}")
@@ -253,14 +303,18 @@ def run_case(name: str) -> list[tuple]:
             ("generation (KV cache, merged LoRA, decode)", est["kv_cache"] + est.get("merged_lora", 0.0), m["generation"]),
             ("update micro-batch (activations + log-prob chunk)", update_est, m["update"]),
             ("  the same without prefix sharing", est["update_no_prefix_sharing"], m["update_no_prefix_sharing"]),
-            ("grpo train: peak RSS - RSS of the loaded model", est_added, added)]
+            (f"grpo train, step {TRAIN_STEPS}: its peak RSS - RSS at its start", est_step, step_added),
+            ("grpo train: peak RSS - RSS after load_policy", est_added, added)]
     print(f"  {'part':<52}{'estimate MiB':>14}{'measured MiB':>14}{'est/meas':>10}")
     for label, e_, m_ in rows:
         ratio = e_ / m_ if m_ > 0 else float("nan")
         flag = "  <-- off by > 20%" if abs(ratio - 1) > 0.2 else ""
         print(f"  {label:<52}{e_ / MIB:>14.1f}{m_ / MIB:>14.1f}{ratio:>10.2f}{flag}")
-    print(f"  (grpo train peak RSS {train_peak / MIB:.0f} MiB in {train_s:.0f} s; loaded-model RSS {m['loaded_rss'] / MIB:.0f} "
-          f"MiB; generate {m['generation_s']:.1f} s, update {m['update_s']:.1f} s)")
+    print(f"  (grpo train: each step's peak - its start RSS, MiB: {', '.join(f'{(p - s) / MIB:.0f}' for s, p in tr['steps'])}; "
+          f"peak RSS {train_peak / MIB:.0f} MiB in {train_s:.0f} s, RSS after load_policy "
+          f"{tr['loaded_rss'] / MIB:.0f} MiB; the probe's RSS with model, adapter and AdamW {m['loaded_rss'] / MIB:.0f} MiB, "
+          f"so across the two processes {(train_peak - m['loaded_rss']) / MIB:.0f} MiB against "
+          f"{(est['peak'] - est['weights']) / MIB:.0f}; generate {m['generation_s']:.1f} s, update {m['update_s']:.1f} s)")
     return [(name,) + r for r in rows]
 
 
@@ -268,10 +322,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="tiny,smollm2,smollm2-gc", help=f"comma-separated, from {', '.join(CASES)}")
     ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--train-probe", nargs=2, type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     if a.probe:
         print(json.dumps(probe(a.probe)))
+        return 0
+    if a.train_probe:
+        print(json.dumps(train_probe(*a.train_probe)))
         return 0
     for name in a.cases.split(","):
         run_case(name.strip())

@@ -223,31 +223,54 @@ def test_dry_run_sizes_the_continuous_backends_paged_cache_for_the_whole_step():
 def test_memory_model_follows_what_the_cpu_run_holds():
     """The corrections scripts/bench_memory.py led to (docs/scale.md "Memory model vs measured"), on the tiny
     model in fp32: activations in the weights' dtype; each group's prompt counted once in the update (a
-    prefix-sharing decoder); fp32 decoding holds exactly one merged copy of every LoRA-wrapped weight, which
-    is what grpo.models.merge really swaps in."""
+    prefix-sharing decoder), plus the prompt's K and V that each row's attention saves (repeated to the query
+    heads); the log-prob chunk's backward holds five fp32 [positions, vocab] tensors; fp32 decoding holds
+    exactly one merged copy of every LoRA-wrapped weight, which is what grpo.models.merge really swaps in."""
     from grpo.config import TINY_MODEL
     from grpo.models.loading import load_policy, resolve_model_path
     from grpo.models.merge import merged_lora
 
     job = load_config(REPO / "configs" / "quickstart.yaml", ["engine.dtype=float32"])
     info = inspect_model(model_config(TINY_MODEL)[0], job.engine.lora)
-    assert info.shares_prefix and info.model_type == "qwen3"
+    assert info.shares_prefix and info.model_type == "qwen3" and info.kv_heads < info.heads
     s = setup_for(job, info)
     got = estimate_memory(info, job, s)
     h, G, micro = job.hyperparameters, job.hyperparameters.training_sample_per_prompt, job.engine.micro_batch_size
     tokens = micro // G * h.max_prompt_length + micro * h.inference_max_tokens  # 8 prompts once, 64 responses
     q, kv = info.heads * info.head_dim, info.kv_heads * info.head_dim
     per_layer = tokens * 4 * (6 * info.hidden + 2 * q + 3 * kv + 4 * info.intermediate)
+    per_layer += micro * h.max_prompt_length * 4 * 2 * q  # 64 rows x 128 prompt positions x K, V on 4 query heads
     assert got["activations"] == info.layers * per_layer
-    assert got["logprob_chunk"] == 512 * info.vocab * 4 * 3
+    assert got["logprob_chunk"] == 512 * info.vocab * 4 * 5
+    assert got["update"] == got["activations"] + got["logprob_chunk"]  # no GC: all layers held during the head's backward
     bf16 = estimate_memory(info, load_config(REPO / "configs" / "quickstart.yaml", ["engine.dtype=bfloat16"]), setup_for(
         load_config(REPO / "configs" / "quickstart.yaml", ["engine.dtype=bfloat16"]), info))
     assert bf16["activations"] == got["activations"] / 2 and "merged_lora" not in bf16
+    assert bf16["logprob_chunk"] == got["logprob_chunk"]  # the chunk is upcast to fp32 whatever the weights' dtype
     policy = load_policy(resolve_model_path(TINY_MODEL, progress=False), job.engine.lora, dtype=torch.float32)
     lora = [m for m in policy.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     before = [m.base_layer.weight for m in lora]
     with merged_lora(policy):
         swapped = sum(m.base_layer.weight.numel() for m, w in zip(lora, before) if m.base_layer.weight is not w)
     assert swapped == info.lora_linear > 0 and got["merged_lora"] == 4 * info.lora_linear
-    assert got["peak"] == got["weights"] + got["adapter"] + max(got["kv_cache"] + got["merged_lora"],
-                                                                got["activations"] + got["logprob_chunk"])
+    assert got["peak"] == got["weights"] + got["adapter"] + max(got["kv_cache"] + got["merged_lora"], got["update"])
+
+
+def test_memory_model_with_gradient_checkpointing():
+    """With gradient checkpointing every row runs its prompt (grpo.models.forward shares prompts only through a KV
+    cache, which the checkpointed training forward does not keep), and the update's peak is the checkpointed
+    layer inputs plus either one recomputed layer or the log-prob chunk's backward, which come one after the
+    other (measured on SmolLM2-135M: docs/scale.md)."""
+    from grpo.config import TINY_MODEL
+
+    job = load_config(REPO / "configs" / "quickstart.yaml", ["engine.dtype=float32", "engine.gradient_checkpointing=true"])
+    info = inspect_model(model_config(TINY_MODEL)[0], job.engine.lora)
+    got = estimate_memory(info, job, setup_for(job, info))
+    h, micro = job.hyperparameters, job.engine.micro_batch_size
+    tokens = micro * (h.max_prompt_length + h.inference_max_tokens)  # 64 rows x (128 + 48): no prompt sharing
+    q, kv = info.heads * info.head_dim, info.kv_heads * info.head_dim
+    per_layer = tokens * 4 * (6 * info.hidden + 2 * q + 3 * kv + 4 * info.intermediate)
+    checkpoints = info.layers * tokens * info.hidden * 4
+    assert got["activations"] == checkpoints + per_layer
+    chunk = 512 * info.vocab * 4 * 5
+    assert got["logprob_chunk"] == chunk and got["update"] == checkpoints + max(per_layer, chunk)

@@ -215,8 +215,10 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
             and not s.sharded and info.lora_linear * 4 <= MERGE_LIMIT_BYTES):
         out["merged_lora"] = info.lora_linear * 4  # grpo.models.merge: fp32 decoding on merged copies of W + BA
     micro = min(e.micro_batch_size, job.mini_batch_prompts() // s.world * G)
-    if info.shares_prefix and not s.sharded:  # grpo.models.forward runs each group's prompt once (measured:
-        # scripts/bench_memory.py, docs/scale.md "Memory model vs measured")
+    # grpo.models.forward runs each group's prompt once for prefix-sharing decoders, except under FSDP2/ZeRO-3 and
+    # with gradient checkpointing (its training forward keeps no KV cache, so every row runs its prompt)
+    shared = info.shares_prefix and not s.sharded and not s.gradient_checkpointing
+    if shared:
         tokens = -(-micro // G) * h.max_prompt_length + micro * h.inference_max_tokens
     else:
         tokens = micro * seq
@@ -226,15 +228,24 @@ def estimate_memory(info: ModelInfo, job: JobConfig, s: Setup) -> dict[str, floa
     per_layer = tokens * b * (6 * info.hidden + 2 * q + 3 * kv + 4 * inter)  # tensors saved for backward
     if s.attn == "eager":  # the [micro, heads, T, T] scores: fp32 softmax and the probabilities
         per_layer += micro * info.heads * seq * seq * (4 + b)
-    if s.gradient_checkpointing:
-        out["activations"] = info.layers * tokens * info.hidden * b + per_layer
-    else:
-        out["activations"] = info.layers * per_layer
+    if shared:  # each row attends over its group's prompt: attention saves that prompt's K and V per row, repeated
+        # to every query head when there are fewer KV heads (transformers' repeat_kv: a mask is always given here)
+        per_layer += micro * h.max_prompt_length * b * 2 * (q if info.kv_heads < info.heads else kv)
+    checkpoints = info.layers * tokens * info.hidden * b  # each layer's input, kept by gradient checkpointing
+    out["activations"] = checkpoints + per_layer if s.gradient_checkpointing else info.layers * per_layer
+    # The log-prob chunk's backward (grpo.models.forward._head_chunk, recomputed under checkpoint, entropy included):
+    # the fp32 logits z and softmax p saved, then the gradients through p * z (two) and through the softmax (one):
+    # five fp32 [positions, vocab] tensors at once, whatever the weights' dtype (measured, docs/scale.md)
     positions = min(s.logprob_chunk, micro * h.inference_max_tokens)  # a chunk holds only response positions
-    out["logprob_chunk"] = positions * info.vocab * 4 * 3  # fp32 logits, softmax, their gradient
+    out["logprob_chunk"] = positions * info.vocab * 4 * 5
+    if s.gradient_checkpointing:  # the head's backward ends before the last layer is recomputed: one or the other
+        out["update"] = checkpoints + max(per_layer, out["logprob_chunk"])
+    else:  # every layer's saved tensors are held while the head's backward runs
+        out["update"] = out["activations"] + out["logprob_chunk"]
     if info.experts and "parameters" in info.lora_targets:  # peft folds W + BA per MoE layer, and its gradient
         out["expert_fold"] = 2 * info.experts / info.layers * s.dtype_bytes
-    update = out["activations"] + out["logprob_chunk"] + out.get("expert_fold", 0.0)
+        out["update"] += out["expert_fold"]
+    update = out["update"]
     generation = out["kv_cache"] + out.get("merged_lora", 0.0)
     if s.sharded:  # grpo.training.distributed gathers every layer once per generate call and keeps them till it ends
         out["gathered_for_generation"] = weights - out["weights"]
@@ -331,6 +342,8 @@ def make_plan(job: JobConfig) -> str:
             (f"update activations ({'GC' if e.gradient_checkpointing else 'no GC'})", "activations"),
             (f"log-prob chunk (<= {base_setup.logprob_chunk} positions)", "logprob_chunk"),
             ("expert LoRA fold (one layer)", "expert_fold"),
+            ("update micro-batch peak" + (" (checkpoints + max(layer, chunk))" if e.gradient_checkpointing else ""),
+             "update"),
             ("vLLM weights copy (bf16)", "vllm_weights"),
             ("vLLM reserved while sampling", "vllm_reserved"),
             ("peak = weights + adapter + max(generation, update)", "peak")]
