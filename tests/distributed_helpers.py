@@ -195,6 +195,26 @@ acc.wait_for_everyone()
 '''
 
 
+
+def assert_same_update(one: dict, two: dict, name: str) -> None:
+    """Two runs of the UPDATE_SCRIPT plan's `name` (one process, and a sharded/multi-process one) started from the
+    same adapter and ended at the same one (to float tolerance), with the same metrics; the adapter moved enough
+    for that to mean something, and a binding clip did bind."""
+    import pytest
+    import torch
+
+    moved = max(float((one["after"][k] - one["before"][k]).abs().max()) for k in one["after"])
+    assert moved > 1e-3, f"{name}: the adapter barely moved ({moved:.2e}); the comparison would prove nothing"
+    assert one["after"].keys() == two["after"].keys()
+    for k in one["after"]:
+        assert torch.equal(one["before"][k], two["before"][k]), f"{name}: different initial {k}"
+        torch.testing.assert_close(two["after"][k], one["after"][k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+    m1, m2 = one["metrics"], two["metrics"]
+    for key in ("actor_pg_loss", "actor_kl_loss", "actor_entropy", "actor_grad_norm", "actor_pg_clipfrac", "actor_ppo_kl"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), f"{name}: {key}"
+    if name == "token-mean-clipped":
+        assert m1["actor_grad_norm"] > 0.1, "the clip did not bind"
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
