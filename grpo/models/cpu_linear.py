@@ -17,7 +17,9 @@ float32 rounding (different summation order, about 1e-6 relative); gradients flo
 product with the transposed weight, also through oneDNN), never to the frozen weight. Without grad
 (generation, reference and old log-probs) the weight is used in oneDNN's packed layout, packed once and
 re-packed only when the weight tensor is replaced or written to (grpo.models.merge swaps in merged copies
-for each `generate` call). `engine.cpu_linear: aten` (or GRPO_CPU_LINEAR=aten) turns all of this off.
+for each `generate` call). Memory: the packed copy stays with its module, so a run holds about one more copy of
+the frozen Linear weights (not in grpo.training.dry_run's estimate; docs/scale.md). `engine.cpu_linear: aten` (or
+GRPO_CPU_LINEAR=aten) turns all of this off.
 """
 
 from __future__ import annotations
