@@ -90,6 +90,7 @@ class RewardRunnerConfig(_Strict):
     endpoint_url: str | None = Field(None, description="Lambda endpoint for ARN graders (emulators, LocalStack)")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables for local handlers (the Lambda's configuration)")
     pass_env: list[str] = Field(default_factory=list, description="variables passed from this process's environment to local handlers, e.g. AWS credentials for a judge calling Bedrock (grpo.reward.workers.handler_env)")
+    error_detail: Literal["full", "withheld"] = Field("full", description="full: a failing handler's own error text is quoted in the step's error; withheld: only its kind and trajectory ids, the text going to <run>/reward_errors.log (what grpo serve sets for its clients' jobs unless --show-handler-errors)")
 
 
 class RolloutConfig(_Strict):

@@ -7,6 +7,8 @@ and the server read it.
     <run>/samples.jsonl    a few responses per step, with their scores
     <run>/summary.json     status, steps, baseline/best validation reward, final metrics, adapter path
     <run>/checkpoints/     step-NNNNNN/ (grpo.training.checkpoint)
+    <run>/reward_errors.log  a failing handler's own error texts, one JSON line each, when they are withheld from
+                           the step's error (engine.reward.error_detail: withheld; grpo serve's jobs)
     <run>/pause.request    present: the trainer checkpoints after its current step and stops, status "paused"
                            (the server's POST /v1/fine_tuning/jobs/{id}/pause writes it; resume removes it)
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG, METRICS, EVENTS, SAMPLES, SUMMARY = "config.json", "metrics.jsonl", "events.jsonl", "samples.jsonl", "summary.json"
-PAUSE_REQUEST = "pause.request"
+PAUSE_REQUEST, REWARD_ERRORS = "pause.request", "reward_errors.log"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.path / SUMMARY
+
+    @property
+    def reward_errors(self) -> Path:
+        return self.path / REWARD_ERRORS
 
     @property
     def pause_request(self) -> Path:

@@ -28,7 +28,7 @@ from grpo.api import jobs as J
 from grpo.api.console import add_console
 from grpo.api.errors import ApiError, bad_request, not_found, parse_limit
 from grpo.api.inference import ModelCache, encode
-from grpo.api.limits import BodyLimit, parse_json_object
+from grpo.api.limits import AuthThrottle, BodyLimit, PathMask, parse_json_object
 from grpo.api.policy import ServerPolicy
 from grpo.api.responses import ResponseBuilder
 from grpo.api.store import Page, Store, new_id
@@ -56,6 +56,10 @@ class ServerConfig:
     lambda_endpoint_url: str | None = None
     handler_env: dict[str, str] = field(default_factory=dict)  # --handler-env NAME=VALUE
     handler_pass_env: list[str] = field(default_factory=list)  # --handler-env NAME
+    client_env: list[str] = field(default_factory=list)  # --client-env NAME
+    show_handler_errors: bool = False  # --show-handler-errors
+    auth_fail_limit: int = 20  # --auth-fail-limit: failed key checks per client address per window (0: off)
+    auth_fail_window_s: float = 60.0  # --auth-fail-window
     max_reward_concurrency: int = 8
     max_json_bytes: int = 16 * 2**20
     devices: str | None = None  # --devices: GPU ids or cpu:N (default: this machine's GPUs, else CPU slots)
@@ -72,8 +76,28 @@ class ServerConfig:
         return ServerPolicy(max_processes_per_job=min(self.max_processes_per_job or size, size),handlers_dir=Path(self.handlers_dir), base_models=dict(self.base_models),
                             lambdas=dict(self.lambdas), invoke_lambdas=self.invoke_lambdas,
                             lambda_endpoint_url=self.lambda_endpoint_url, handler_env=dict(self.handler_env),
-                            handler_pass_env=list(self.handler_pass_env), max_tokens=self.max_tokens,
+                            handler_pass_env=list(self.handler_pass_env), client_env=list(self.client_env),
+                            show_handler_errors=self.show_handler_errors, max_tokens=self.max_tokens,
                             max_reward_concurrency=self.max_reward_concurrency)
+
+
+class AbortingStream(StreamingResponse):
+    """A server-sent event stream whose generations stop when the response ends for any reason: the client
+    closed the socket (Starlette cancels the stream; the sync generator it was reading is not closed then, only
+    whenever it is garbage-collected), the stream finished, or the server is shutting down. Each choice's
+    `abort()` only sets a flag its generation thread checks per token, so it needs no await under cancellation;
+    that thread then frees the server's generation lock."""
+
+    def __init__(self, content, choices):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.choices = choices
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for choice in self.choices:
+                choice.abort()
 
 
 def file_object(doc: dict) -> dict:
@@ -133,17 +157,22 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         return cfg.max_json_bytes, "a JSON request"
 
     app.add_middleware(BodyLimit, limit_for=body_limit)
+    throttle = app.state.auth_throttle = AuthThrottle(cfg.auth_fail_limit, cfg.auth_fail_window_s)
 
     # -- auth, limits, errors ------------------------------------------------------------------
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if request.url.path.startswith("/v1"):
+            addr = throttle.address(request.scope)
+            if (retry := throttle.retry_after(addr)) is not None:
+                return throttle.refusal(retry)
             header = request.headers.get("authorization", "")
             scheme, _, key = header.partition(" ")
-            if not header:
+            if not header:  # no key tried: not a guess (an expired console session polling, say)
                 return _error(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
                               code="invalid_api_key")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+                throttle.failed(addr)
                 return _error(401, "Incorrect API key provided.", code="invalid_api_key")
             size = request.headers.get("content-length")
             if request.url.path == "/v1/files" and request.method == "POST" and size and size.isdigit() \
@@ -206,10 +235,10 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                         raise ApiError(413, f"file: the upload is larger than this server's limit of "
                                             f"{cfg.max_upload_bytes} bytes (--max-upload-mb)", param="file")
                     out.write(chunk)
-            rep = validate_file(tmp, allow_small=True)
+            rep = validate_file(tmp, allow_small=True, keep_records=False)
             if rep.problems:
                 shown = [str(p).replace(str(tmp), name) for p in rep.problems[:20]]
-                more = f" (and {len(rep.problems) - 20} more)" if len(rep.problems) > 20 else ""
+                more = f" (and {rep.problem_count - 20:,} more)" if rep.problem_count > 20 else ""
                 raise bad_request(f"file: {name} is not valid RFT data: " + "; ".join(shown) + more, "file",
                                   code="invalid_file")
             os.replace(tmp, store.files_dir / f"{file_id}.jsonl")
@@ -220,7 +249,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                "purpose": purpose, "status": "processed", "expires_at": None,
                "status_details": "; ".join(notes) or None,
                # what the job worker would check again: these bytes never change (jobs hard-link them)
-               J.UPLOAD_VALIDATION: {"allow_small": True, "problems": len(rep.problems)}}
+               J.UPLOAD_VALIDATION: {"allow_small": True, "problems": rep.problem_count}}
         store.add_file(doc)
         return file_object(doc)
 
@@ -343,6 +372,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     def prepare_chat(body: dict):
         chat.reject_unsupported(body, chat.UNSUPPORTED_CHAT)
+        chat.check_common(body)
         if body.get("tool_choice") not in (None, "none", "auto"):
             raise bad_request("tool_choice: tools are not supported by this local server", "tool_choice")
         messages = chat.chat_messages(body.get("messages"))
@@ -360,13 +390,13 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         model_id, choices, prompt_tokens = await run_in_threadpool(prepare_chat, body)
         if body.get("stream"):
             include = chat.include_usage(body)
-            return StreamingResponse(chat.chat_stream(model_id, choices, prompt_tokens, include),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return AbortingStream(chat.chat_stream(model_id, choices, prompt_tokens, include), choices)
         done = await run_in_threadpool(lambda: [c.run() for c in choices])
         return chat.chat_completion(model_id, done, prompt_tokens)
 
     def prepare_response(body: dict):
         chat.reject_unsupported(body, chat.UNSUPPORTED_RESPONSES)
+        chat.check_common(body, responses=True)
         messages = chat.response_messages(body)
         params = chat.sampling(body, ("max_output_tokens",), cfg.default_max_tokens, cfg.max_tokens)
         reasoning = body.get("reasoning")
@@ -382,9 +412,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         body = await json_body(request)
         builder, choice, prompt_tokens = await run_in_threadpool(prepare_response, body)
         if body.get("stream"):
-            return StreamingResponse(builder.stream(choice, prompt_tokens), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return AbortingStream(builder.stream(choice, prompt_tokens), [choice])
         return builder.complete(await run_in_threadpool(choice.run), prompt_tokens)
 
     add_console(app, cfg)  # the browser console at /console/; its gate runs before the auth above
+    app.add_middleware(PathMask, paths={str(cfg.state_dir): "$STATE", os.path.abspath(cfg.handlers_dir): "$HANDLERS"})
     return app

@@ -12,6 +12,7 @@ response's `reasoning` item with `reasoning_text` content. Parameters this serve
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Iterator
 
@@ -43,11 +44,31 @@ def reject_unsupported(body: dict, table: dict) -> None:
                           "response_format" if "response_format" in body else "text.format")
 
 
+def check_common(body: dict, *, responses: bool = False) -> None:
+    """Fields both endpoints take whose type the rest does not check: `stream` a boolean, `metadata` OpenAI's
+    (at most 16 string keys of <= 64 characters with string values of <= 512), and a response's
+    `instructions` a string."""
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise bad_request(f"stream: expected true or false, got {body['stream']!r}", "stream")
+    meta = body.get("metadata")
+    if meta is not None:
+        if not isinstance(meta, dict) or len(meta) > 16:
+            raise bad_request("metadata: expected an object of at most 16 string keys and string values", "metadata")
+        for k, v in meta.items():
+            if len(k) > 64 or not isinstance(v, str) or len(v) > 512:
+                raise bad_request(f"metadata.{k[:64]}: keys are strings of at most 64 characters and values strings "
+                                  "of at most 512", "metadata")
+    if responses and body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise bad_request(f"instructions: expected a string, got {type(body['instructions']).__name__}",
+                          "instructions")
+
+
 def _number(body: dict, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v > hi or v < lo or (lo_open and v == lo):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > hi or v < lo \
+            or (lo_open and v == lo):
         raise bad_request(f"{key}: expected a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", key)
     return float(v)
 
@@ -146,11 +167,21 @@ class Choice:
 
     def __init__(self, cache: ModelCache, loaded, prompt_ids: list[int], params: dict, source=None):
         self.cache, self.loaded, self.prompt_ids, self.params, self.source = cache, loaded, prompt_ids, params, source
+        self.tokens, self.aborted = None, False
+
+    def abort(self) -> None:
+        """Stop this choice's generation at its next token (the client went away); safe from any thread."""
+        if self.tokens is not None and hasattr(self.tokens, "abort"):
+            self.tokens.abort()
+        self.aborted = True
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         sp = TextSplitter(self.loaded)
+        if self.aborted:
+            return
         tokens = self.source if self.source is not None else stream_tokens(self.cache, self.loaded, self.prompt_ids,
                                                                            **self.params)
+        self.tokens = tokens
         for tok in tokens:
             c, r = sp.push(tok)
             if c or r:

@@ -121,8 +121,8 @@ class ConsoleGate:
     """ASGI middleware in front of the API's: the console's auth, the cookie -> bearer key bridge for /v1,
     CSRF checks, and the security headers of every console response."""
 
-    def __init__(self, app, *, api_key: str, sessions: Sessions):
-        self.app, self.key, self.sessions = app, api_key, sessions
+    def __init__(self, app, *, api_key: str, sessions: Sessions, throttle=None):
+        self.app, self.key, self.sessions, self.throttle = app, api_key, sessions, throttle
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -151,7 +151,14 @@ class ConsoleGate:
         csrf = self.sessions.csrf(token)
         if csrf is not None and cross_site(headers, scope) and path.startswith(("/console/api/", "/console/static/")):
             csrf = None  # the pages' data and scripts are for the console's own pages only
-        bearer = self._bearer_ok(headers) if path.startswith("/console/api/") else False
+        bearer = False
+        if path.startswith("/console/api/") and "authorization" in headers and csrf is None:
+            addr = self.throttle.address(scope)
+            if (retry := self.throttle.retry_after(addr)) is not None:
+                return await self.throttle.refusal(retry)(scope, receive, send)
+            bearer = self._bearer_ok(headers)
+            if not bearer:
+                self.throttle.failed(addr)
         if csrf is None and not bearer:
             if method == "GET" and not path.startswith(("/console/api/", "/console/static/")):
                 target = "/console/login?next=" + quote(path + (f"?{scope['query_string'].decode('latin-1')}"
@@ -209,7 +216,8 @@ def add_console(app: FastAPI, cfg) -> None:
     reader = RunReader(store, Path(cfg.handlers_dir))
     sessions = Sessions()
     static = {str(p.relative_to(STATIC)): p for p in STATIC.rglob("*") if p.is_file() and not p.name.endswith(".html")}
-    app.add_middleware(ConsoleGate, api_key=api_key, sessions=sessions)
+    throttle = app.state.auth_throttle
+    app.add_middleware(ConsoleGate, api_key=api_key, sessions=sessions, throttle=throttle)
 
     @app.get("/console", include_in_schema=False)
     def console_root():
@@ -242,8 +250,12 @@ def add_console(app: FastAPI, cfg) -> None:
         nxt = _safe_next((form.get("next") or [None])[0])
         if cross_site(request.headers, request.scope):
             return _json(403, "Sign in from this server's own login page.", "csrf_failed")
+        addr = throttle.address(request.scope)
+        if (retry := throttle.retry_after(addr)) is not None:  # before the key is compared: says nothing of it
+            return throttle.refusal(retry)
         key = (form.get("key") or [""])[0].strip()
         if not hmac.compare_digest(key.encode(), api_key.encode()):
+            throttle.failed(addr)
             await asyncio.sleep(LOGIN_FAIL_DELAY_S)  # a guess per second, per connection
             return RedirectResponse(f"/console/login?failed=1&next={quote(nxt, safe='')}", 303)
         resp = RedirectResponse(nxt, 303)

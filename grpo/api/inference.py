@@ -2,8 +2,9 @@
 token-by-token generation with the text split into final content and reasoning as it grows.
 
 Generation runs in a thread (transformers' `generate` with a streamer); one generation at a time over
-the whole server (a lock), so concurrent requests queue instead of thrashing the CPU or GPU. A stream
-the client abandons stops its generation at the next token. torch is imported on first use only, so
+the whole server (a lock, held by the generation thread itself), so concurrent requests queue instead of
+thrashing the CPU or GPU. A stream the client abandons stops its generation at the next token, and the lock
+is free then, whatever becomes of the abandoned response generator. torch is imported on first use only, so
 the server starts fast and jobs-only use never loads it.
 """
 
@@ -92,48 +93,71 @@ def generation_config(loaded: Loaded, *, max_new_tokens: int, temperature: float
                             pad_token_id=loaded.ends[0] if pad is None else pad)
 
 
-def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, max_new_tokens: int,
-                  temperature: float, top_p: float, seed: int | None = None) -> Iterator[int]:
-    """Yield each sampled token id (the end token included when it comes). temperature 0 is greedy."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+class TokenStream:
+    """Iterate for each sampled token id (the end token included when it comes); temperature 0 is greedy.
 
-    stop = threading.Event()
+    The generation thread holds the server-wide `generate_lock` for as long as it runs, so the lock's life is
+    the generation's, not the consumer's: `abort()` (from any thread, without waiting) stops the generation at
+    its next token and so frees the lock, whether or not the consumer is ever resumed or closed. A stream whose
+    client went away is aborted this way by the app (`grpo.api.app.AbortingStream`)."""
 
-    class _Abandoned(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kw):
-            return stop.is_set()
+    def __init__(self, cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, max_new_tokens: int,
+                 temperature: float, top_p: float, seed: int | None = None):
+        self.cache, self.loaded, self.prompt_ids, self.seed = cache, loaded, prompt_ids, seed
+        self.gen_cfg = generation_config(loaded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.stop = threading.Event()
+        self.streamer = _Streamer()
+        self.thread: threading.Thread | None = None
 
-    gen_cfg = generation_config(loaded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    streamer = _Streamer()
-    device = next(loaded.model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    def abort(self) -> None:
+        self.stop.set()
 
-    def run() -> None:
+    def _run(self) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stop = self.stop
+
+        class _Abandoned(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return stop.is_set()
+
         try:
-            with torch.no_grad():
-                loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg,
-                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_Abandoned()]))
+            with self.cache.generate_lock:
+                if stop.is_set():  # abandoned while it waited its turn
+                    self.streamer.end()
+                    return
+                if self.seed is not None:
+                    torch.manual_seed(self.seed)
+                device = next(self.loaded.model.parameters()).device
+                ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)
+                with torch.no_grad():
+                    self.loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               generation_config=self.gen_cfg, streamer=self.streamer,
+                                               stopping_criteria=StoppingCriteriaList([_Abandoned()]))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            streamer.q.put(("error", e))
-            streamer.end()
+            self.streamer.q.put(("error", e))
+            self.streamer.end()
 
-    with cache.generate_lock:
-        if seed is not None:
-            torch.manual_seed(seed)
-        thread = threading.Thread(target=run, name="generate", daemon=True)
-        thread.start()
+    def __iter__(self) -> Iterator[int]:
+        self.thread = threading.Thread(target=self._run, name="generate", daemon=True)
+        self.thread.start()
         try:
             while True:
-                kind, value = streamer.q.get()
+                kind, value = self.streamer.q.get()
                 if kind == "end":
                     break
                 if kind == "error":
                     raise value
                 yield value
         finally:
-            stop.set()
-            thread.join()
+            self.stop.set()
+            self.thread.join()
+
+
+def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], **params) -> TokenStream:
+    """The tokens of one generation (see TokenStream)."""
+    return TokenStream(cache, loaded, prompt_ids, **params)
 
 
 class TextSplitter:

@@ -32,7 +32,7 @@ from grpo.rundir import RunDir, make_event, read_jsonl
 
 ORG = "grpo-local"
 GRADER_PARAM = "method.reinforcement.grader.lambda.function"
-MODEL_ID = re.compile(r"^ft:(?P<base>.+):grpo:(?P<job>ftjob-[0-9a-f]{24})(?::ckpt-step-(?P<step>\d+))?$")
+MODEL_ID = re.compile(r"^ft:(?P<base>.+):grpo:(?P<job>ftjob-[0-9a-f]{24})(?::ckpt-step-(?P<step>0|[1-9]\d{0,17}))?$")
 TERMINAL = ("succeeded", "failed", "cancelled")
 UPLOAD_VALIDATION = "_validation"  # a file doc's record of the upload's check (grpo.data.validate_file)
 
@@ -173,8 +173,10 @@ def validate_body(store: Store, body, policy: ServerPolicy) -> tuple[dict, JobCo
             engine["handler"] = handler
     if (policy.handler_env or policy.handler_pass_env) and "handler" in engine:  # a local handler's environment
         reward = engine.setdefault("reward", {})
-        reward["env"] = {**(reward.get("env") or {}), **policy.handler_env}
+        reward["env"] = {**(reward.get("env") or {}), **policy.handler_env}  # the operator's values win
         reward["pass_env"] = list(policy.handler_pass_env)
+    if not policy.show_handler_errors:  # a handler's error text may quote its upstream's reply: the operator's
+        engine.setdefault("reward", {})["error_detail"] = "withheld"
     try:
         cfg = JobConfig.model_validate(raw)  # what the trainer will read, with the operator's choices in
     except ValidationError as e:

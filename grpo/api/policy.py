@@ -18,6 +18,14 @@ operator's. So:
 - **Devices.** A job asks for `engine.num_processes` (at most `--max-processes-per-job`, itself at most the
   server's devices); which devices, and the accelerate config file, are the operator's (`--devices`,
   `--accelerate-config`; grpo.api.devices).
+- **Handler environment.** A handler gets what the operator sets or passes (`--handler-env NAME=VALUE`,
+  `--handler-env NAME`), and from a client's `engine.reward.env` only the names the operator allows
+  (`--client-env NAME`; none by default). Those names may not be endpoints (`*_URL`, `*_HOST`, `*_ENDPOINT`...:
+  an endpoint is the operator's to set) nor a name the operator sets or passes (the operator's value always
+  wins), and a client's value may not hold a URL. So no client value points a handler, and the credentials the
+  operator gave it, at another address. A failing handler's error text can quote what its upstream answered;
+  a client's job gets only its kind and trajectory ids (`engine.reward.error_detail: withheld`, the text in the
+  run's reward_errors.log for the operator) unless the operator runs `--show-handler-errors`.
 - **Resources.** `inference_max_tokens` is at most the server's max_tokens (32768, as for chat requests),
   reward calls in flight at most `--max-reward-concurrency`, a reward call's timeout at most Lambda's 900 s.
 """
@@ -37,6 +45,10 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = re.compile(r"^(PATH|HOME|SHELL|USER|LOGNAME|TMPDIR|PYTHON.*|LD_.*|DYLD_.*|AWS_.*|GRPO_.*|"
                           r"SSL_.*|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|.*_PROXY|HF_.*|TRANSFORMERS_.*|"
                           r"CUDA_.*|VIRTUAL_ENV|BASH_ENV|ENV)$", re.IGNORECASE)
+# Names that say a variable holds an address: never a client's to set, whatever --client-env allows.
+ENDPOINT_ENV = re.compile(r"(URL|URI|ENDPOINT|HOST|ADDR|ADDRESS|SERVER|PORT|SOCKET|DSN|DOMAIN|BUCKET|REGION)",
+                          re.IGNORECASE)
+URL_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|^//|^\\\\")
 NUMBER_CAP = 1e6  # any number in a knob section without a bound of its own
 
 # A client's engine section: a value is (low, high) inclusive bounds, a set of allowed values, a dict for a
@@ -67,6 +79,8 @@ OPERATOR_ENGINE = {
     "cpu_linear": "CPU kernels are the operator's (what this machine's processor runs best)",
     "reward.endpoint_url": "this server sends requests only where its operator says (--lambda-endpoint-url)",
     "reward.pass_env": "passing this server's environment to handlers is the operator's (--handler-env NAME)",
+    "reward.error_detail": "whether a handler's error text reaches a client is the operator's "
+                           "(grpo serve --show-handler-errors)",
     "rollout.gpu_memory_utilization": "GPU memory is the operator's",
     "log_with": "trackers that send data off this machine are the operator's; a client may choose none or "
                 "tensorboard",
@@ -86,6 +100,8 @@ class ServerPolicy:
     lambda_endpoint_url: str | None = None                      # --lambda-endpoint-url
     handler_env: dict[str, str] = field(default_factory=dict)   # --handler-env NAME=VALUE
     handler_pass_env: list[str] = field(default_factory=list)   # --handler-env NAME
+    client_env: list[str] = field(default_factory=list)         # --client-env NAME: what a client may set
+    show_handler_errors: bool = False                           # --show-handler-errors
     max_tokens: int = 32768
     max_reward_concurrency: int = 8
     max_processes_per_job: int = 1                              # --max-processes-per-job (at most the devices)
@@ -103,6 +119,21 @@ class ServerPolicy:
                               f"{', '.join(sorted(served)) or 'none'} (its operator chooses them: grpo serve "
                               "--model NAME=PATH)", param, code="model_not_found")
         return served[model]
+
+
+def check_client_env_names(names: list[str], operator_names: list[str]) -> None:
+    """The operator's --client-env names: ValueError for a name a client must never set (interpreter, path,
+    credential and endpoint variables) or one the operator sets or passes itself (its value wins)."""
+    for name in names:
+        if not ENV_NAME.match(name) or RESERVED_ENV.match(name):
+            raise ValueError(f"--client-env {name}: interpreter, path, proxy and credential variables are never a "
+                             "client's to set")
+        if ENDPOINT_ENV.search(name):
+            raise ValueError(f"--client-env {name}: it names an address (URL, host, endpoint...), which only the "
+                             f"operator sets: --handler-env {name}=VALUE")
+        if name in operator_names:
+            raise ValueError(f"--client-env {name}: --handler-env sets or passes it already (the operator's value "
+                             "wins; a client may not replace it)")
 
 
 def _short(value, n: int = 80) -> str:
@@ -126,13 +157,20 @@ def _check_value(path: str, rule, value, policy: ServerPolicy) -> None:
             raise bad_request(f"engine.{path}: expected up to 64 module or parameter names", f"engine.{path}")
         return
     if rule == ENV:
-        for name, v in (value or {}).items():
-            if not ENV_NAME.match(str(name)) or RESERVED_ENV.match(str(name)):
-                raise bad_request(f"engine.{path}: {_short(name)} is not a variable a client may set for a handler "
-                                  "(interpreter, path, proxy and credential variables are the operator's: grpo "
-                                  "serve --handler-env)", f"engine.{path}")
+        if not isinstance(value, dict):
+            raise bad_request(f"engine.{path}: expected an object of NAME: value", f"engine.{path}")
+        for name, v in value.items():
+            if name not in policy.client_env:
+                allowed = ", ".join(policy.client_env) or "none"
+                raise bad_request(f"engine.{path}.{_short(name, 40)}: not a variable this server lets a client set "
+                                  f"for its handlers (allowed: {allowed}; the operator allows names with grpo serve "
+                                  "--client-env NAME, and sets the rest with --handler-env)", f"engine.{path}")
             if not isinstance(v, str) or len(v) > 4096 or "\0" in v:
                 raise bad_request(f"engine.{path}.{name}: expected a string of at most 4096 characters",
+                                  f"engine.{path}")
+            if URL_VALUE.search(v):
+                raise bad_request(f"engine.{path}.{name}: a client's value may not hold a URL (where a handler "
+                                  "sends requests is the operator's: grpo serve --handler-env NAME=VALUE)",
                                   f"engine.{path}")
         return
     if isinstance(rule, set):

@@ -46,6 +46,20 @@ def add_arguments(p):
                    "server's own value (e.g. AWS_PROFILE for a judge handler calling Bedrock); repeatable. "
                    "Handlers get nothing else from this server's environment but its base (PATH, HOME, locale, "
                    "AWS_REGION)")
+    p.add_argument("--client-env", action="append", default=[], metavar="NAME",
+                   help="a variable a client's job may set for its handlers (engine.reward.env); repeatable; none by "
+                   "default. Never an endpoint (*_URL, *_HOST, *_ENDPOINT...), a credential or a name --handler-env "
+                   "sets or passes; a client's value may not hold a URL")
+    p.add_argument("--show-handler-errors", action="store_true",
+                   help="quote a failing reward handler's own error text in a job's error and events (default: only "
+                   "its kind and trajectory ids; the text goes to the job's run/reward_errors.log: a judge handler's "
+                   "error can quote what its endpoint answered)")
+    p.add_argument("--auth-fail-limit", type=int, default=20, metavar="N",
+                   help="failed key checks (API bearer key, console sign-in) one client address may make per "
+                   "--auth-fail-window before it is answered 429 with Retry-After (default 20; 0: no limit). A "
+                   "correct key is never delayed")
+    p.add_argument("--auth-fail-window", type=float, default=60.0, metavar="S",
+                   help="the window of --auth-fail-limit, in seconds (default 60)")
     p.add_argument("--max-reward-concurrency", type=int, default=8, metavar="N",
                    help="the most reward calls in flight a job may ask for (engine.reward.concurrency; default 8)")
     p.add_argument("--max-jobs", type=int, default=1, help="jobs trained at once; the rest wait queued (default 1)")
@@ -147,6 +161,8 @@ def run(args) -> int:
         raise UserError(f"--max-jobs {args.max_jobs}: expected at least 1")
     if not args.handlers_dir.is_dir():
         raise UserError(f"--handlers-dir {args.handlers_dir}: no such directory (local graders must lie under it)")
+    if args.auth_fail_limit < 0 or not args.auth_fail_window > 0:
+        raise UserError("--auth-fail-limit must be >= 0 and --auth-fail-window > 0")
     if args.max_reward_concurrency < 1:
         raise UserError(f"--max-reward-concurrency {args.max_reward_concurrency}: expected at least 1")
     if args.lambda_endpoint_url and not args.invoke_lambdas:
@@ -157,6 +173,12 @@ def run(args) -> int:
         raise UserError(f"--accelerate-config {args.accelerate_config}: no such file")
     models, lambdas = _models(args.models), _lambdas(args.lambdas)
     handler_env, pass_env = _handler_env(args.handler_env)
+    from grpo.api.policy import check_client_env_names
+
+    try:
+        check_client_env_names(args.client_env, [*handler_env, *pass_env])
+    except ValueError as e:
+        raise UserError(str(e)) from None
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
@@ -171,7 +193,9 @@ def run(args) -> int:
     cfg = ServerConfig(state_dir=args.state_dir.resolve(), api_key=key, handlers_dir=args.handlers_dir,
                        base_models=models, lambdas=lambdas, invoke_lambdas=args.invoke_lambdas,
                        lambda_endpoint_url=args.lambda_endpoint_url, handler_env=handler_env,
-                       handler_pass_env=pass_env, max_reward_concurrency=args.max_reward_concurrency,
+                       handler_pass_env=pass_env, client_env=list(args.client_env),
+                       show_handler_errors=args.show_handler_errors, auth_fail_limit=args.auth_fail_limit,
+                       auth_fail_window_s=args.auth_fail_window, max_reward_concurrency=args.max_reward_concurrency,
                        max_jobs=args.max_jobs, devices=args.devices,
                        accelerate_config=str(args.accelerate_config.resolve()) if args.accelerate_config else None,
                        max_processes_per_job=args.max_processes_per_job,

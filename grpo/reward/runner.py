@@ -124,6 +124,9 @@ class RewardResult:
         return out
 
 
+ERROR_DETAIL = ("full", "withheld")
+
+
 class RewardError(Exception):
     """The handler failed (on_failure="fail"): the message quotes the handler's own error."""
 
@@ -271,7 +274,10 @@ class RewardRunner:
                  on_failure: str = "fail", endpoint_url: str | None = None, region: str | None = None,
                  max_retries: int = 8, retry_base_s: float = 0.25, retry_max_s: float = 20.0,
                  max_payload_bytes: int = LAMBDA_MAX_PAYLOAD_BYTES, startup_timeout_s: float = 120.0,
-                 env: dict[str, str] | None = None, pass_env: list[str] | tuple = ()):
+                 env: dict[str, str] | None = None, pass_env: list[str] | tuple = (),
+                 error_detail: str = "full", error_log: str | Path | None = None):
+        if error_detail not in ERROR_DETAIL:
+            raise UserError(f"reward error_detail must be one of {ERROR_DETAIL}, got {error_detail!r}")
         if on_failure not in ON_FAILURE:
             raise UserError(f"reward on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         for name, value in (("batch_size", batch_size), ("max_payload_bytes", max_payload_bytes)):
@@ -290,6 +296,7 @@ class RewardRunner:
         self.batch_size, self.max_concurrency = batch_size, max_concurrency
         self.timeout_s, self.on_failure = float(timeout_s), on_failure
         self.max_payload_bytes = max_payload_bytes
+        self.error_detail, self.error_log = error_detail, (Path(error_log) if error_log else None)
         self._lock = threading.Lock()
         self._log_dir: str | None = None
         if self.spec.arn is not None:
@@ -380,6 +387,8 @@ class RewardRunner:
                 progress(len(batch))
         if progress is not None and oversized:
             progress(len(oversized))
+        if failures and self.error_detail == "withheld":
+            failures = self._withhold(failures)
         result = RewardResult(scores=[None] * len(trajectories), failures=failures, n_calls=len(batches))
         for i, entry in enumerate(entries):
             if entry is None:
@@ -397,6 +406,23 @@ class RewardRunner:
                 f"{', '.join(first.trajectory_ids[:3])}{' ...' if len(first.trajectory_ids) > 3 else ''}: "
                 f"{first.message}", result)
         return result
+
+
+    def _withhold(self, failures: list[RewardFailure]) -> list[RewardFailure]:
+        """The failures with their text replaced by a note (kind and ids stay); the text is appended to
+        ``error_log`` for whoever runs the handler. A handler's error can quote what an upstream service
+        answered (a judge endpoint's reply), which a server does not pass on to the client that sent the job."""
+        if self.error_log is not None:
+            try:
+                with open(self.error_log, "a", encoding="utf-8") as f:
+                    for fail in failures:
+                        f.write(json.dumps({"time": time.time(), "kind": fail.kind, "ids": fail.trajectory_ids,
+                                            "message": fail.message}) + "\n")
+            except OSError:
+                pass  # the note below still says the text was withheld
+        where = f" (in {self.error_log.name} of the run, for the operator)" if self.error_log else ""
+        return [RewardFailure(f.trajectory_ids, f.kind, f"the handler's error text is withheld by this server"
+                              f"{where}") for f in failures]
 
 
 def _shutdown(backend: Any, executor: ThreadPoolExecutor, log_dir: str | None) -> None:

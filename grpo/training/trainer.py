@@ -89,7 +89,8 @@ class Trainer:
         self.runner = RewardRunner(cfg.handler, batch_size=e.reward.batch_size, max_concurrency=e.reward.concurrency,
                                    timeout_s=e.reward.timeout_s, on_failure=e.reward.on_failure,
                                    endpoint_url=e.reward.endpoint_url, env=e.reward.env or None,
-                                   pass_env=e.reward.pass_env)
+                                   pass_env=e.reward.pass_env, error_detail=e.reward.error_detail,
+                                   error_log=RunDir(self.run_dir).reward_errors)
         self.settings = UpdateSettings.from_config(cfg, self.world)
         self.on_policy = e.algorithm.ppo_epochs == 1 and cfg.mini_batch_prompts() == h.batch_size
         self.procs = Processes(self.acc)
