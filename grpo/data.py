@@ -39,6 +39,8 @@ from grpo.jsonl import MAX_SHOWN, capped, json_kind, open_lines, parse_line
 
 MIN_RECORDS = 100
 MAX_RECORDS = 20_000
+MAX_KEPT_PROBLEMS = 1_000  # problems kept in a report (all are counted): validating any file takes bounded memory
+MAX_DISTINCT = 1_000  # distinct message shapes / metadata fields a summary counts by name (the rest: "(other)")
 ROLES = ("system", "user", "assistant")
 KNOWN_FIELDS = ("messages", "reference_answer", "id", "tools")
 GSM8K_SUFFIX = " Let's think step by step and output the final answer after '####'."
@@ -84,20 +86,26 @@ class ValidationReport:
     """What ``validate_file`` found. ``records`` holds the records that passed every rule."""
 
     path: str
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # the first MAX_KEPT_PROBLEMS (problem_count: all)
     warnings: list[Problem] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    problem_count: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problem_count and not self.problems
+
+    def add(self, problem: Problem) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_KEPT_PROBLEMS or problem.line is None:  # file-level ones are always kept
+            self.problems.append(problem)
 
     def problem_lines(self, limit: int = MAX_SHOWN) -> list[str]:
         """The problems as lines, the first ``limit`` then "... and N more", then the count line."""
         w = len(self.warnings)
         tail = f" in {self.path}" + (f" ({w} warning{'s' * (w != 1)})" if w else "")
-        return capped([str(p) for p in self.problems], tail, limit)
+        return capped([str(p) for p in self.problems[:limit]], tail, limit, total=self.problem_count)
 
 
 
@@ -202,18 +210,27 @@ def _check_tools(tools: Any) -> list[tuple[str, str]]:
 
 
 def validate_file(path: str | os.PathLike, allow_small: bool = False,
-                  min_records: int = MIN_RECORDS, max_records: int = MAX_RECORDS) -> ValidationReport:
+                  min_records: int = MIN_RECORDS, max_records: int = MAX_RECORDS, *,
+                  keep_records: bool = True) -> ValidationReport:
     """Check every rule of spec section 1; report every problem. Raises UserError only when the
-    path cannot be read at all (missing, a directory, no permission)."""
+    path cannot be read at all (missing, a directory, no permission).
+
+    The file is read line by line and memory stays bounded whatever its size: problems are all counted and
+    the first MAX_KEPT_PROBLEMS kept, the summary is accumulated as it goes, and records (``keep_records``)
+    and ids (for duplicates) are kept for the first ``max_records`` records only (past that the file is
+    invalid anyway)."""
     name = str(path)
     rep = ValidationReport(path=name)
-    add = lambda line, fld, msg: rep.problems.append(Problem(name, line, fld, msg))  # noqa: E731
-    explicit: dict[str, int] = {}  # id -> first line that uses it
+    add = lambda line, fld, msg: rep.add(Problem(name, line, fld, msg))  # noqa: E731
+    explicit: dict[str, int] = {}  # id -> first line that uses it (for the first max_records records)
     missing_id: list[int] = []
-    n_lines = 0
+    summary = _Summary()
+    n_lines = n_blank = 0
     for lineno, raw in enumerate(open_lines(Path(path)), start=1):
         n_lines += 1
+        tracked = n_lines - n_blank <= max_records  # records past Bedrock's maximum: counted, not remembered
         if not raw.strip():
+            n_blank += 1
             add(lineno, "line", "blank line; remove it (one JSON object per line)")
             continue
         obj, err, had_bom = parse_line(raw, lineno)
@@ -237,22 +254,25 @@ def validate_file(path: str | os.PathLike, allow_small: bool = False,
             if rid in explicit:
                 add(lineno, "id", f"duplicate id {json.dumps(rid)[:80]} (first used on line "
                                   f"{explicit[rid]})")
-            else:
+            elif tracked:
                 explicit[rid] = lineno
-        elif "id" not in obj:
+        elif "id" not in obj and tracked:
             missing_id.append(lineno)
         if not found:
-            rep.records.append(Record(
+            record = Record(
                 line=lineno, id=str(obj["id"]) if id_ok else f"line-{lineno}",
                 messages=obj["messages"], reference_answer=obj["reference_answer"],
                 metadata={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
-                tools=obj.get("tools")))
+                tools=obj.get("tools"))
+            summary.add(record, derived=not id_ok)
+            if keep_records and tracked:
+                rep.records.append(record)
     for lineno in missing_id:  # derived ids must not collide with explicit ones
         derived = f"line-{lineno}"
         if derived in explicit:
             add(explicit[derived], "id", f"\"{derived}\" is also the id derived for line {lineno}"
                                          f" (which has no id); rename one of them")
-    n = n_lines - sum(1 for p in rep.problems if p.field == "line")
+    n = n_lines - n_blank
     if n == 0:
         add(None, "records", "no records in the file")
     elif n < min_records:
@@ -264,35 +284,52 @@ def validate_file(path: str | os.PathLike, allow_small: bool = False,
     elif n > max_records:
         add(None, "records", f"{n:,} records; Bedrock accepts at most {max_records:,}")
     rep.problems.sort(key=lambda p: (p.line is None, p.line or 0))
-    rep.summary = _summarize(rep.records, n)
-    no_id = set(missing_id)
-    rep.summary["derived_ids"] = sum(1 for r in rep.records if r.line in no_id)
+    rep.summary = summary.result(n)
     return rep
 
 
-def _summarize(records: list[Record], n_records: int) -> dict:
-    """Counts over valid records: roles, message shapes, reference types, metadata fields."""
-    roles: Counter = Counter()
-    shapes: Counter = Counter()
-    refs: Counter = Counter()
-    meta: Counter = Counter()
-    chars = []
-    for r in records:
+class _Summary:
+    """Counts over valid records, accumulated one record at a time: roles, message shapes, reference types,
+    metadata fields (each by name for the first MAX_DISTINCT names, the rest as "(other)")."""
+
+    def __init__(self):
+        self.roles: Counter = Counter()
+        self.shapes: Counter = Counter()
+        self.refs: Counter = Counter()
+        self.meta: Counter = Counter()
+        self.valid = self.derived = self.with_tools = self.chars_total = 0
+        self.chars_min: int | None = None
+        self.chars_max = 0
+
+    @staticmethod
+    def _count(counter: Counter, key: str) -> None:
+        counter[key if key in counter or len(counter) < MAX_DISTINCT else "(other)"] += 1
+
+    def add(self, r: Record, derived: bool) -> None:
         seq = [m["role"] for m in r.messages]
-        roles.update(seq)
-        shapes[",".join(seq) if len(seq) <= 8 else ",".join(seq[:6]) + f",... ({len(seq):,} messages)"] += 1
-        refs["string" if isinstance(r.reference_answer, str) else "object"] += 1
-        meta.update(r.metadata.keys())
-        chars.append(sum(len(m["content"]) for m in r.messages))
-    return {
-        "records": n_records,
-        "valid_records": len(records),
-        "roles": dict(roles), "message_shapes": dict(shapes.most_common()),
-        "reference_types": dict(refs), "metadata_fields": dict(meta.most_common()),
-        "with_tools": sum(1 for r in records if r.tools),
-        "prompt_chars": ({"min": min(chars), "mean": round(sum(chars) / len(chars), 1),
-                          "max": max(chars)} if chars else {}),
-    }
+        self.roles.update(seq)
+        self._count(self.shapes, ",".join(seq) if len(seq) <= 8 else ",".join(seq[:6]) + f",... ({len(seq):,} messages)")
+        self.refs["string" if isinstance(r.reference_answer, str) else "object"] += 1
+        for k in r.metadata:
+            self._count(self.meta, k)
+        chars = sum(len(m["content"]) for m in r.messages)
+        self.chars_min = chars if self.chars_min is None else min(self.chars_min, chars)
+        self.chars_max, self.chars_total = max(self.chars_max, chars), self.chars_total + chars
+        self.valid += 1
+        self.derived += derived
+        self.with_tools += bool(r.tools)
+
+    def result(self, n_records: int) -> dict:
+        return {
+            "records": n_records,
+            "valid_records": self.valid,
+            "roles": dict(self.roles), "message_shapes": dict(self.shapes.most_common()),
+            "reference_types": dict(self.refs), "metadata_fields": dict(self.meta.most_common()),
+            "with_tools": self.with_tools,
+            "prompt_chars": ({"min": self.chars_min, "mean": round(self.chars_total / self.valid, 1),
+                              "max": self.chars_max} if self.valid else {}),
+            "derived_ids": self.derived,
+        }
 
 
 def load_records(path: str | os.PathLike, allow_small: bool = False, *,

@@ -24,10 +24,12 @@ MAX_LINE_BYTES = 8 * 2**20  # a record line past this cannot travel to a Lambda 
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # where a lone surrogate could hide (lone_surrogate)
 
 
-def capped(lines: list[str], tail: str = "", limit: int = MAX_SHOWN) -> list[str]:
-    """The first ``limit`` lines, "... and N more", then "N problems<tail>"."""
-    more = [f"... and {len(lines) - limit} more"] if len(lines) > limit else []
-    return lines[:limit] + more + [f"{len(lines)} problem{'s' * (len(lines) != 1)}{tail}"]
+def capped(lines: list[str], tail: str = "", limit: int = MAX_SHOWN, total: int | None = None) -> list[str]:
+    """The first ``limit`` lines, "... and N more", then "N problems<tail>" (``total``: how many there are
+    when ``lines`` holds only the first of them)."""
+    n = max(len(lines), total or 0)
+    more = [f"... and {n - limit:,} more"] if n > limit else []
+    return lines[:limit] + more + [f"{n:,} problem{'s' * (n != 1)}{tail}"]
 
 
 def json_kind(value: Any) -> str:
@@ -38,6 +40,26 @@ def json_kind(value: Any) -> str:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not standard JSON")
+
+
+class DuplicateKey(ValueError):
+    """An object holding the same key twice: JSON parsers disagree on which value wins (Python's keeps the
+    last; Bedrock's may keep another), so the record means different things to different readers."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKey(k)
+            seen.add(k)
+    return out
 
 
 class LongLine(bytes):
@@ -81,7 +103,7 @@ def parse_line(raw: bytes, lineno: int) -> tuple[Any, tuple[str, str] | None, bo
             return None, ("encoding", "UTF-8 byte order mark in the middle of the file"), True
         text = text[1:]
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
         if SURROGATE_ESCAPE.search(raw):
             where = lone_surrogate(value)
             if where:
@@ -95,6 +117,10 @@ def parse_line(raw: bytes, lineno: int) -> tuple[Any, tuple[str, str] | None, bo
         return None, ("json", f"invalid JSON: {e.msg}{at} column {e.colno}{hint}"), had_bom
     except RecursionError:
         return None, ("json", "invalid JSON: nested too deeply"), had_bom
+    except DuplicateKey as e:
+        key = e.key if len(e.key) <= 64 else e.key[:64] + "..."
+        return None, (key, "appears twice in one object; JSON readers differ on which value they keep (Bedrock's "
+                           "may not keep the last): keep one"), had_bom
     except ValueError as e:  # NaN/Infinity, integers over Python's digit limit
         return None, ("json", f"invalid JSON: {e}"), had_bom
 

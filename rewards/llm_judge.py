@@ -40,6 +40,7 @@ Metrics: ``judge_score`` (the judge's raw score, type Metric) and ``judge_attemp
 """
 
 import json
+import math
 import os
 import re
 import time
@@ -58,6 +59,8 @@ DEFAULT_PROMPT = (
 DEFAULT_PATTERN = r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)"
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+# What may follow a number and still belong to it: digits, a decimal point with digits, an exponent.
+_NUMBER_TAIL = re.compile(r"(?:\d|\.\d|[eE][+-]?\d)[\w.+-]*")
 
 
 class ConfigError(ValueError):
@@ -159,19 +162,25 @@ def split_trajectory(trajectory):
 
 def parse_score(reply, pattern, max_score):
     """The judge's score: the last match of `pattern` in the reply (thinking removed); JudgeFailure when there
-    is none or it lies outside 0..max_score."""
+    is none, it is not a finite number, or it lies outside 0..max_score. The number is read whole where the
+    match stops inside one ("Score: 1e400" or "Score: 7.5.1" are not 1 or 7.5)."""
     text = _THINK.sub("", reply or "")
-    found = pattern.findall(text)
-    if not found:
+    matches = list(pattern.finditer(text))
+    if not matches:
         raise JudgeFailure(f"the judge's reply has no score (JUDGE_SCORE_PATTERN {pattern.pattern!r} does not "
                            f"match): {_excerpt(text)}")
-    last = found[-1]
-    raw = last[0] if isinstance(last, tuple) else last
+    last = matches[-1]
+    raw = last.group(1)
+    if raw is None:
+        raise JudgeFailure(f"the judge's reply has no score (the pattern's group did not match): {_excerpt(text)}")
+    tail = _NUMBER_TAIL.match(text, last.end(1))
+    if tail and tail.group(0):
+        raise JudgeFailure(f"the judge's score {raw + tail.group(0)!r} is not a plain number: {_excerpt(text)}")
     try:
         score = float(raw)
     except ValueError:
         raise JudgeFailure(f"the judge's score {raw!r} is not a number: {_excerpt(text)}") from None
-    if not 0 <= score <= max_score:
+    if not math.isfinite(score) or not 0 <= score <= max_score:
         raise JudgeFailure(f"the judge's score {raw} is outside 0..{max_score:g}: {_excerpt(text)}")
     return score
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -62,10 +61,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     trajectories, labels = build(find_shared())
-    os.environ["GSM8K_REWARD_MODE"] = "flexible"  # workers inherit it; the labels are checked below
-    start = time.perf_counter()
-    with RewardRunner(str(ROOT / "rewards" / "gsm8k.py"), batch_size=args.batch_size,
-                      max_concurrency=args.workers) as runner:
+    start = time.perf_counter()  # handlers get an explicit environment: the Lambda's configuration goes in env
+    with RewardRunner(str(ROOT / "rewards" / "gsm8k.py"), batch_size=args.batch_size, max_concurrency=args.workers,
+                      env={"GSM8K_REWARD_MODE": "flexible"}) as runner:  # the labels are checked below
         startup = time.perf_counter() - start
         times = []
         for _ in range(args.repeats):

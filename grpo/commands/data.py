@@ -63,7 +63,7 @@ def _validate(args: argparse.Namespace) -> int:
     from grpo.data import validate_file
 
     t0 = time.perf_counter()
-    rep = validate_file(args.file, allow_small=args.allow_small)
+    rep = validate_file(args.file, allow_small=args.allow_small, keep_records=False)
     dt = time.perf_counter() - t0
     for w in rep.warnings:
         print(f"warning: {w}")

@@ -55,8 +55,22 @@ def resolve_base_url(base_url: str | None) -> str:
     if not url:
         raise UserError("no endpoint: give --base-url URL (e.g. https://bedrock-mantle.us-west-2.api.aws/v1, "
                         "or http://127.0.0.1:8000/v1 for `grpo serve`) or set OPENAI_BASE_URL")
-    if urlparse(url).scheme not in ("http", "https"):
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https"):
         raise UserError(f"--base-url {url!r}: expected an http(s) URL, e.g. https://bedrock-mantle.us-west-2.api.aws/v1")
+    try:
+        import httpx  # the openai SDK's HTTP client
+        invalid: tuple = (ValueError, httpx.InvalidURL)
+    except ImportError:
+        httpx, invalid = None, (ValueError,)
+    try:
+        host, _ = parts.hostname, parts.port  # .port raises ValueError for a port out of range or not a number
+        if httpx is not None:
+            httpx.URL(url)  # what the SDK will parse (an IPv4 address with a part over 255 is refused here)
+    except invalid as e:
+        raise UserError(f"--base-url {url!r}: not a valid URL ({e})") from None
+    if not host:
+        raise UserError(f"--base-url {url!r}: no host in it, e.g. http://127.0.0.1:8000/v1")
     return url.rstrip("/")
 
 
@@ -147,6 +161,9 @@ def api_errors(base_url: str):
         yield
     except openai.APIConnectionError as e:
         raise UserError(f"cannot reach {base_url}: {e.__cause__ or e}") from None
+    except openai.APIResponseValidationError as e:
+        raise UserError(f"{base_url} answered, but not with the OpenAI API's JSON ({e.message}); is it an "
+                        "OpenAI-compatible endpoint ending in /v1?") from None
     except openai.APIStatusError as e:
         body = e.body if isinstance(e.body, dict) else {}
         detail = body.get("message") or body.get("detail") or e.message
@@ -154,6 +171,17 @@ def api_errors(base_url: str):
         cls = RemoteError if e.status_code >= 500 else UserError
         hint = " (check --api-key)" if e.status_code in (401, 403) else ""
         raise cls(f"{base_url} answered {e.status_code}: {detail}{hint}") from None
+
+
+def expect_object(resp, kind: str, base_url: str, attr: str):
+    """The SDK hands back a plain string when an endpoint answers 200 with something other than JSON (an HTML
+    page behind a wrong --base-url): a UserError saying so, instead of an AttributeError further on."""
+    if not hasattr(resp, attr):
+        text = resp if isinstance(resp, str) else type(resp).__name__
+        head = " ".join(str(text).split())[:120]
+        raise UserError(f"{base_url} answered 200 but not with a {kind} ({head!r}...); is it an OpenAI-compatible "
+                        "endpoint ending in /v1?")
+    return resp
 
 
 # -- the job request -----------------------------------------------------------------------------------

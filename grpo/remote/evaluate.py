@@ -8,14 +8,14 @@ from grpo.training.validation import EvalResult
 
 def _remote_choices(client, model: str, rec, want: int, params: dict) -> tuple[list, int]:
     """`want` chat completions for one record (asked for with n; a server that returns fewer is asked again)."""
-    from grpo.remote.client import RemoteError
+    from grpo.remote.client import RemoteError, expect_object
 
     choices, tokens = [], 0
     for _ in range(want):
         kw = dict(params, model=model, messages=rec.messages, n=want - len(choices))
         if rec.tools:
             kw["tools"] = rec.tools
-        resp = client.chat.completions.create(**kw)
+        resp = expect_object(client.chat.completions.create(**kw), "chat completion", str(client.base_url), "choices")
         if not resp.choices:
             raise RemoteError(f"the endpoint returned no choices for record {rec.id}")
         choices += sorted(resp.choices, key=lambda c: c.index)
