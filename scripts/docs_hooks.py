@@ -48,7 +48,8 @@ def table(section: str) -> str:
             rows.append(f"| `engine.{key}` | (a section) | {field.description}; see {where} |")
             continue
         desc = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{section}.{key}` | {_default(field)} | {desc} |")
+        prefix = "method.reinforcement.hyperparameters" if section == "hyperparameters" else section
+        rows.append(f"| `{prefix}.{key}` | {_default(field)} | {desc} |")
     return "\n".join(rows)
 
 

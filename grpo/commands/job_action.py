@@ -24,7 +24,7 @@ NEXT = {
     "pausing": "it saves a checkpoint after its current step, then it is paused",
     "paused": "nothing runs until you resume it",
     "queued": "it continues from its last checkpoint when a device is free",
-    "cancelled": "its checkpoints so far stay listed (grpo pull JOB)",
+    "cancelled": "the checkpoints it saved stay: grpo pull JOB",
 }
 
 
