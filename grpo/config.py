@@ -3,7 +3,7 @@
 One YAML file runs locally as it is (`grpo train job.yaml`) and is submitted to Bedrock with `engine`
 stripped. Relative paths in the file are taken relative to the current directory, as a command line
 tool would. Every default that Bedrock does not publish lives in `EngineConfig` below, with its reason
-beside it; README.md's defaults table is the same list.
+beside it; docs/job_file.md's defaults table is the same list, and its key tables are generated from these models.
 """
 
 from __future__ import annotations
