@@ -48,6 +48,15 @@ def test_job_file_tables_come_from_the_config_models(site):
     assert re.search(r"<code>engine.cpu_linear</code></td>\s*<td><code>\"onednn\"</code>", html)
 
 
+def test_cli_reference_has_every_command(site):
+    from grpo.cli import COMMANDS
+
+    html = (site / "cli" / "index.html").read_text()
+    for name in COMMANDS:
+        assert f"usage: grpo {name}" in html, name
+    assert "usage: grpo data convert" in html and "--prompt-column" in html
+
+
 def test_api_reference_is_rendered_from_docstrings(site):
     html = (site / "reference" / "reward" / "index.html").read_text()
     assert "RewardRunner" in html and "progress(n)" in html  # RewardRunner.score's docstring
