@@ -55,7 +55,9 @@ def test_pause_resume_cancel_commands(tmp_path):
                                             "only a queued or running job can be paused"), err
         code, out, _ = grpo("resume", second, *conn, "--json")
         assert code == 0 and json.loads(out)["status"] == "queued" and json.loads(out)["id"] == second
-        code, out, _ = grpo("cancel", second, *conn)
+        code, out, _ = grpo("pause", second, *conn, "--wait", "--interval", "0.1")
+        assert code == 0 and out.startswith(f"job {second}: paused"), out
+        code, out, _ = grpo("cancel", second, *conn)  # a paused job can be cancelled
         assert code == 0 and out.startswith(f"job {second}: cancelled"), out
         assert client.fine_tuning.jobs.retrieve(second).status == "cancelled"
 
