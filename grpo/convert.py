@@ -20,6 +20,7 @@ converts and the result is valid; the file is written atomically.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -158,6 +159,11 @@ def row_to_record(row: Mapping, index: int, m: ColumnMap, id_prefix: str) -> tup
                              f"expected text or an integer, got {json_kind(row.get(m.id_column))}"))
     else:
         rid = f"{id_prefix}-{index}"
+    for col in m.keep:
+        try:
+            json.dumps(row.get(col), allow_nan=False)
+        except (TypeError, ValueError):
+            problems.append((col, f"a {type(row.get(col)).__name__} value is not JSON; leave it out of --keep"))
     if problems:
         return None, problems
     out = {"id": rid, "messages": messages, "reference_answer": reference}

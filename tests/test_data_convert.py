@@ -96,6 +96,15 @@ def test_bad_rows_are_all_named_and_nothing_is_written(tmp_path):
         assert code == 2 and err.startswith(f"error: {missing}:"), err
 
 
+def test_a_kept_column_must_be_json(tmp_path):
+    import datetime
+
+    src = tmp_path / "when.parquet"
+    datasets.Dataset.from_list([{"prompt": "p", "answer": "a", "when": datetime.datetime(2026, 1, 1)}]).to_parquet(str(src))
+    code, _, err = grpo("data", "convert", src, "--out", tmp_path / "o.jsonl", "--keep", "when")
+    assert code == 2 and f"{src}:row 1: when: a datetime value is not JSON; leave it out of --keep" in err, err
+
+
 def test_what_bedrock_rules_refuse_after_mapping_names_the_row(tmp_path):
     src = tmp_path / "dup.jsonl"
     src.write_text("".join(json.dumps({"prompt": "p", "answer": "a", "uid": u}) + "\n" for u in ("a", "b", "a")))
