@@ -24,9 +24,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from grpo.data import ROLES, validate_file, write_jsonl
 from grpo.errors import UserError
@@ -80,7 +81,7 @@ def load_rows(source: str | os.PathLike, split: str | None = None) -> tuple[list
                             "or dataset_dict.json); give the data file itself")
         try:
             ds = datasets.load_from_disk(str(p), keep_in_memory=True)
-        except Exception as e:  # a damaged directory: say which, no traceback
+        except Exception as e:  # noqa: BLE001 - a damaged directory: say which, no traceback
             raise UserError(f"{source}: cannot read it as a saved dataset: {e}") from None
         return _pick_split(ds, source, split)
     kind = FORMATS.get(p.suffix.lower())
@@ -92,7 +93,7 @@ def load_rows(source: str | os.PathLike, split: str | None = None) -> tuple[list
     with tempfile.TemporaryDirectory(prefix="grpo-convert-") as cache:  # no copy left in the user's HF cache
         try:
             ds = datasets.load_dataset(kind, data_files=str(p), split="train", cache_dir=cache)
-        except Exception as e:  # malformed CSV/JSON, an unreadable parquet file
+        except Exception as e:  # noqa: BLE001 - malformed CSV/JSON, an unreadable parquet file
             raise UserError(f"{source}: cannot read it as {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return [dict(r) for r in ds], list(ds.column_names), None
 
@@ -136,8 +137,8 @@ def row_to_record(row: Mapping, index: int, m: ColumnMap, id_prefix: str) -> tup
         messages = [{"role": x.get("role"), "content": x.get("content")} for x in prompt]
         bad = [i for i, x in enumerate(messages) if x["role"] not in ROLES or not isinstance(x["content"], str)]
         if bad:
-            problems.append((f"{m.prompt_column}[{bad[0]}]", "expected {role: system|user|assistant, content: "
-                                                           "text} in a chat-format column"))
+            problems.append((f"{m.prompt_column}[{bad[0]}]",
+                             "expected {role: system|user|assistant, content: text} in a chat-format column"))
         if m.system is not None and messages and messages[0]["role"] == "system":
             problems.append((m.prompt_column, "already starts with a system message; leave --system out"))
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MARKER = re.compile(r"^<!-- keys: ([\w.]+) -->$", re.M)
+MARKER = re.compile(r"^<!-- keys: ([\w.]+) -->$", re.MULTILINE)
 CLI_MARKER = "<!-- cli -->"
 NESTED = ("algorithm", "lora", "reward", "rollout", "health")  # engine.* sections with their own table
 

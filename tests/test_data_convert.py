@@ -84,7 +84,7 @@ def test_bad_rows_are_all_named_and_nothing_is_written(tmp_path):
     src = tmp_path / "bad.csv"
     src.write_text("question,answer\nWhat is 1+1?,2\n,3\nWhat is 2+2?,\n   ,4\n")
     out = tmp_path / "o.jsonl"
-    code, text, err = grpo("data", "convert", src, "--out", out, "--prompt-column", "question")
+    code, _, err = grpo("data", "convert", src, "--out", out, "--prompt-column", "question")
     assert code == 2 and not out.exists() and "Traceback" not in err
     assert err.splitlines()[1:] == [f"{src}:row 2: question: is null", f"{src}:row 3: answer: is null",
                                     f"{src}:row 4: question: is empty", "3 problems"]

@@ -34,10 +34,10 @@ def setup(tmp_path_factory):
 
 def test_generate_reports_every_prompt_chunk_by_chunk(setup):
     import torch
+    from transformers import AutoModelForCausalLM
 
     from grpo.models.loading import load_tokenizer
     from grpo.rollout.generate import generate
-    from transformers import AutoModelForCausalLM
 
     model_dir, _ = setup
     tok, model = load_tokenizer(str(model_dir)), AutoModelForCausalLM.from_pretrained(model_dir)

@@ -32,9 +32,8 @@ def add_arguments(p):
     from grpo.remote.client import add_connection_arguments
 
     action = p.prog.split()[-1]
-    p.description = f"{p.description}. " + (
-        "Sends client.fine_tuning.jobs.%s(JOB) to the endpoint (grpo serve, or Bedrock where it has the route) "
-        "and prints the job's new status." % action)
+    p.description = (f"{p.description}. Sends client.fine_tuning.jobs.{action}(JOB) to the endpoint (grpo serve, "
+                     "or Bedrock where it has the route) and prints the job's new status.")
     p.add_argument("job", help="fine-tuning job id (ftjob-...)")
     add_connection_arguments(p)
     p.add_argument("--json", action="store_true", help="print the job object the server returned as one JSON line")

@@ -6,7 +6,7 @@ decoder allows it (grpo.models.kv_cache) and the LoRA adapter merged for decodin
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
