@@ -11,7 +11,7 @@ from grpo.errors import UserError
 
 # command name -> (module under grpo.commands, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("data", "validate Bedrock RFT JSONL, build it from GSM8K, or filter it by measured pass rate"),
+    "data": ("data", "validate Bedrock RFT JSONL, convert a dataset or GSM8K to it, or filter it by pass rate"),
     "reward": ("reward", "the reward lab: run a Lambda-contract handler over data and report"),
     "train": ("train", "run a GRPO job from a Bedrock-shaped YAML config"),
     "eval": ("evaluate", "sample and grade a model (base or adapter) on a data file"),
@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "a local OpenAI-compatible server: files, fine-tuning jobs, chat completions"),
     "submit": ("submit", "upload the files and create the job on Bedrock (or any OpenAI-compatible server)"),
     "status": ("status", "show a fine-tuning job's status and latest metrics"),
+    "pause": ("job_action", "pause a queued or running fine-tuning job (a running one checkpoints first)"),
+    "resume": ("job_action", "resume a paused fine-tuning job from its last checkpoint"),
+    "cancel": ("job_action", "cancel a fine-tuning job (its trainer stops; saved checkpoints stay)"),
     "pull": ("pull", "turn a job's events into a local run directory (metrics.jsonl, checkpoints)"),
     "compare": ("compare", "the parity check: compare two runs' metrics, with a verdict and a picture"),
 }

@@ -3,7 +3,7 @@
 One YAML file runs locally as it is (`grpo train job.yaml`) and is submitted to Bedrock with `engine`
 stripped. Relative paths in the file are taken relative to the current directory, as a command line
 tool would. Every default that Bedrock does not publish lives in `EngineConfig` below, with its reason
-beside it; README.md's defaults table is the same list.
+beside it; docs/job_file.md's defaults table is the same list, and its key tables are generated from these models.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Hyperparameters(_Strict):
     training_sample_per_prompt: int = Field(8, ge=2, le=16, description="group size (native 2-16)")
     max_prompt_length: int = Field(4096, ge=1, description="prompts longer than this (tokens) are filtered out")
     inference_max_tokens: int = Field(1024, ge=1, description="max tokens sampled per response")
-    reasoning_effort: Literal["low", "medium", "high"] = "low"
+    reasoning_effort: Literal["low", "medium", "high"] = Field(
+        "low", description="Qwen3: thinking off for low; GPT-OSS: harmony's \"Reasoning: low\"")
     eval_interval: int | None = Field(None, ge=1, le=100, description="steps between validations; auto: min(10, records/batch)")
     early_stopping: bool = Field(True, description="on by default, as on Bedrock; rule in engine.early_stopping_*")
 
@@ -110,19 +111,23 @@ class EngineConfig(_Strict):
 
     model: str | None = Field(None, description="local model path or hub id, overriding the Bedrock id mapping")
     handler: str | None = Field(None, description="local handler run in place of the grader's ARN")
-    seed: int = 0
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = Field(0, description="prompt order, sampling and the adapter's start: a run repeats exactly")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights' dtype; auto: bf16 on a GPU, fp32 on the CPU")
     base_learning_rate: float = Field(1e-4, gt=0, description="AWS best practice for LoRA: 1e-4")
-    lr_warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up over training steps (the schedule steps once "
+                                 "per step, however many mini-batches, as verl's worker); Bedrock publishes none")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's; 0: the update is the loss's alone (Bedrock publishes none)")
     temperature: float = Field(1.0, gt=0, description="verl's rollout default; the policy's own distribution")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="1.0: the full distribution (top-k off too), so the update's "
+                         "log-probs describe exactly what was sampled")
     ignore_eos: bool = Field(False, description="benchmarks: every response is inference_max_tokens long; end tokens do not stop it")
     eval_temperature: float | None = Field(None, description="validation sampling; default: the training temperature")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig,
                                        description="the GRPO update: estimator, loss, KL, batch sizes (flat engine.* aliases)")
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    gradient_checkpointing: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter: rank, alpha, dropout, targets")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, "
+                                         "more time; the GPU configs turn it on to fit")
     load_in_4bit: bool = Field(False, description="QLoRA: the base's linear layers in 4-bit NF4 (bitsandbytes); Qwen3-32B on one 80 GB GPU")
     attn_implementation: str | None = Field(None, description="transformers attention kernel; default the model's own (SDPA for Qwen3; eager for GPT-OSS, whose attention sinks SDPA lacks)")
     cpu_linear: Literal["onednn", "aten"] = Field("onednn", description="frozen float32 Linear layers on the CPU: "
@@ -133,8 +138,10 @@ class EngineConfig(_Strict):
     eval_max_records: int | None = Field(None, ge=1, description="cap on validation prompts per evaluation")
     early_stopping_patience: int = Field(5, ge=1, description="evaluations without improvement before stopping")
     early_stopping_min_delta: float = Field(0.01, ge=0, description="improvement of val reward that counts")
-    reward: RewardRunnerConfig = Field(default_factory=RewardRunnerConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardRunnerConfig = Field(default_factory=RewardRunnerConfig,
+                                       description="how the reward handler is called: batches, concurrency, failures")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig,
+                                   description="where responses are sampled, and the correction for another sampler")
     log_samples: int = Field(4, ge=0, description="sampled responses per step written to <run>/samples.jsonl")
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers")
     health: HealthThresholds = Field(default_factory=HealthThresholds, description="training-health alarms: docs/health.md")

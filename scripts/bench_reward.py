@@ -8,6 +8,7 @@ run), then ``score()`` runs ``--repeats`` times; the figure is the median. It al
 against the ``is_correct`` labels (flexible mode), so a fast but wrong runner does not pass.
 
     .venv/bin/python scripts/bench_reward.py [--workers 2] [--batch-size 64] [--repeats 5]
+    .venv/bin/python scripts/bench_reward.py --quick   # the first 50 questions (200 trajectories), once: the suite's check
 
 The last line is ``trajectories_per_second: N``.
 """
@@ -37,7 +38,7 @@ def find_shared() -> Path:
     raise SystemExit("shared/data/gsm8k/example_model_solutions.jsonl not found next to the repository")
 
 
-def build(data: Path) -> tuple[list[dict], list[bool]]:
+def build(data: Path, limit: int | None = None) -> tuple[list[dict], list[bool]]:
     """The test split as the project's own converter makes it (`grpo data gsm8k`: prompt suffix and
     `#### <n>` reference), one trajectory per labelled solution of each question."""
     solutions = [json.loads(line) for line in (data / "example_model_solutions.jsonl").read_text().splitlines()]
@@ -46,7 +47,7 @@ def build(data: Path) -> tuple[list[dict], list[bool]]:
     if len(records) != len(solutions):
         raise SystemExit(f"{test}: {len(records)} questions but {len(solutions)} rows of example solutions")
     trajectories, labels = [], []
-    for sol, rec in zip(solutions, records):
+    for sol, rec in list(zip(solutions, records))[:limit]:
         for i, key in enumerate(KEYS):
             trajectories.append(make_trajectory(rec["id"], i, rec["messages"], sol[key]["solution"],
                                                 rec["reference_answer"]))
@@ -59,8 +60,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (the machine has 2 cores)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="the first 50 questions, one repeat: the correctness "
+                        "check on, the timing printed but not a figure (tests/test_bench_quick.py)")
     args = parser.parse_args()
-    trajectories, labels = build(find_shared())
+    if args.quick:
+        args.repeats = 1
+    trajectories, labels = build(find_shared(), limit=50 if args.quick else None)
     start = time.perf_counter()  # handlers get an explicit environment: the Lambda's configuration goes in env
     with RewardRunner(str(ROOT / "rewards" / "gsm8k.py"), batch_size=args.batch_size, max_concurrency=args.workers,
                       env={"GSM8K_REWARD_MODE": "flexible"}) as runner:  # the labels are checked below

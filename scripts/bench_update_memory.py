@@ -12,6 +12,9 @@ so that freed tensors leave the resident set, as in bench_memory.py), after a wa
 - update: forward_logprobs + backward, as the update runs it: estimate `update`.
 
     python scripts/bench_update_memory.py          # ~10 min on a shared, busy 2-core machine
+    python scripts/bench_update_memory.py --quick  # a random tiny model, one run of every piece: the suite's check
+
+Checked (exit 1 otherwise): every piece was measured and its estimate is a positive, finite size.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import CASES, MIB, ROOT, _child_env, _reset_peak, _status, smollm2_dir, write_job
+from bench_memory import CASES, MIB, ROOT, _child_env, _reset_peak, _status, random_model, smollm2_dir, write_job
 
 #: (label, gradient checkpointing, micro-batch, LoRA rank, pieces)
 RUNS = [("GC", True, 16, 32, "head,decoder,update"), ("GC, micro 8", True, 8, 32, "decoder"),
@@ -50,7 +53,8 @@ def probe(cfg_path: Path, pieces: list[str]) -> dict:
                for r in load_records(job.training_file, allow_small=True)[:h.batch_size]]
     micro = e.micro_batch_size
     rows = [prompts[i * len(prompts) // micro] for i in range(micro)]  # groups of G rows share a prompt
-    responses = torch.randint(100, 1000, (micro, h.inference_max_tokens)).tolist()
+    lo, hi = min(100, len(tok) // 2), min(1000, len(tok))  # 100-1000 as before; inside a small vocabulary too
+    responses = torch.randint(lo, hi, (micro, h.inference_max_tokens)).tolist()
     batch = pack(rows, responses, 0)
     policy = load_policy(path, e.lora, dtype=torch.float32, gradient_checkpointing=e.gradient_checkpointing)
     policy.train()
@@ -87,6 +91,9 @@ def probe(cfg_path: Path, pieces: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="bench_memory.py's 'quick' case (a random tiny model, 1 prompt "
+                    "x 2, 4 tokens), one run of every piece: the checks on, figures printed but not measurements "
+                    "(tests/test_bench_quick.py)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     if a.probe:
@@ -95,11 +102,15 @@ def main() -> int:
     from grpo.config import load_config
     from grpo.training.dry_run import estimate_memory, inspect_model, model_config, setup_for
 
-    model, base = CASES["smollm2"] if smollm2_dir() else CASES["tiny"]
+    model, base = CASES["quick"] if a.quick else CASES["smollm2"] if smollm2_dir() else CASES["tiny"]
     model = smollm2_dir() if model == "SMOLLM2" else model
+    if model == "RANDOM":
+        model = random_model(Path(tempfile.mkdtemp(prefix="bench_update_memory_")) / "model")
+    runs = [("quick", False, base["micro"], 4, "head,decoder,decoder-shared,update,update-shared")] if a.quick else RUNS
+    problems = []
     print(f"{model}, fp32; {base['batch']} prompts x {base['G']}, {base['new']} response tokens; MiB")
     print(f"  {'run':<14}{'piece':<16}{'estimate':>10}{'measured':>10}{'est/meas':>10}  estimate term")
-    for label, gc, micro, rank, pieces in RUNS:
+    for label, gc, micro, rank, pieces in runs:
         o = dict(base, gc=gc, micro=micro)
         cfg = write_job(Path(tempfile.mkdtemp(prefix="bench_update_memory_")), model, o)
         text = cfg.read_text().replace("rank: 32", f"rank: {rank}")
@@ -121,8 +132,15 @@ def main() -> int:
                  "update-shared": (est["update"], "update, prompt once")}
         for piece, measured in m.items():
             e_, what = terms[piece]
-            print(f"  {label:<14}{piece:<16}{e_ / MIB:>10.1f}{measured / MIB:>10.1f}{e_ / measured:>10.2f}  {what}")
-    return 0
+            ratio = e_ / measured if measured > 0 else float("nan")
+            print(f"  {label:<14}{piece:<16}{e_ / MIB:>10.1f}{measured / MIB:>10.1f}{ratio:>10.2f}  {what}")
+            if not (0 < e_ < float("inf")):
+                problems.append(f"{label} {piece}: estimate {e_!r}")
+        problems += [f"{label} {p}: not measured" for p in pieces.split(",") if p not in m]
+    for p in problems:
+        print(f"check failed: {p}")
+    print("checks: " + ("FAILED" if problems else "every piece measured, every estimate a positive size: OK"))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

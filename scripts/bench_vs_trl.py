@@ -2,6 +2,7 @@
 
     python scripts/bench_vs_trl.py                 # fixed-length (EOS ignored) and variable-length, ~5 min on 2 cores
     python scripts/bench_vs_trl.py --mode fixed --steps 8 --rounds 2
+    python scripts/bench_vs_trl.py --quick         # tiny shapes, synthetic prompts: the suite's check (timings no figure)
 
 One invocation builds a random-weight Qwen3-architecture model (~13M parameters, fp32) and a file of GSM8K
 prompts, then runs each engine for `--steps` steps in its own subprocess (so each one's peak memory is its
@@ -18,6 +19,9 @@ GSM8K Lambda handler as the reward (rewards/gsm8k.py; ours through its RewardRun
 Ours runs through `grpo.training.trainer.Trainer.step`, the code path `grpo train` uses; fixed mode sets
 `engine.ignore_eos` (the default transformers rollout backend then ignores end tokens). TRL runs
 `GRPOTrainer.train()`; its time split comes from timing wrappers around its own methods.
+
+Checked (exit 1 otherwise): in fixed mode every step of both engines generates exactly prompts x group x
+max-tokens completion tokens, and both see prompts of the same mean length (the equal work the ratio assumes).
 
 Printed per engine: median completion tokens/s over the measured steps (warm-up steps excluded), median
 step time, peak memory (the process's max RSS; on CUDA, torch's peak allocated), the time split
@@ -204,7 +208,10 @@ def build_inputs(work: Path, a) -> tuple[str, str, str]:
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     n = a.prompts * a.steps
-    records = gsm8k_to_records(read_gsm8k_file(a.gsm8k)[:n])
+    rows = ([{"question": f"Tom has {i + 3} apples and buys {2 * i + 1} more. How many apples has he now?",
+              "answer": f"{i + 3} + {2 * i + 1} = {3 * i + 4}\n#### {3 * i + 4}"} for i in range(n)]
+            if a.quick else read_gsm8k_file(a.gsm8k)[:n])  # --quick: no shared GSM8K file needed
+    records = gsm8k_to_records(rows)
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     # Ours draws each epoch as a seeded permutation (Trainer._step_prompts, seed 0, epoch 0): TRL gets that order.
@@ -241,7 +248,13 @@ def main() -> int:
     p.add_argument("--order", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--fixed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="fixed mode, 2 steps (1 warm-up), 1 prompt x 2, 8 tokens, "
+                   "1 thread, synthetic GSM8K-style prompts: the checks on, timings printed but no figure "
+                   "(tests/test_bench_quick.py)")
     a = p.parse_args()
+    if a.quick and not a.worker:
+        a.mode, a.steps, a.warmup, a.rounds, a.prompts, a.group, a.max_tokens, a.threads = \
+            "fixed", 2, 1, 1, 1, 2, 8, 1
     if a.worker:
         _threads(a.threads)
         res = (run_ours if a.worker == "ours" else run_trl)(a)
@@ -258,7 +271,7 @@ def main() -> int:
         print(f"model: random Qwen3, {n_params / 1e6:.1f}M parameters, fp32; {a.prompts} prompts x {a.group} samples, "
               f"{a.max_tokens} tokens; {a.threads} threads; {a.steps} steps ({a.warmup} warm-up) x {a.rounds} round(s)")
         print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; load {os.getloadavg()[0]:.2f}")
-        ratios = {}
+        ratios, problems = {}, []
         for mode in modes:
             results: dict[str, list] = {e: [] for e in engines}
             for r in range(a.rounds):
@@ -285,9 +298,27 @@ def main() -> int:
                       f"[s] {sp}  (median of {s['n']} steps)")
             if len(engines) == 2:
                 ratios[mode] = summ[engines[0]]["tok_s"] / summ[engines[1]]["tok_s"]
+            problems += equal_work(results, mode, a)
         for mode, ratio in ratios.items():
             print(f"ratio {engines[0]}/{engines[1]} ({mode}-length): {ratio:.2f}x")
-    return 0
+    for p_ in problems:
+        print(f"check failed: {p_}")
+    print("checks: " + ("FAILED" if problems else "equal work in both engines: OK"))
+    return 1 if problems else 0
+
+
+def equal_work(results: dict, mode: str, a) -> list[str]:
+    """What breaks the premise of the comparison: unequal completion tokens (fixed mode) or prompt lengths."""
+    out = []
+    want = a.prompts * a.group * a.max_tokens
+    for eng, runs in results.items():
+        for s in (s for r in runs for s in r["steps"]):
+            if mode == "fixed" and s["tokens"] != want:
+                out.append(f"[{mode}] {eng}: a step generated {s['tokens']:.0f} completion tokens, not {want}")
+    lens = {eng: statistics.mean(s["prompt_len"] for r in runs for s in r["steps"]) for eng, runs in results.items()}
+    if len(lens) == 2 and abs(max(lens.values()) - min(lens.values())) > 1e-6:
+        out.append(f"[{mode}] mean prompt lengths differ: {lens}")
+    return out
 
 
 if __name__ == "__main__":

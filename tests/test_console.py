@@ -184,9 +184,12 @@ def test_nothing_without_the_key_and_csrf_on_state_changes(site):
         cancel = f"/v1/fine_tuning/jobs/{running}/cancel"
         assert anon.post(cancel).json()["error"]["code"] == "csrf_failed"  # no token: refused, job untouched
         assert anon.post(cancel, headers={"X-CSRF-Token": "guess"}).status_code == 403
-        # another origin on this host (cookies ignore ports), even with the token: the cookie does not let it in
-        assert anon.post(cancel, headers={"X-CSRF-Token": csrf, "Origin": "http://127.0.0.1:1"}).status_code == 401
-        assert anon.post(cancel, headers={"X-CSRF-Token": csrf, "Sec-Fetch-Site": "same-site"}).status_code == 401
+        # another origin on this host (cookies ignore ports), even with the token: 403 csrf_failed, as
+        # docs/console.md promises, on /v1 and /console alike; a read from there is not let in (401)
+        for cross in ({"Origin": "http://127.0.0.1:1"}, {"Sec-Fetch-Site": "same-site"}):
+            for path in (cancel, "/console/logout"):
+                r = anon.post(path, headers={"X-CSRF-Token": csrf, **cross})
+                assert (r.status_code, r.json()["error"]["code"]) == (403, "csrf_failed"), (path, cross)
         for path in ("/v1/fine_tuning/jobs", "/console/api/jobs", "/console/static/console.js"):
             assert anon.get(path, headers={"Sec-Fetch-Site": "same-site"}).status_code == 401, path
         assert anon.post("/console/logout", headers={"X-CSRF-Token": "guess"}).status_code == 403

@@ -22,7 +22,7 @@ REQUIRED = [
     "response_length_min", "response_length_clip_ratio", "prompt_length_mean", "prompt_length_max",
     "prompt_length_min", "timing_s_gen", "timing_s_reward", "timing_s_update_actor", "timing_s_step",
     "perf_throughput", "perf_time_per_step", "reward_length_mod3_mean",
-    # verl's metrics added under Bedrock's flattened names (README's Metrics section)
+    # verl's metrics added under Bedrock's flattened names (docs/metrics.md)
     "training_global_step", "training_epoch", "critic_returns_mean", "critic_returns_max", "critic_returns_min",
     "response_aborted_ratio", "response_length_non_aborted_mean", "response_length_non_aborted_max",
     "response_length_non_aborted_min", "response_length_non_aborted_clip_ratio", "prompt_length_clip_ratio",

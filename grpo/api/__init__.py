@@ -8,8 +8,8 @@ Who decides what (`policy`): a job body from a key holder names a model the serv
 NAME=PATH`, a Bedrock id among them; without any, Bedrock's ids), a grader file under `--handlers-dir` or an
 ARN the operator mapped (`--lambda ARN=FILE`) or allowed (`--invoke-lambdas`), and training knobs from the
 `engine` allowlist within bounds. Paths, URLs, devices, precision, other trackers and the handlers' pass-through
-environment are the operator's; request bodies are bounded as they arrive (`limits`). README.md's server
-section has the table.
+environment are the operator's; request bodies are bounded as they arrive (`limits`). docs/server.md has
+the table.
 
 Modules: `app` (FastAPI routes, auth, errors), `policy` (the operator's decisions applied to a job body),
 `limits` (request size, JSON depth), `store` (SQLite state), `jobs` (validation of the job

@@ -11,9 +11,11 @@ Security, as the API's:
   a restart signs everyone out; 12 h). `/console/api/*` takes that cookie or the API's bearer key.
 - The pages' JSON goes through the API's own auth: a /v1 request that carries the session cookie and no
   Authorization header gets the server's bearer key added here, then meets the same check as any client.
-- CSRF: a state-changing request authenticated by the cookie needs the session's token in X-CSRF-Token
-  (the pages read it from /console/api/session, which another origin cannot read) and, when the browser
-  sends them, an Origin of this server and Sec-Fetch-Site same-origin. SameSite=Strict on top.
+- CSRF: a state-changing request carrying a live session cookie (and no bearer key) needs the session's token
+  in X-CSRF-Token (the pages read it from /console/api/session, which another origin cannot read) and, when
+  the browser sends them, an Origin of this server and Sec-Fetch-Site same-origin; otherwise 403 csrf_failed,
+  on /v1 and /console alike. A read from another origin is not let in with the cookie (401 invalid_api_key,
+  as without it). SameSite=Strict on top.
 - No user data is put into HTML by the server; the scripts set it as text (textContent). A strict
   Content-Security-Policy (scripts and styles from this origin only, nothing inline) backs that up.
 - Files: only the packaged static files (a fixed list), and run data under the state dir (console_runs).
@@ -131,10 +133,12 @@ class ConsoleGate:
         headers = Headers(scope=scope)
         if path.startswith("/v1"):
             csrf = None if "authorization" in headers else self.sessions.csrf(_session_token(headers, scope))
+            if csrf is not None and method not in SAFE_METHODS and not self._csrf_ok(headers, scope, csrf):
+                # a state change riding on the cookie without this page's token, or from another origin
+                # (another port on this host gets the same cookies): 403 csrf_failed, as docs/console.md says
+                return await self._csrf_refused(scope, receive, send)
             if csrf is not None and not cross_site(headers, scope):  # a console page calling the API: the same
-                # bearer check as any client (a request from another origin, e.g. another port, is not let in)
-                if method not in SAFE_METHODS and not self._csrf_ok(headers, scope, csrf):
-                    return await self._csrf_refused(scope, receive, send)
+                # bearer check as any client (a read from another origin is not let in: 401 from the API)
                 scope = {**scope, "headers": [*scope["headers"], (b"authorization", f"Bearer {self.key}".encode())]}
             return await self.app(scope, receive, send)
         if path == "/":
@@ -149,16 +153,18 @@ class ConsoleGate:
             return await self.app(scope, receive, send)
         token = _session_token(headers, scope)
         csrf = self.sessions.csrf(token)
-        if csrf is not None and cross_site(headers, scope) and path.startswith(("/console/api/", "/console/static/")):
-            csrf = None  # the pages' data and scripts are for the console's own pages only
         bearer = False
-        if path.startswith("/console/api/") and "authorization" in headers and csrf is None:
+        if path.startswith("/console/api/") and "authorization" in headers:  # a key tried: throttled per address
             addr = self.throttle.address(scope)
             if (retry := self.throttle.retry_after(addr)) is not None:
                 return await self.throttle.refusal(retry)(scope, receive, send)
             bearer = self._bearer_ok(headers)
             if not bearer:
                 self.throttle.failed(addr)
+        if csrf is not None and not bearer and method not in SAFE_METHODS and not self._csrf_ok(headers, scope, csrf):
+            return await self._csrf_refused(scope, receive, send)  # before the cross-origin read rule below
+        if csrf is not None and cross_site(headers, scope) and path.startswith(("/console/api/", "/console/static/")):
+            csrf = None  # the pages' data and scripts are for the console's own pages only
         if csrf is None and not bearer:
             if method == "GET" and not path.startswith(("/console/api/", "/console/static/")):
                 target = "/console/login?next=" + quote(path + (f"?{scope['query_string'].decode('latin-1')}"
@@ -166,8 +172,6 @@ class ConsoleGate:
                 return await RedirectResponse(target, 303)(scope, receive, send)
             return await _json(401, "Sign in at /console/login, or send 'Authorization: Bearer KEY'.",
                                "invalid_api_key")(scope, receive, send)
-        if csrf is not None and not bearer and method not in SAFE_METHODS and not self._csrf_ok(headers, scope, csrf):
-            return await self._csrf_refused(scope, receive, send)
         scope[SCOPE_SESSION] = token if csrf is not None else None
         return await self.app(scope, receive, send)
 

@@ -1,4 +1,5 @@
-"""`grpo data validate FILE`, `grpo data gsm8k --input SRC --out FILE` and `grpo data filter` (grpo.commands.data_filter).
+"""`grpo data validate FILE`, `grpo data convert SOURCE --out FILE` (grpo.convert), `grpo data gsm8k --input SRC
+--out FILE` and `grpo data filter` (grpo.commands.data_filter).
 
 validate: prints every problem as FILE:LINE: field: message (capped, then a count line) and exits 2,
 or prints a summary of a valid file and exits 0. gsm8k: builds the spec's headline data set.
@@ -29,6 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="train",
                    help="hub split, or <split>.jsonl in a directory (default: train)")
     g.add_argument("--config", default="main", help="hub dataset config (default: main)")
+    c = sub.add_parser("convert", help="turn a local dataset (save_to_disk dir, parquet, CSV, JSON/JSONL) into RFT JSONL",
+                       description="Turn a dataset you already have into Bedrock RFT JSONL, validated with `grpo data "
+                                   "validate`'s rules: each row's --prompt-column becomes the user message (or is the "
+                                   "conversation, for a column of chat messages), --answer-column the reference_answer. "
+                                   "Reads through the `datasets` package (pip install 'grpo[datasets]'); nothing from "
+                                   "the network. Every problem is printed as SOURCE:row N: column: message, and "
+                                   "nothing is written unless all rows convert.")
+    c.add_argument("source", metavar="SOURCE", help="a save_to_disk directory, or a .parquet, .csv, .json or .jsonl file")
+    c.add_argument("--out", required=True, metavar="FILE", help="output JSONL (written atomically)")
+    c.add_argument("--prompt-column", default="prompt", metavar="COL",
+                   help="the prompt: text, or a list of {role, content} messages (default: prompt)")
+    c.add_argument("--answer-column", default="answer", metavar="COL",
+                   help="the reference answer: text, a number or an object (default: answer)")
+    c.add_argument("--system", default=None, metavar="TEXT", help="a system message put before every prompt")
+    c.add_argument("--id-column", default=None, metavar="COL",
+                   help="record ids (default: <source file stem>-<row index>, from 0)")
+    c.add_argument("--keep", action="append", default=[], metavar="COL",
+                   help="carry a column into each record as a metadata field (the handler sees it); repeatable")
+    c.add_argument("--split", default=None, help="which split of a saved DatasetDict (default: train, or its only one)")
+    c.add_argument("--limit", type=int, metavar="N", help="keep only the first N rows")
     from grpo.commands import data_filter
 
     data_filter.add_parser(sub)
@@ -44,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         from grpo.commands import data_filter
 
         return data_filter.run(args)
+    if args.data_command == "convert":
+        return _convert(args)
     if args.data_command == "gsm8k":
         from grpo.gsm8k import convert_gsm8k
 
@@ -57,6 +80,28 @@ def run(args: argparse.Namespace) -> int:
         return 0
     args._data_parser.print_help()
     return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from grpo.convert import ColumnMap, convert_dataset
+    from grpo.data import MIN_RECORDS
+    from grpo.errors import UserError
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    mapping = ColumnMap(prompt_column=args.prompt_column, answer_column=args.answer_column, system=args.system,
+                        id_column=args.id_column, keep=args.keep)
+    res = convert_dataset(args.source, args.out, mapping, split=args.split, limit=args.limit)
+    for w in res.warnings:
+        print(f"warning: {w}")
+    split = f" (split {res.split})" if res.split else ""
+    print(f"wrote {res.records:,} record{'s' * (res.records != 1)} to {args.out} from {args.source}{split}: prompt <- {args.prompt_column}, "
+          f"reference_answer <- {args.answer_column}" + (", with a system message" if args.system else ""))
+    print(f"  valid Bedrock RFT JSONL (grpo data validate's rules); source columns: {', '.join(res.columns)}")
+    if res.records < MIN_RECORDS:
+        print(f"note: fewer than {MIN_RECORDS} records: fine for `grpo reward check` and local runs; a Bedrock job "
+              f"needs {MIN_RECORDS} (`grpo data validate --allow-small` accepts it locally)")
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

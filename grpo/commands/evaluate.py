@@ -70,6 +70,9 @@ def add_arguments(p):
                    "(checked before the model loads, written after the result is printed); `grpo data filter "
                    "--scores` reads it")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    from grpo.commands.progress import add_progress_argument
+
+    add_progress_argument(p)
     g = p.add_argument_group("through an OpenAI-compatible endpoint (Bedrock, or grpo serve)")
     g.add_argument("--base-url", default=None, help="sample with chat.completions at this endpoint instead of "
                    "loading the model (e.g. https://bedrock-mantle.us-west-2.api.aws/v1)")
@@ -78,7 +81,7 @@ def add_arguments(p):
     g.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
 
 
-def _remote(args, records, runner):
+def _remote(args, records, runner, bars):
     from grpo.errors import UserError
     from grpo.remote.client import api_errors, make_client, resolve_base_url
     from grpo.remote.evaluate import sample_and_score_remote
@@ -90,14 +93,16 @@ def _remote(args, records, runner):
         raise UserError(f"--concurrency {args.concurrency}: must be >= 1")
     url = resolve_base_url(args.base_url)
     client = make_client(url, args.api_key, max_retries=4)
+    bars.start()
     with api_errors(url):
         return sample_and_score_remote(client, args.model, records, runner, temperature=args.temperature,
                                        top_p=args.top_p, n=args.samples, max_tokens=args.max_tokens,
                                        reasoning_effort=args.reasoning_effort, seed=args.seed,
-                                       concurrency=args.concurrency, keep_samples=args.out is not None)
+                                       concurrency=args.concurrency, keep_samples=args.out is not None,
+                                       progress=bars.sampled, score_progress=bars.graded)
 
 
-def _local(args, records, runner):
+def _local(args, records, runner, bars):
     import torch
 
     from grpo.config import local_model_id
@@ -111,9 +116,42 @@ def _local(args, records, runner):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_inference(path, args.adapter, dtype=pick_dtype(args.dtype, device)).to(device)
     sampler = ContinuousSampler(model, tok) if args.backend == "continuous" else None
+    bars.start()
     return sample_and_score(model, tok, records, runner, temperature=args.temperature, top_p=args.top_p,
                             n=args.samples, max_new_tokens=args.max_tokens, sampler=sampler,
-                            reasoning_effort=args.reasoning_effort or "low", keep_samples=args.out is not None)
+                            reasoning_effort=args.reasoning_effort or "low", keep_samples=args.out is not None,
+                            progress=bars.sampled, score_progress=bars.graded)
+
+
+class _Bars:
+    """Two bars on stderr: prompts sampled (the long part: its ETA is the evaluation's), then samples graded."""
+
+    def __init__(self, n_records: int, n_samples: int, off: bool):
+        self.n_records, self.n_samples, self.off = n_records, n_samples, off
+        self.sampling = self.grading = None
+
+    def start(self) -> None:
+        """Once the model is loaded: the bar's rate and ETA count sampling only."""
+        from grpo.commands.progress import progress_bar
+
+        self.sampling = progress_bar(self.n_records, "sampling", "prompt", off=self.off)
+
+    def sampled(self, k: int) -> None:
+        self.sampling.update(k)
+
+    def graded(self, k: int) -> None:
+        if self.grading is None:
+            from grpo.commands.progress import progress_bar
+
+            if self.sampling is not None:
+                self.sampling.close()
+            self.grading = progress_bar(self.n_samples, "grading", "sample", off=self.off)
+        self.grading.update(k)
+
+    def close(self) -> None:
+        for bar in (self.sampling, self.grading):
+            if bar is not None:
+                bar.close()
 
 
 def _check_out(path: Path) -> None:
@@ -153,8 +191,12 @@ def run(args) -> int:
         env, pass_env = parse_env_options(args.env)
     except ValueError as e:
         raise UserError(str(e)) from None
-    with RewardRunner(args.handler, on_failure="skip", env=env or None, pass_env=pass_env) as runner:
-        res = (_remote if args.base_url else _local)(args, records, runner)
+    bars = _Bars(len(records), len(records) * args.samples, args.no_progress)
+    try:
+        with RewardRunner(args.handler, on_failure="skip", env=env or None, pass_env=pass_env) as runner:
+            res = (_remote if args.base_url else _local)(args, records, runner, bars)
+    finally:
+        bars.close()
     out = {"model": args.model, "adapter": args.adapter, "records": len(records), "samples": len(res.scores),
            "reward_mean": res.mean, "failures": len(res.failures),
            "response_length_mean": sum(res.response_lengths) / max(len(res.response_lengths), 1),

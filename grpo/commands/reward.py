@@ -2,7 +2,7 @@
 
     grpo reward check --handler H --data FILE [--responses FILE | --reference-as-response] [--json]
                       [--batch-size N] [--concurrency N] [--timeout S] [--allow-small]
-                      [--env KEY=VALUE ...] [--max-score X]
+                      [--env KEY=VALUE ...] [--max-score X] [--no-progress]
 
 Responses to grade:
 - ``--reference-as-response`` (the default when ``--responses`` is not given, and the output says so):
@@ -11,6 +11,8 @@ Responses to grade:
 - ``--responses FILE``: JSONL, one ``{"id": <record id>, "response": "<text>"}`` per line, with an
   optional ``"reasoning_content"``. A record may have several lines; they become samples 0, 1, 2... in
   file order (trajectory id ``<record id>#<n>``). Records without a line are not scored (counted).
+
+A progress bar with an ETA counts the graded trajectories on stderr (a terminal only; --no-progress: none).
 
 Report: score distribution (text histogram), mean of every ``metrics_list`` name, failures with the
 first lines of the handler's own error, trajectories per second, and the section 7 checks that need
@@ -62,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the score a ground-truth-aligned response must reach (1.0)")
     c.add_argument("--endpoint-url", default=None, help="Lambda endpoint URL (ARN handlers)")
     c.add_argument("--region", default=None, help="AWS region (ARN handlers; default: the ARN's)")
+    from grpo.commands.progress import add_progress_argument
+
+    add_progress_argument(c)
     parser.set_defaults(_reward_parser=parser)
 
 
@@ -168,11 +173,10 @@ def _checks(ref_result, ref_ids: list[str], max_score: float) -> list[dict]:
     ]
 
 
-def _score(runner, trajectories, label: str):
-    from tqdm import tqdm
+def _score(runner, trajectories, label: str, off: bool = False):
+    from grpo.commands.progress import progress_bar
 
-    with tqdm(total=len(trajectories), desc=label, unit="traj", file=sys.stderr,
-              disable=None if len(trajectories) >= 200 else True) as bar:
+    with progress_bar(len(trajectories), label, "traj", off=off) as bar:
         return runner.score(trajectories, progress=bar.update)
 
 
@@ -213,8 +217,8 @@ def run(args: argparse.Namespace) -> int:
                       timeout_s=args.timeout, on_failure="skip", endpoint_url=args.endpoint_url,
                       region=args.region, env=env or None, pass_env=pass_env) as runner:
         startup = time.perf_counter() - started
-        result = _score(runner, trajectories, "scoring")
-        ref_result = result if args.responses is None else _score(runner, ref_trajs, "checks")
+        result = _score(runner, trajectories, "scoring", args.no_progress)
+        ref_result = result if args.responses is None else _score(runner, ref_trajs, "checks", args.no_progress)
     report = {
         "handler": args.handler, "data": args.data, "n_records": len(records),
         "responses": args.responses or "reference", "note": note, "records_without_response": unanswered,

@@ -27,12 +27,14 @@ def _remote_choices(client, model: str, rec, want: int, params: dict) -> tuple[l
 
 def sample_and_score_remote(client, model: str, records, runner, *, temperature: float, max_tokens: int,
                             top_p: float = 1.0, n: int = 1, reasoning_effort: str | None = None,
-                            seed: int | None = None, concurrency: int = 4, keep_samples: bool = False) -> EvalResult:
+                            seed: int | None = None, concurrency: int = 4, keep_samples: bool = False,
+                            progress=None, score_progress=None) -> EvalResult:
     """The same grading as `sample_and_score`, sampling through an OpenAI-compatible endpoint instead.
 
     One chat.completions request per record (n samples each), `concurrency` in flight. Response lengths
     come from the usage block (completion tokens; with n > 1 each sample gets the request's mean), and
-    a sample is truncated when its finish_reason is "length".
+    a sample is truncated when its finish_reason is "length". `progress(1)` after each record's answer,
+    `score_progress(k)` as the grading goes (progress bars' updates).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -44,7 +46,13 @@ def sample_and_score_remote(client, model: str, records, runner, *, temperature:
     if seed is not None:
         params["seed"] = seed
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        answers = list(pool.map(lambda rec: _remote_choices(client, model, rec, n, params), records))
+        def one(rec):
+            got = _remote_choices(client, model, rec, n, params)
+            if progress is not None:
+                progress(1)
+            return got
+
+        answers = list(pool.map(one, records))
     trajectories, lengths, truncated, texts = [], [], [], []
     for rec, (choices, tokens) in zip(records, answers):
         for i, c in enumerate(choices):
@@ -56,7 +64,7 @@ def sample_and_score_remote(client, model: str, records, runner, *, temperature:
             lengths.append(round(tokens / len(choices)))
             truncated.append(c.finish_reason == "length")
             texts.append((text, reasoning))
-    result = runner.score(trajectories)
+    result = runner.score(trajectories, progress=score_progress)
     samples = []
     if keep_samples:
         samples = [{"id": t["id"], "response": texts[i][0], "reasoning_content": texts[i][1],

@@ -6,6 +6,7 @@ decoder allows it (grpo.models.kv_cache) and the LoRA adapter merged for decodin
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -73,7 +74,8 @@ GEN_BATCH = 64
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False) -> RolloutBatch:
+             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False,
+             progress: Callable[[int], None] | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
     (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
 
@@ -81,7 +83,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     each prompt's prefill once for its whole group and decode with their own loop
     (`_sample_shared_prefix`); others go through transformers' `generate` with `num_return_sequences`,
     which prefills every copy of the prompt. `ignore_eos`: every response is `max_new_tokens` long (end
-    tokens may be sampled and do not stop it), for benchmarks at equal work."""
+    tokens may be sampled and do not stop it), for benchmarks at equal work. `progress(k)`, when given, is
+    called with the number of prompts each chunk finished (a progress bar's update)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -122,6 +125,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
                         hit_end = True
                     out.add(tokenizer, chunk[row // n], resp, truncated=not hit_end, group=start + row // n,
                             sample=row % n, specials=specials)
+                if progress is not None:
+                    progress(len(chunk))
     finally:
         model.train(was_training)
     return out
