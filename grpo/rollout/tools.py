@@ -164,6 +164,9 @@ def render_messages(tokenizer, messages: list[dict], *, tools: list[dict] | None
             messages, tools = _fallback_messages(messages, tools), None
     elif family == "harmony":
         messages = _harmony_messages(messages)
+        # GPT-OSS's template writes `// description` unguarded: a tool without one (optional in OpenAI's API) gets ""
+        tools = [{**t, "function": {"description": "", **t["function"]}} if isinstance(t.get("function"), dict) else t
+                 for t in tools or []]
     return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **kwargs)
 
