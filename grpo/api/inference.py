@@ -55,10 +55,11 @@ class ModelCache:
             return loaded
 
 
-def encode(loaded: Loaded, messages: list[dict], effort: str) -> list[int]:
+def encode(loaded: Loaded, messages: list[dict], effort: str, tools: list[dict] | None = None) -> list[int]:
+    """The prompt's ids: messages (tool calls and results included) and tools as the model's template writes them."""
     from grpo.rollout.prompts import encode_prompt
 
-    return encode_prompt(loaded.tokenizer, messages, reasoning_effort=effort)
+    return encode_prompt(loaded.tokenizer, messages, reasoning_effort=effort, tools=tools)
 
 
 class _Streamer:
@@ -93,10 +94,13 @@ def generation_config(loaded: Loaded, *, max_new_tokens: int, temperature: float
 
 
 def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, max_new_tokens: int,
-                  temperature: float, top_p: float, seed: int | None = None) -> Iterator[int]:
-    """Yield each sampled token id (the end token included when it comes). temperature 0 is greedy."""
+                  temperature: float, top_p: float, seed: int | None = None, constraint=None,
+                  ends: list[int] | None = None) -> Iterator[int]:
+    """Yield each sampled token id (the end token included when it comes). temperature 0 is greedy.
+    `constraint`: a grpo.rollout.constrain.RowConstraint masking every step (a forced tool call); `ends`: end
+    tokens instead of the model's (harmony's `<|call|>` ends a tool call's turn)."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
     stop = threading.Event()
 
@@ -105,15 +109,23 @@ def stream_tokens(cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, m
             return stop.is_set()
 
     gen_cfg = generation_config(loaded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if ends:
+        gen_cfg.eos_token_id = ends
     streamer = _Streamer()
     device = next(loaded.model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    processors = None
+    if constraint is not None:  # before temperature and top-p (transformers appends its warpers after these)
+        from grpo.rollout.constrain import GrammarLogitsProcessor
+
+        processors = LogitsProcessorList([GrammarLogitsProcessor([constraint], len(prompt_ids))])
 
     def run() -> None:
         try:
             with torch.no_grad():
                 loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg,
-                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_Abandoned()]))
+                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_Abandoned()]),
+                                      logits_processor=processors)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             streamer.q.put(("error", e))
             streamer.end()
@@ -142,10 +154,11 @@ class TextSplitter:
     the new text extends what was already sent; text ending in an incomplete character, or in part of
     a thinking tag that a tokenizer spells in several tokens, waits for the next token."""
 
-    def __init__(self, loaded: Loaded):
-        self.loaded = loaded
+    def __init__(self, loaded: Loaded, ends: list[int] | None = None):
+        self.loaded, self.ends = loaded, ends or loaded.ends
         self.ids: list[int] = []
         self.content, self.reasoning = "", ""  # what has been handed out
+        self.text = ""  # the whole decoded response, special tokens kept
         self.hit_end = False
 
     def _split(self) -> tuple[str, str, bool]:
@@ -153,14 +166,14 @@ class TextSplitter:
         opener that is not a single token (`<thi` of `<think>`)."""
         from grpo.rollout.prompts import split_reasoning
 
-        text = self.loaded.tokenizer.decode(self.ids, skip_special_tokens=False)
+        text = self.text = self.loaded.tokenizer.decode(self.ids, skip_special_tokens=False)
         content, reasoning = split_reasoning(text, self.loaded.specials)
         head = text.lstrip()
         undecided = bool(head) and any(opener.startswith(head) and opener != head for opener in REASONING_OPENERS)
         return content, reasoning or "", undecided
 
     def push(self, token: int) -> tuple[str, str]:
-        if token in self.loaded.ends:
+        if token in self.ends:
             self.hit_end = True
         self.ids.append(token)
         content, reasoning, undecided = self._split()

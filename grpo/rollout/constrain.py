@@ -1,0 +1,250 @@
+"""Constrained decoding of tool calls: with `tool_choice` `required` or a named function, every sampled token is
+masked to what a grammar of the model's own call format allows, so the response is always a call whose
+arguments are a JSON object matching the function's schema (what OpenAI's API guarantees for these choices).
+
+The grammar (llguidance's Lark dialect, `%json` for the schema) spells the call the way the chat template writes
+one (grpo.rollout.tools):
+
+- `qwen3` / `chatml_fallback` (hermes): `<tool_call>\\n{"name": "NAME", "arguments": {...}}\\n</tool_call>`, one
+  call, or one or more separated by a newline when parallel calls are allowed, then the end token. With
+  thinking on (Qwen3 at reasoning effort medium/high) a `<think>...</think>` block may come first.
+- `harmony` (GPT-OSS; the generation prompt ends with `<|start|>assistant`): ` to=functions.NAME<|channel|>
+  commentary json<|message|>{...}<|call|>`, optionally after an analysis message when thinking is on. One call
+  (a harmony message has one recipient).
+
+JSON is written as `json.dumps` writes it (`", "` and `": "`, no free whitespace), so a model cannot pad
+forever. A token the template gives as one added token (`<think>`, real Qwen3's `<tool_call>`) is matched as
+that token, not spelled in bytes.
+
+The library is llguidance (chosen by measurement against xgrammar and outlines-core: docs/tools_api.md). It is
+an optional dependency (`pip install 'grpo[tools]'`): imported only when a constraint is asked for, and its
+absence is then a clear error, never an import failure elsewhere.
+
+Use: `constraint = ToolConstraints.for_tokenizer(tok, vocab_size).new(grammar)` per row; per decode step
+`mask_logits_(logits, rows)` before sampling and `row.advance(token)` after; `GrammarLogitsProcessor` does both
+inside transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+from grpo.errors import UserError
+
+INSTALL_HINT = "pip install 'grpo[tools]' (or: pip install llguidance)"
+#: OpenAI's rule for function names (and what a grammar literal can hold safely).
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: `json.dumps`'s separators: the hermes and harmony calls the templates render use them.
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class ConstraintUnavailable(UserError):
+    """llguidance is not installed, and a constraint was asked for."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.hf
+    except ImportError as e:
+        raise ConstraintUnavailable(f"constrained tool calls (tool_choice 'required' or a named function) need the "
+                                    f"llguidance package, which is not installed here ({e}): {INSTALL_HINT}") from None
+    return llguidance
+
+
+def available() -> bool:
+    try:
+        _llguidance()
+    except ConstraintUnavailable:
+        return False
+    return True
+
+
+# -- tool_choice ---------------------------------------------------------------------------------------------
+class ToolChoiceError(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def function_name(tool: dict) -> str | None:
+    """The name of an OpenAI tool, chat form `{"type": "function", "function": {...}}` or responses form."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    return fn.get("name") if isinstance(fn, dict) else None
+
+
+def normalize_tool_choice(choice, names: list[str] | None, param: str = "tool_choice"):
+    """`auto`, `none`, `required` or `("function", NAME)` from OpenAI's forms: a string, chat's
+    `{"type": "function", "function": {"name": ...}}` or responses' `{"type": "function", "name": ...}`.
+    `names`: the request's function names (None: not checked). Anything else is a ToolChoiceError naming it."""
+    if choice is None:
+        return "auto" if names else "none"
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise ToolChoiceError(f"{param}: expected 'auto', 'none', 'required' or a function, got {choice!r}", param)
+        if choice == "required" and names is not None and not names:
+            raise ToolChoiceError(f"{param}: 'required' needs tools", param)
+        return choice
+    if not isinstance(choice, dict):
+        raise ToolChoiceError(f"{param}: expected a string or an object, got {type(choice).__name__}", param)
+    kind = choice.get("type")
+    if kind != "function":
+        raise ToolChoiceError(f"{param}.type: {kind!r} is not supported by this local server (only 'function')",
+                              f"{param}.type")
+    fn = choice.get("function", choice)
+    name = fn.get("name") if isinstance(fn, dict) else None
+    where = f"{param}.function.name" if "function" in choice else f"{param}.name"
+    if not isinstance(name, str) or not name:
+        raise ToolChoiceError(f"{where}: expected a function name", where)
+    if names is not None and name not in names:
+        raise ToolChoiceError(f"{where}: no tool named {name!r} (tools: {', '.join(names) or 'none'})", where)
+    return ("function", name)
+
+
+# -- the grammar ---------------------------------------------------------------------------------------------
+def _literal(added: dict[str, int], text: str) -> str:
+    """A grammar literal for `text`: the single added token the tokenizer has for it, else the text itself."""
+    return f"<[{added[text]}]>" if text in added else json.dumps(text)
+
+
+def _tool_schema(tool: dict) -> dict:
+    fn = tool.get("function", tool)
+    params = fn.get("parameters")
+    return params if isinstance(params, dict) and params else {"type": "object", "properties": {}}
+
+
+def call_grammar(tokenizer, family: str, tools: list[dict], choice, *, parallel: bool = True,
+                 thinking: bool = False) -> str:
+    """The llguidance grammar of a response that is a call of `choice` (`required`: any of `tools`;
+    `("function", NAME)`: that one) in `family`'s format (grpo.rollout.tools.template_family)."""
+    by_name = {function_name(t): t for t in tools}
+    names = list(by_name) if choice == "required" else [choice[1]]
+    bad = [n for n in names if not isinstance(n, str) or not NAME_RE.match(n)]
+    if bad:
+        raise ToolChoiceError(f"tools: function name {bad[0]!r} must be 1-64 letters, digits, '_' or '-'", "tools")
+    added = dict(tokenizer.get_added_vocab())
+    rules = []
+    if family == "harmony":
+        def special(t: str) -> str:
+            if t not in added:
+                raise ToolChoiceError(f"the model's tokenizer has no {t} token for harmony tool calls", "tool_choice")
+            return f"<[{added[t]}]>"
+
+        ch, msg, call = special("<|channel|>"), special("<|message|>"), special("<|call|>")
+        alts = []
+        for i, n in enumerate(names):
+            schema = {**_tool_schema(by_name[n]), "x-guidance": _COMPACT}
+            rules.append(f"args{i}: %json {json.dumps(schema)}")
+            alts.append(f'" to=functions.{n}" {ch} "commentary json" {msg} args{i} {call}')
+        rules.insert(0, "call: " + " | ".join(alts))
+        if thinking:
+            rules.insert(0, f'analysis: {ch} "analysis" {msg} /(.|\\n)*/ {special("<|end|>")} '
+                            f'{special("<|start|>")} "assistant"')
+            rules.insert(0, "start: analysis? call")
+        else:
+            rules.insert(0, "start: call")
+        return "\n".join(rules) + "\n"
+    if family not in ("qwen3", "chatml_fallback"):
+        raise ToolChoiceError(f"constrained tool calls are not available for template family {family!r}", "tool_choice")
+    for i, n in enumerate(names):
+        schema = {"type": "object", "properties": {"name": {"const": n}, "arguments": _tool_schema(by_name[n])},
+                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": _COMPACT}
+        rules.append(f"body{i}: %json {json.dumps(schema)}")
+    head = "start: " + ("think? " if thinking else "") + ('call ("\\n" call)*' if parallel else "call")
+    rules.insert(0, f'call: {_literal(added, "<tool_call>")} "\\n" ({" | ".join(f"body{i}" for i in range(len(names)))})'
+                    f' "\\n" {_literal(added, "</tool_call>")}')
+    if thinking:
+        rules.insert(0, f'think: {_literal(added, "<think>")} /(.|\\n)*/ {_literal(added, "</think>")} /\\s*/')
+    rules.insert(0, head)
+    return "\n".join(rules) + "\n"
+
+
+# -- matching ------------------------------------------------------------------------------------------------
+class RowConstraint:
+    """One response's grammar state: `words()` the allowed tokens as a bitmask (int32 words, bit i of word
+    i // 32 for token i), `advance(token)` after sampling; `stop_ids`: tokens after which the row is done."""
+
+    def __init__(self, matcher, stop_ids: set[int]):
+        self.matcher, self.stop_ids = matcher, stop_ids
+
+    def words(self):
+        import numpy as np
+
+        return np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.is_stopped() and not self.matcher.consume_token(int(token)):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+class ToolConstraints:
+    """llguidance's view of one tokenizer (about 1 s to build for a 150k vocabulary, so built once per
+    tokenizer and vocabulary size) and the matchers made from it."""
+
+    _cache: dict[tuple, "ToolConstraints"] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, tokenizer, vocab_size: int, eos: list[int]):
+        llg = _llguidance()
+        self.llg, self.vocab_size = llg, max(vocab_size, len(tokenizer))
+        self.lltok = llg.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, vocab_size: int, eos: list[int]) -> "ToolConstraints":
+        key = (id(tokenizer), vocab_size, tuple(eos))
+        with cls._lock:
+            got = cls._cache.get(key)
+            if got is None or got.tokenizer is not tokenizer:
+                got = cls._cache[key] = cls(tokenizer, vocab_size, eos)
+            return got
+
+    def new(self, grammar: str, family: str) -> RowConstraint:
+        from grpo.rollout.tools import end_texts
+
+        m = self.llg.LLMatcher(self.lltok, grammar, log_level=0)
+        if m.is_error():
+            raise ToolChoiceError(f"the tool-call grammar does not compile: {m.get_error()}", "tools")
+        added = self.tokenizer.get_added_vocab()
+        return RowConstraint(m, {added[t] for t in end_texts(family) if t in added})
+
+
+def mask_logits_(logits, rows: list[RowConstraint | None]) -> None:
+    """Set to -inf, in place, every logit a row's grammar does not allow (rows without a constraint untouched)."""
+    import numpy as np
+    import torch
+
+    idx = [i for i, r in enumerate(rows) if r is not None]
+    if not idx:
+        return
+    words = torch.from_numpy(np.stack([rows[i].words() for i in idx])).to(logits.device)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().reshape(len(idx), -1)
+    vocab = logits.shape[-1]
+    if allowed.shape[1] < vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(len(idx), vocab - allowed.shape[1])], dim=1)
+    sel = torch.tensor(idx, device=logits.device)
+    logits[sel] = logits[sel].masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
+class GrammarLogitsProcessor:
+    """transformers `LogitsProcessor` (and `StoppingCriteria` via `stopped`): before each step it advances every
+    row's grammar by the token sampled last, then masks. Rows are `input_ids`' rows, in order."""
+
+    def __init__(self, rows: list[RowConstraint | None], prompt_len: int):
+        self.rows, self.prompt_len = rows, prompt_len
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] > self.prompt_len:
+            last = input_ids[:, -1].tolist()
+            for r, t in zip(self.rows, last):
+                if r is not None and not r.done:
+                    r.advance(t)
+        mask_logits_(scores, [r if r is not None and not r.done else None for r in self.rows])
+        return scores
