@@ -102,6 +102,20 @@ class RolloutConfig(_Strict):
         "token", description="truncated importance sampling for samplers with their own numerics (continuous, vllm); verl's rollout_is")
     tis_cap: float = Field(2.0, gt=0, description="the truncation C of min(pi_old / pi_sampler, C): Yao et al. and verl")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm: share of GPU memory for weights + KV cache")
+    tool_choice: str = Field(
+        "auto", description="records with tools: auto (sampled freely), required (every response is a call of one "
+        "of the record's tools) or a function name (a call of it, where the record has it); required and a name "
+        "constrain decoding to the template's call format with the schema's arguments (grpo.rollout.constrain, "
+        "needs llguidance: pip install 'grpo[tools]'; transformers backend)")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: str) -> str:
+        import re
+
+        if v in ("auto", "required") or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v):
+            return v
+        raise ValueError(f"expected 'auto', 'required' or a function name (letters, digits, '_', '-'), got {v!r}")
 
 
 class EngineConfig(_Strict):

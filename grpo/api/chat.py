@@ -255,11 +255,11 @@ class ToolSetup:
     ends a call's turn) and, for `required` or a named function, a fresh grammar constraint per choice."""
 
     def __init__(self, loaded, tools: Tools, effort: str):
-        from grpo.rollout.tools import end_texts, template_family
+        from grpo.rollout.constrain import call_end_ids
+        from grpo.rollout.tools import template_family
 
         self.tools, self.family = tools, template_family(loaded.tokenizer)
-        added = loaded.tokenizer.get_added_vocab()
-        self.ends = sorted(set(loaded.ends) | {added[t] for t in end_texts(self.family) if t in added})
+        self.ends = sorted(set(loaded.ends) | call_end_ids(loaded.tokenizer, self.family))
         self.grammar = None
         if tools.constrained:
             from grpo.errors import UserError

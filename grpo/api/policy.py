@@ -55,7 +55,7 @@ CLIENT_ENGINE: dict = {
     "early_stopping_min_delta": (0, NUMBER_CAP), "log_samples": (0, 64), "log_with": {"none", "tensorboard"},
     "reward": {"batch_size": (1, 1024), "concurrency": "max_reward_concurrency", "timeout_s": (0, 900.0),
                "on_failure": ANY, "env": ENV},
-    "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0)},
+    "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0), "tool_choice": ANY},
     "health": "knobs", "algorithm": "knobs",
     "handler": ANY,  # a local file under --handlers-dir (checked by jobs.resolve_handler); an ARN: see above
 }

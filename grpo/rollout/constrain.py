@@ -162,12 +162,20 @@ def call_grammar(tokenizer, family: str, tools: list[dict], choice, *, parallel:
 
 
 # -- matching ------------------------------------------------------------------------------------------------
+def call_end_ids(tokenizer, family: str) -> set[int]:
+    """Tokens that end a turn made of a tool call besides the model's end tokens: harmony's `<|call|>` (real
+    GPT-OSS lists it among its end tokens; a tokenizer's own eos may not)."""
+    added = tokenizer.get_added_vocab()
+    return {added["<|call|>"]} if family == "harmony" and "<|call|>" in added else set()
+
+
 class RowConstraint:
     """One response's grammar state: `words()` the allowed tokens as a bitmask (int32 words, bit i of word
-    i // 32 for token i), `advance(token)` after sampling; `stop_ids`: tokens after which the row is done."""
+    i // 32 for token i), `advance(token)` after sampling. `finished` once the grammar has ended or an end token
+    (`stop_ids`) was taken; later tokens (padding) are ignored."""
 
     def __init__(self, matcher, stop_ids: set[int]):
-        self.matcher, self.stop_ids = matcher, stop_ids
+        self.matcher, self.stop_ids, self.finished = matcher, stop_ids, False
 
     def words(self):
         import numpy as np
@@ -175,12 +183,11 @@ class RowConstraint:
         return np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)
 
     def advance(self, token: int) -> None:
-        if not self.matcher.is_stopped() and not self.matcher.consume_token(int(token)):
+        if self.finished:
+            return
+        if not self.matcher.consume_token(int(token)):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
-
-    @property
-    def done(self) -> bool:
-        return self.matcher.is_stopped()
+        self.finished = self.matcher.is_stopped() or int(token) in self.stop_ids
 
 
 class ToolConstraints:
@@ -194,7 +201,7 @@ class ToolConstraints:
         llg = _llguidance()
         self.llg, self.vocab_size = llg, max(vocab_size, len(tokenizer))
         self.lltok = llg.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=eos)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.eos = tokenizer, set(eos)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, eos: list[int]) -> "ToolConstraints":
@@ -206,13 +213,10 @@ class ToolConstraints:
             return got
 
     def new(self, grammar: str, family: str) -> RowConstraint:
-        from grpo.rollout.tools import end_texts
-
         m = self.llg.LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
             raise ToolChoiceError(f"the tool-call grammar does not compile: {m.get_error()}", "tools")
-        added = self.tokenizer.get_added_vocab()
-        return RowConstraint(m, {added[t] for t in end_texts(family) if t in added})
+        return RowConstraint(m, self.eos | call_end_ids(self.tokenizer, family))
 
 
 def mask_logits_(logits, rows: list[RowConstraint | None]) -> None:
@@ -220,7 +224,7 @@ def mask_logits_(logits, rows: list[RowConstraint | None]) -> None:
     import numpy as np
     import torch
 
-    idx = [i for i, r in enumerate(rows) if r is not None]
+    idx = [i for i, r in enumerate(rows) if r is not None and not r.finished]
     if not idx:
         return
     words = torch.from_numpy(np.stack([rows[i].words() for i in idx])).to(logits.device)
@@ -234,17 +238,59 @@ def mask_logits_(logits, rows: list[RowConstraint | None]) -> None:
 
 
 class GrammarLogitsProcessor:
-    """transformers `LogitsProcessor` (and `StoppingCriteria` via `stopped`): before each step it advances every
-    row's grammar by the token sampled last, then masks. Rows are `input_ids`' rows, in order."""
+    """transformers `LogitsProcessor`: before each step it advances every row's grammar by the token sampled
+    last, then masks. Rows are `input_ids`' rows, in order (None: a row without a constraint)."""
 
     def __init__(self, rows: list[RowConstraint | None], prompt_len: int):
         self.rows, self.prompt_len = rows, prompt_len
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[1] > self.prompt_len:
-            last = input_ids[:, -1].tolist()
-            for r, t in zip(self.rows, last):
-                if r is not None and not r.done:
+            for r, t in zip(self.rows, input_ids[:, -1].tolist()):
+                if r is not None:
                     r.advance(t)
-        mask_logits_(scores, [r if r is not None and not r.done else None for r in self.rows])
+        mask_logits_(scores, self.rows)
         return scores
+
+
+# -- rollouts ------------------------------------------------------------------------------------------------
+def rollout_grammars(tokenizer, records, tool_choice: str, *, reasoning_effort: str = "low") -> list[str | None] | None:
+    """One grammar per record for `engine.rollout.tool_choice` (None for `auto`): `required` constrains every
+    record that has tools to a call of one of them; a function name, every record whose tools include it. Other
+    records sample freely. A setting that constrains no record is a UserError (the job would not do what it says)."""
+    if tool_choice == "auto":
+        return None
+    from grpo.rollout.tools import template_family
+
+    family, out = template_family(tokenizer), []
+    for r in records:
+        tools = r.tools or []
+        names = [function_name(t) for t in tools]
+        choice = ("required" if names else None) if tool_choice == "required" else (
+            ("function", tool_choice) if tool_choice in names else None)
+        try:
+            out.append(call_grammar(tokenizer, family, tools, choice, thinking=reasoning_effort != "low")
+                       if choice else None)
+        except ToolChoiceError as e:
+            raise UserError(f"engine.rollout.tool_choice={tool_choice!r}, record {r.id!r}: {e}") from None
+    if not any(out):
+        raise UserError(f"engine.rollout.tool_choice={tool_choice!r}: no record has "
+                        + ("tools" if tool_choice == "required" else f"a tool named {tool_choice!r}"))
+    return out
+
+
+def pick_grammars(grammars: list[str | None] | None, idx: list[int]) -> dict:
+    """`{"grammars": [...]}` for the prompts `idx`, or `{}` when nothing is constrained (a sampler's keyword)."""
+    return {"grammars": [grammars[i] for i in idx]} if grammars else {}
+
+
+def row_constraints(tokenizer, model, grammars: list[str | None] | None, n: int, ends: list[int]):
+    """A RowConstraint per sampled row (prompt-major, `n` samples each), or None without grammars."""
+    if not grammars or not any(grammars):
+        return None
+    from grpo.rollout.tools import template_family
+
+    family = template_family(tokenizer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    made = ToolConstraints.for_tokenizer(tokenizer, vocab, ends)
+    return [made.new(g, family) if g else None for g in grammars for _ in range(n)]

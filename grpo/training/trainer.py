@@ -19,6 +19,7 @@ from grpo.config import JobConfig
 from grpo.errors import UserError
 from grpo.reward.runner import RewardError
 from grpo.rollout.prompts import encode_prompt
+from grpo.rollout.constrain import pick_grammars, rollout_grammars
 from grpo.rollout.samplers import make_sampler
 from grpo.rundir import RunDir, read_jsonl
 from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
@@ -68,6 +69,11 @@ class Trainer:
             recs, ids = self._load(val_records, "validation_file")
             cap = e.eval_max_records or len(recs)
             self.val_records, self.val_prompts = recs[:cap], ids[:cap]
+        # engine.rollout.tool_choice: a tool-call grammar per prompt (None: sampled freely; grpo.rollout.constrain)
+        self.train_grammars = rollout_grammars(self.tok, self.train_records, e.rollout.tool_choice,
+                                               reasoning_effort=h.reasoning_effort)
+        self.val_grammars = rollout_grammars(self.tok, self.val_records, e.rollout.tool_choice,
+                                             reasoning_effort=h.reasoning_effort) if self.val_records else None
         n = len(self.train_records)
         self.steps_per_epoch = math.ceil(n / h.batch_size)
         self.total_steps = cfg.total_steps(n)
@@ -159,7 +165,8 @@ class Trainer:
             with marked_timer("gen", timing):
                 batch = self.sampler.generate([self.train_prompts[i] for i in idx],
                                               n=h.training_sample_per_prompt, max_new_tokens=h.inference_max_tokens,
-                                              temperature=e.temperature, top_p=e.top_p)
+                                              temperature=e.temperature, top_p=e.top_p,
+                                              **pick_grammars(self.train_grammars, idx))
                 self.sampler.sleep()
 
             # 2. score them with the reward function (the Lambda contract); a failure skipped under
@@ -226,7 +233,7 @@ class Trainer:
         res = sample_and_score(self.policy, self.tok, [self.val_records[i] for i in mine], self.runner,
                                temperature=e.eval_temperature or e.temperature, top_p=e.top_p,
                                max_new_tokens=h.inference_max_tokens, prompt_ids=[self.val_prompts[i] for i in mine],
-                               sampler=self.sampler)
+                               sampler=self.sampler, **pick_grammars(self.val_grammars, mine))
         graded = self.procs.cat(torch.tensor(res.graded, dtype=torch.float32))
         return float(graded.mean()) if graded.numel() else float("nan")
 

@@ -49,17 +49,19 @@ def build_trajectories(records, batch) -> list[dict]:
 def sample_and_score(model, tokenizer, records, runner, *, temperature: float, max_new_tokens: int,
                      reasoning_effort: str = "low", top_p: float = 1.0, n: int = 1, batch_size: int = GEN_BATCH,
                      prompt_ids: list[list[int]] | None = None, keep_samples: bool = False,
-                     sampler=None) -> EvalResult:
+                     sampler=None, grammars: list[str | None] | None = None) -> EvalResult:
     """Sample `n` responses per record (with `sampler`, a grpo.rollout.samplers backend, when given; else
-    transformers generation on `model`) and grade them with `runner`."""
+    transformers generation on `model`) and grade them with `runner`. `grammars`: tool-call constraints per
+    record (engine.rollout.tool_choice)."""
+    more = {"grammars": grammars} if grammars else {}
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tokenizer, r.messages, reasoning_effort=reasoning_effort, tools=r.tools) for r in records]
     if sampler is not None:
         rollout = sampler.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p)
+                                   top_p=top_p, **more)
     else:
         rollout = generate(model, tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, batch_size=batch_size)
+                           top_p=top_p, batch_size=batch_size, **more)
     trajectories = build_trajectories(records, rollout)
     result = runner.score(trajectories)
     samples = []
