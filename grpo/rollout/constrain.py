@@ -117,8 +117,10 @@ def _tool_schema(tool: dict) -> dict:
 
 def call_grammar(tokenizer, family: str, tools: list[dict], choice, *, parallel: bool = True,
                  thinking: bool = False) -> str:
-    """The llguidance grammar of a response that is a call of `choice` (`required`: any of `tools`;
-    `("function", NAME)`: that one) in `family`'s format (grpo.rollout.tools.template_family)."""
+    """The llguidance grammar of a response that is a call of `choice` (`required`: any of `tools`, several
+    calls when `parallel`; `("function", NAME)`: one call of that one, as OpenAI's named choice) in `family`'s
+    format (grpo.rollout.tools.template_family)."""
+    parallel = parallel and choice == "required"
     by_name = {function_name(t): t for t in tools}
     names = list(by_name) if choice == "required" else [choice[1]]
     bad = [n for n in names if not isinstance(n, str) or not NAME_RE.match(n)]
@@ -185,9 +187,13 @@ class RowConstraint:
     def advance(self, token: int) -> None:
         if self.finished:
             return
-        if not self.matcher.consume_token(int(token)):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
-        self.finished = self.matcher.is_stopped() or int(token) in self.stop_ids
+        token = int(token)
+        if token in self.stop_ids and (self.matcher.is_stopped() or self.matcher.is_accepting()):
+            self.finished = True  # the end token closes the call (a stopped matcher takes no more tokens)
+        elif self.matcher.is_stopped() or not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error() or 'it has ended'}")
+        elif token in self.stop_ids:
+            self.finished = True
 
 
 class ToolConstraints:
