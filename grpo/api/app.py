@@ -351,8 +351,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         eff = chat.effort(body.get("reasoning_effort"), default_effort, "reasoning_effort")
         setup = chat.ToolSetup(loaded, tools, eff)
         prompt = encode(loaded, messages, eff, tools.tools if tools.active else None)
-        choices = [chat.Choice(cache, loaded, prompt, dict(params, seed=params["seed"] if i == 0 else None), tools=setup)
-                   for i in range(n)]
+        choices = [chat.Choice(cache, loaded, prompt, dict(params, seed=params["seed"] if i == 0 else None),
+                               tools=setup) for i in range(n)]
         return model_id, choices, len(prompt)
 
     @app.post("/v1/chat/completions")

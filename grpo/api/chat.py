@@ -117,7 +117,8 @@ def _tool_call(c, param: str) -> dict:
     fn = c["function"]
     name, args = _string(fn, "name", f"{param}.function"), fn.get("arguments")
     if not isinstance(args, str):
-        raise bad_request(f"{param}.function.arguments: expected the arguments as a JSON string", f"{param}.function.arguments")
+        where = f"{param}.function.arguments"
+        raise bad_request(f"{where}: expected the arguments as a JSON string", where)
     return {"id": _string(c, "id", param), "type": "function", "function": {"name": name, "arguments": args}}
 
 

@@ -66,7 +66,8 @@ class ResponseBuilder:
                 "background": False, "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
-                "model": self.model, "output": output, "parallel_tool_calls": b.get("parallel_tool_calls") is not False, "previous_response_id": None,
+                "model": self.model, "output": output, "parallel_tool_calls": b.get("parallel_tool_calls") is not False,
+                "previous_response_id": None,
                 "reasoning": {"effort": self.effort, "summary": None}, "store": False,
                 "temperature": self.params["temperature"], "top_p": self.params["top_p"],
                 "text": {"format": {"type": "text"}}, "tool_choice": b.get("tool_choice") or "auto",
@@ -138,10 +139,12 @@ class ResponseBuilder:
                 for fid, call in zip(self.call_ids(c), c.tool_calls):
                     index += 1
                     args = call["function"]["arguments"]
-                    yield ev("response.output_item.added", output_index=index, item=_call_item(fid, call, "", "in_progress"))
+                    yield ev("response.output_item.added", output_index=index,
+                             item=_call_item(fid, call, "", "in_progress"))
                     yield ev("response.function_call_arguments.delta", item_id=fid, output_index=index, delta=args)
                     yield ev("response.function_call_arguments.done", item_id=fid, output_index=index, arguments=args)
-                    yield ev("response.output_item.done", output_index=index, item=_call_item(fid, call, args, "completed"))
+                    yield ev("response.output_item.done", output_index=index,
+                             item=_call_item(fid, call, args, "completed"))
             else:
                 if open_item == "reasoning" or open_item is None:  # the message item comes last, even if empty
                     if open_item is not None:

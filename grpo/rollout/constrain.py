@@ -155,8 +155,8 @@ def call_grammar(tokenizer, family: str, tools: list[dict], choice, *, parallel:
                   "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": _COMPACT}
         rules.append(f"body{i}: %json {json.dumps(schema)}")
     head = "start: " + ("think? " if thinking else "") + ('call ("\\n" call)*' if parallel else "call")
-    rules.insert(0, f'call: {_literal(added, "<tool_call>")} "\\n" ({" | ".join(f"body{i}" for i in range(len(names)))})'
-                    f' "\\n" {_literal(added, "</tool_call>")}')
+    bodies = " | ".join(f"body{i}" for i in range(len(names)))
+    rules.insert(0, f'call: {_literal(added, "<tool_call>")} "\\n" ({bodies}) "\\n" {_literal(added, "</tool_call>")}')
     if thinking:
         rules.insert(0, f'think: {_literal(added, "<think>")} /(.|\\n)*/ {_literal(added, "</think>")} /\\s*/')
     rules.insert(0, head)

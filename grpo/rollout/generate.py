@@ -127,14 +127,14 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
                 rows = row_constraints(tokenizer, model, grammars[start:start + per_call] if grammars else None, n,
                                        ends)
                 if shared:
-                    new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                top_p=top_p, ends=ends, pad=pad, ignore_eos=ignore_eos, device=device,
-                                                constraints=rows)
+                    new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, top_p=top_p, ends=ends, pad=pad,
+                                                ignore_eos=ignore_eos, device=device, constraints=rows)
                 else:
                     ids, mask = left_pad(chunk, pad)
                     procs = LogitsProcessorList([GrammarLogitsProcessor(rows, ids.shape[1])]) if rows else None
-                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                                          logits_processor=procs)
+                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                          generation_config=gen_cfg, logits_processor=procs)
                     new = seqs[:, ids.shape[1]:].tolist()
                 for row, toks in enumerate(new):
                     resp, hit_end = [], False
