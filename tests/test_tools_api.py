@@ -302,3 +302,37 @@ def test_without_llguidance_only_constrained_choices_fail(monkeypatch):
         ToolSetup(loaded, Tools(TOOLS, "required", True), "low")
     assert err.value.status == 400 and err.value.param == "tool_choice"
     assert "llguidance" in str(err.value.message) and "pip install" in str(err.value.message)
+
+
+@pytest.mark.parametrize("kind,effort", [("qwen3", "low"), ("qwen3", "medium"), ("gpt_oss", "low"), ("gpt_oss", "medium")])
+def test_the_grammar_accepts_the_calls_the_template_writes(kind, effort):
+    """What the chat template renders for an assistant turn of calls (after the generation prompt, up to the end
+    token) is exactly a path through the constraint's grammar, thinking included at medium effort; text
+    around it is not."""
+    from grpo.models.loading import chat_tokenizer
+    from grpo.rollout.constrain import ToolConstraints, call_grammar
+    from grpo.rollout.tools import render_messages, template_family
+
+    tok = chat_tokenizer(kind)
+    family = template_family(tok)
+    made = ToolConstraints.for_tokenizer(tok, len(tok), [tok.eos_token_id])
+    calls = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+             for i, (n, a) in enumerate([("get_weather", '{"city": "Oslo", "days": 2}'), ("clock", "{}")])]
+    for choice, turn_calls in ((("function", "get_weather"), calls[:1]), ("required", calls[:1 if kind == "gpt_oss" else 2])):
+        turn = {"role": "assistant", "content": "", "tool_calls": turn_calls}
+        if effort != "low":
+            turn["reasoning_content"] = "The user wants weather."
+        prompt = render_messages(tok, ASK, tools=TOOLS, reasoning_effort=effort)
+        full = render_messages(tok, ASK + [turn], tools=TOOLS, add_generation_prompt=False, reasoning_effort=effort)
+        end = "<|call|>" if kind == "gpt_oss" else "<|im_end|>"
+        assert full.startswith(prompt), (prompt, full)
+        said = full[len(prompt):]
+        said = said[:said.index(end) + len(end)]
+        row = made.new(call_grammar(tok, family, TOOLS, choice, thinking=effort != "low"), family)
+        for t in tok(said, add_special_tokens=False)["input_ids"]:
+            row.advance(t)
+        assert row.finished, said
+        bad = made.new(call_grammar(tok, family, TOOLS, choice, thinking=effort != "low"), family)
+        with pytest.raises(RuntimeError, match="refused"):
+            for t in tok("Sure! " + said, add_special_tokens=False)["input_ids"]:
+                bad.advance(t)
