@@ -336,3 +336,54 @@ def test_the_grammar_accepts_the_calls_the_template_writes(kind, effort):
         with pytest.raises(RuntimeError, match="refused"):
             for t in tok("Sure! " + said, add_special_tokens=False)["input_ids"]:
                 bad.advance(t)
+
+
+GRADE_CALL = '''\
+import json, re
+LOG = {log!r}
+
+
+def lambda_handler(event, context):
+    if isinstance(event, dict):
+        event = event["trajectories"]
+    out = []
+    for t in event:
+        msg = t["messages"][-1]
+        calls = [c["function"] for c in msg.get("tool_calls") or []]
+        if not calls:  # the call as the template wrote it, where the engine passes the text
+            calls = [json.loads(m) for m in re.findall(r"<tool_call>\\n(.*?)\\n</tool_call>", msg.get("content") or "", re.S)]
+        with open(LOG, "a") as f:
+            f.write(json.dumps(calls) + "\\n")
+        args = [c["arguments"] if isinstance(c["arguments"], dict) else json.loads(c["arguments"]) for c in calls]
+        score = float(bool(args) and args[0].get("city") == t["reference_answer"]["city"])
+        out.append({{"id": t["id"], "aggregate_reward_score": score}})
+    return out
+'''
+
+
+def test_a_training_job_samples_constrained_calls(tmp_path):
+    """`grpo train` with engine.rollout.tool_choice naming a function: every sampled response the grader receives
+    (training and validation) is a schema-valid call of it, from a random model that never writes one alone."""
+    import torch
+    from helpers_engine import read_jsonl, run_grpo, write_job, write_records
+
+    tok, model = _tiny("qwen3", seed=4)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    del model, torch
+    recs = [{"messages": [{"role": "user", "content": f"Weather in {c}?"}], "tools": TOOLS,
+             "reference_answer": {"city": c}} for c in ("Oslo", "Lima")]
+    train, val = write_records(tmp_path / "train.jsonl", recs), write_records(tmp_path / "val.jsonl", recs[:1])
+    log = tmp_path / "calls.jsonl"
+    (tmp_path / "grade.py").write_text(GRADE_CALL.format(log=str(log)))
+    job = write_job(tmp_path / "job.yaml", tmp_path / "model", train, val, handler=tmp_path / "grade.py",
+                    hyper={"training_sample_per_prompt": 2, "inference_max_tokens": 100},
+                    engine={"rollout": {"tool_choice": "get_weather"}})
+    proc = run_grpo("train", job, "--output-dir", tmp_path / "run", "--no-progress", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    graded = read_jsonl(log)
+    assert len(graded) >= 4 + 1  # one step of 2 prompts x 2 samples, and the validation sample(s)
+    for calls in graded:
+        (call,) = calls
+        args = call["arguments"] if isinstance(call["arguments"], dict) else json.loads(call["arguments"])
+        assert call["name"] == "get_weather" and valid_call("get_weather", json.dumps(args)) == args

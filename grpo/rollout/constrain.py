@@ -213,9 +213,12 @@ class ToolConstraints:
     def for_tokenizer(cls, tokenizer, vocab_size: int, eos: list[int]) -> "ToolConstraints":
         key = (id(tokenizer), vocab_size, tuple(eos))
         with cls._lock:
-            got = cls._cache.get(key)
+            got = cls._cache.pop(key, None)
             if got is None or got.tokenizer is not tokenizer:
-                got = cls._cache[key] = cls(tokenizer, vocab_size, eos)
+                got = cls(tokenizer, vocab_size, eos)
+            cls._cache[key] = got  # most recent last; a few tokenizers at most (the server's model cache is small)
+            while len(cls._cache) > 4:
+                cls._cache.pop(next(iter(cls._cache)))
             return got
 
     def new(self, grammar: str, family: str) -> RowConstraint:
@@ -260,10 +263,12 @@ class GrammarLogitsProcessor:
 
 
 # -- rollouts ------------------------------------------------------------------------------------------------
-def rollout_grammars(tokenizer, records, tool_choice: str, *, reasoning_effort: str = "low") -> list[str | None] | None:
+def rollout_grammars(tokenizer, records, tool_choice: str, *, reasoning_effort: str = "low",
+                     strict: bool = True) -> list[str | None] | None:
     """One grammar per record for `engine.rollout.tool_choice` (None for `auto`): `required` constrains every
     record that has tools to a call of one of them; a function name, every record whose tools include it. Other
-    records sample freely. A setting that constrains no record is a UserError (the job would not do what it says)."""
+    records sample freely. A setting that constrains no record is a UserError when `strict` (the training data:
+    the job would not do what it says), else None (validation data without such records)."""
     if tool_choice == "auto":
         return None
     from grpo.rollout.tools import template_family
@@ -280,6 +285,8 @@ def rollout_grammars(tokenizer, records, tool_choice: str, *, reasoning_effort: 
         except ToolChoiceError as e:
             raise UserError(f"engine.rollout.tool_choice={tool_choice!r}, record {r.id!r}: {e}") from None
     if not any(out):
+        if not strict:
+            return None
         raise UserError(f"engine.rollout.tool_choice={tool_choice!r}: no record has "
                         + ("tools" if tool_choice == "required" else f"a tool named {tool_choice!r}"))
     return out

@@ -73,7 +73,7 @@ class Trainer:
         self.train_grammars = rollout_grammars(self.tok, self.train_records, e.rollout.tool_choice,
                                                reasoning_effort=h.reasoning_effort)
         self.val_grammars = rollout_grammars(self.tok, self.val_records, e.rollout.tool_choice,
-                                             reasoning_effort=h.reasoning_effort) if self.val_records else None
+                                             reasoning_effort=h.reasoning_effort, strict=False)
         n = len(self.train_records)
         self.steps_per_epoch = math.ceil(n / h.batch_size)
         self.total_steps = cfg.total_steps(n)
