@@ -193,6 +193,8 @@ def test_unsupported_tool_options_are_400s_naming_them(served):
         ("/chat/completions", {**chat, "messages": ASK + [{"role": "tool", "content": "x"}]}, {}, "messages[1].tool_call_id"),
         ("/chat/completions", {**chat, "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
          "function": {"name": "f", "arguments": {}}}]}]}, {}, "messages[0].tool_calls[0].function.arguments"),
+        ("/chat/completions", chat, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "strnig"}}}}}], "tool_choice": "required"}, "tools"),
         ("/responses", resp, {"tools": [{"type": "file_search"}]}, "tools[0].type"),
         ("/responses", resp, {"tools": FLAT, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
         ("/responses", {**resp, "input": [{"type": "function_call_output", "output": "x"}]}, {}, "input[0].call_id"),

@@ -271,13 +271,18 @@ class ToolSetup:
                                             parallel=tools.parallel, thinking=effort != "low")
                 vocab = loaded.model.get_output_embeddings().weight.shape[0]
                 self.constraints = ToolConstraints.for_tokenizer(loaded.tokenizer, vocab, loaded.ends)
+                self._first = self.constraints.new(self.grammar, self.family)  # a schema it cannot compile: a 400
             except ToolChoiceError as e:
                 raise bad_request(str(e), e.param) from None
             except UserError as e:  # llguidance missing
                 raise bad_request(str(e), "tool_choice") from None
 
     def constraint(self):
-        return self.constraints.new(self.grammar, self.family) if self.grammar is not None else None
+        """A fresh matcher for one choice (None when nothing is constrained)."""
+        if self.grammar is None:
+            return None
+        first, self._first = self._first, None
+        return first or self.constraints.new(self.grammar, self.family)
 
 
 class Choice:

@@ -224,7 +224,8 @@ class ToolConstraints:
     def new(self, grammar: str, family: str) -> RowConstraint:
         m = self.llg.LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
-            raise ToolChoiceError(f"the tool-call grammar does not compile: {m.get_error()}", "tools")
+            first = (m.get_error() or "").splitlines()[0].split(": ", 1)[-1]  # "failed to compile JSON schema: ..."
+            raise ToolChoiceError(f"tools: a function's parameters cannot be enforced ({first})", "tools")
         return RowConstraint(m, self.eos | call_end_ids(self.tokenizer, family))
 
 
