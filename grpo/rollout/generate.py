@@ -73,7 +73,8 @@ GEN_BATCH = 64
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False) -> RolloutBatch:
+             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False,
+             stop_ids: list[int] | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
     (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
 
@@ -85,7 +86,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    ends = end_token_ids(tokenizer, model)
+    ends = sorted(set(end_token_ids(tokenizer, model)) | set(stop_ids or ()))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     gen_cfg = GenerationConfig(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
