@@ -211,7 +211,7 @@ class Tools:
 def request_tools(body: dict, *, responses: bool) -> Tools:
     """`tools`, `tool_choice` and `parallel_tool_calls` checked; responses' flat function tools made chat's."""
     from grpo.data import _check_tools
-    from grpo.rollout.constrain import NAME_RE, ToolChoiceError, function_name, normalize_tool_choice
+    from grpo.rollout.constrain import ToolChoiceError, function_name, normalize_tool_choice
 
     raw = body.get("tools")
     if raw is None:
@@ -232,14 +232,6 @@ def request_tools(body: dict, *, responses: bool) -> Tools:
         field = field.replace(".function.", ".") if responses else field
         raise bad_request(f"{field}: {msg}", field)
     names = [function_name(t) for t in tools]
-    for i, (name, t) in enumerate(zip(names, tools)):
-        field = f"tools[{i}]" if responses else f"tools[{i}].function"
-        if not NAME_RE.match(name):
-            raise bad_request(f"{field}.name: {name!r} must be 1-64 letters, digits, '_' or '-'", f"{field}.name")
-        params = t["function"].get("parameters")
-        if params is not None and params.get("type", "object") != "object":
-            raise bad_request(f"{field}.parameters: the arguments must be an object schema (type \"object\"), got "
-                              f"type {params.get('type')!r}", f"{field}.parameters")
     try:
         choice = normalize_tool_choice(body.get("tool_choice"), names)
     except ToolChoiceError as e:

@@ -224,8 +224,9 @@ class ToolConstraints:
     def new(self, grammar: str, family: str) -> RowConstraint:
         m = self.llg.LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
-            first = (m.get_error() or "").splitlines()[0].split(": ", 1)[-1]  # "failed to compile JSON schema: ..."
-            raise ToolChoiceError(f"tools: a function's parameters cannot be enforced ({first})", "tools")
+            why = re.split(r"\n\s*\d+ \|", m.get_error() or "")[0]  # the reason, without the grammar's listing
+            why = " ".join(why.split()).split(": ", 1)[-1][:300]
+            raise ToolChoiceError(f"tools: a function's parameters cannot be enforced ({why})", "tools")
         return RowConstraint(m, self.eos | call_end_ids(self.tokenizer, family))
 
 

@@ -88,7 +88,7 @@ GEN_BATCH = 64
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
              top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False,
-             grammars: list[str | None] | None = None) -> RolloutBatch:
+             stop_ids: list[int] | None = None, grammars: list[str | None] | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
     (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
 
@@ -102,7 +102,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
-    ends = end_token_ids(tokenizer, model)
+    ends = sorted(set(end_token_ids(tokenizer, model)) | set(stop_ids or ()))
     if grammars:
         from grpo.rollout.tools import template_family
 
