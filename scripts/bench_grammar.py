@@ -2,7 +2,8 @@
 llguidance and outlines-core, on the tiny BPE tokenizer with Qwen3's template (the test models' vocabulary) and
 on SmolLM2's 49k vocabulary: the time to wrap the tokenizer, to compile one hermes tool-call grammar
 (`<tool_call>\\n{"name": ..., "arguments": <schema>}\\n</tool_call>`), and per token of a forced call the time
-to compute the allowed-token mask and advance the matcher.
+to compute the allowed-token mask and advance the matcher. Then grpo.rollout.constrain's own decode step (masks
+applied to a logits batch of 1 and 8 rows).
 
     python scripts/bench_grammar.py [--libs llguidance,outlines-core,xgrammar] [--paths DIR,...]
 
@@ -124,6 +125,27 @@ def bench_xgrammar(tok, ids):
     return t1 - t0, t2 - t1, per
 
 
+def bench_decode_step(tok, ids, rows: int) -> float:
+    """Seconds per decode step of grpo.rollout.constrain as the sampler runs it: `rows` matchers, their masks
+    applied to a [rows, vocab] logits tensor in place, each matcher advanced by the step's token."""
+    import torch
+
+    from grpo.rollout.constrain import ToolConstraints, call_grammar, mask_logits_
+    from grpo.rollout.tools import template_family
+
+    family = template_family(tok)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}]
+    made = ToolConstraints.for_tokenizer(tok, len(tok), [tok.eos_token_id])
+    cons = [made.new(call_grammar(tok, family, tools, ("function", "get_weather")), family) for _ in range(rows)]
+    logits = torch.randn(rows, len(tok))
+    start = time.perf_counter()
+    for t in ids:
+        mask_logits_(logits, cons)
+        for c in cons:
+            c.advance(t)
+    return (time.perf_counter() - start) / len(ids)
+
+
 BENCH = {"llguidance": bench_llguidance, "outlines-core": bench_outlines, "xgrammar": bench_xgrammar}
 
 
@@ -133,6 +155,9 @@ def main() -> None:
     ap.add_argument("--paths", default="", help="comma-separated extra import directories")
     args = ap.parse_args()
     sys.path[:0] = [p for p in args.paths.split(",") if p]
+    import torch
+
+    torch.set_num_threads(1)  # as the server and the tests run; two threads spin against each other on a busy box
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (contended if above ~0.5)")
     print(f"{'library':<14} {'tokenizer':<26} {'vocab':>6} {'wrap ms':>9} {'compile ms':>11} {'mask+advance us/token':>22}")
     for name, tok in tokenizers():
@@ -146,6 +171,11 @@ def main() -> None:
             per = sorted(per)
             print(f"{lib:<14} {name:<26} {len(tok):>6} {wrap * 1e3:>9.1f} {compile_s * 1e3:>11.1f} "
                   f"{sum(per) / len(per) * 1e6:>12.0f} (p50 {per[len(per) // 2] * 1e6:.0f})")
+    print("grpo.rollout.constrain in the decode loop (llguidance): mask + in-place fill + advance per step")
+    for name, tok in tokenizers():
+        ids = target_ids(tok)
+        print("  " + name + ": " + ", ".join(f"{rows} row(s) {bench_decode_step(tok, ids, rows) * 1e3:.2f} ms"
+                                              for rows in (1, 8)))
 
 
 if __name__ == "__main__":

@@ -231,21 +231,26 @@ class ToolConstraints:
 
 
 def mask_logits_(logits, rows: list[RowConstraint | None]) -> None:
-    """Set to -inf, in place, every logit a row's grammar does not allow (rows without a constraint untouched)."""
+    """Set to -inf, in place, every logit a row's grammar does not allow (rows without a constraint, or finished,
+    untouched). One in-place fill over the batch: unconstrained rows get an all-allowed mask row."""
     import numpy as np
     import torch
 
-    idx = [i for i, r in enumerate(rows) if r is not None and not r.finished]
-    if not idx:
+    active = [i for i, r in enumerate(rows) if r is not None and not r.finished]
+    if not active:
         return
-    words = torch.from_numpy(np.stack([rows[i].words() for i in idx])).to(logits.device)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().reshape(len(idx), -1)
+    first = rows[active[0]].words()
+    words = np.full((len(rows), first.shape[0]), -1, dtype=np.int32)  # -1: every bit set, every token allowed
+    for i in active:
+        words[i] = first if i == active[0] else rows[i].words()
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")  # bit k of word j: token 32 * j + k
     vocab = logits.shape[-1]
-    if allowed.shape[1] < vocab:
-        allowed = torch.cat([allowed, allowed.new_zeros(len(idx), vocab - allowed.shape[1])], dim=1)
-    sel = torch.tensor(idx, device=logits.device)
-    logits[sel] = logits[sel].masked_fill(~allowed[:, :vocab], float("-inf"))
+    blocked = torch.from_numpy(bits[:, :vocab] == 0)
+    if blocked.shape[1] < vocab:  # logits past the tokenizer's vocabulary: never allowed in a constrained row
+        extra = torch.zeros(len(rows), vocab - blocked.shape[1], dtype=torch.bool)
+        extra[active] = True
+        blocked = torch.cat([blocked, extra], dim=1)
+    logits.masked_fill_(blocked.to(logits.device, non_blocking=True), float("-inf"))
 
 
 class GrammarLogitsProcessor:
