@@ -389,3 +389,26 @@ def test_a_training_job_samples_constrained_calls(tmp_path):
         (call,) = calls
         args = call["arguments"] if isinstance(call["arguments"], dict) else json.loads(call["arguments"])
         assert call["name"] == "get_weather" and valid_call("get_weather", json.dumps(args)) == args
+
+
+def test_schema_refs_are_enforced_inside_the_hermes_call():
+    """A function whose parameters use `$defs` / `$ref` (pydantic's schemas do): the refs resolve once the
+    parameters sit under the call's `arguments`, and a value outside the referenced enum is refused."""
+    from grpo.models.loading import chat_tokenizer
+    from grpo.rollout.constrain import ToolConstraints, call_grammar
+
+    tok = chat_tokenizer("qwen3")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": {"C": {"type": "string", "enum": ["a", "b"]}},
+        "properties": {"c": {"$ref": "#/$defs/C"}}, "required": ["c"]}}}
+    made = ToolConstraints.for_tokenizer(tok, len(tok), [tok.eos_token_id])
+    for value, ok in (("b", True), ("z", False)):
+        row = made.new(call_grammar(tok, "qwen3", [tool], "required"), "qwen3")
+        text = '<tool_call>\n{"name": "f", "arguments": {"c": "%s"}}\n</tool_call>' % value
+        try:
+            for t in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]:
+                row.advance(t)
+            accepted = row.finished
+        except RuntimeError:
+            accepted = False
+        assert accepted == ok, value

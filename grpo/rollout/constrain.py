@@ -151,8 +151,10 @@ def call_grammar(tokenizer, family: str, tools: list[dict], choice, *, parallel:
     if family not in ("qwen3", "chatml_fallback"):
         raise ToolChoiceError(f"constrained tool calls are not available for template family {family!r}", "tool_choice")
     for i, n in enumerate(names):
-        schema = {"type": "object", "properties": {"name": {"const": n}, "arguments": _tool_schema(by_name[n])},
-                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": _COMPACT}
+        args = dict(_tool_schema(by_name[n]))
+        defs = {k: args.pop(k) for k in ("$defs", "definitions") if k in args}  # `#/$defs/...` refs: from the root
+        schema = {"type": "object", "properties": {"name": {"const": n}, "arguments": args},
+                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": _COMPACT, **defs}
         rules.append(f"body{i}: %json {json.dumps(schema)}")
     head = "start: " + ("think? " if thinking else "") + ('call ("\\n" call)*' if parallel else "call")
     bodies = " | ".join(f"body{i}" for i in range(len(names)))
