@@ -49,9 +49,11 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
     return _pack(prompt_ids, response_ids, pad_id)[0]
 
 
-def _pack(prompt_ids, response_ids, pad_id, response_values=None) -> tuple[PackedBatch, torch.Tensor | None]:
+def _pack(prompt_ids, response_ids, pad_id, response_values=None, response_masks=None) -> tuple[PackedBatch, torch.Tensor | None]:
     """The packed batch, and `response_values` (one float per response token, e.g. log-probs) laid out like its
-    response_mask: token j of row i's response at column len(prompt_i) - 1 + j, the position predicting it."""
+    response_mask: token j of row i's response at column len(prompt_i) - 1 + j, the position predicting it.
+    `response_masks` (0/1 per response token; None: all 1): which response tokens the model sampled, so that
+    tool results and template glue inside a multi-turn response are no part of the loss."""
     width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     n = len(prompt_ids)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -61,7 +63,12 @@ def _pack(prompt_ids, response_ids, pad_id, response_values=None) -> tuple[Packe
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         attn[i, :len(p) + len(r)] = 1
-        resp[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+        if response_masks is None:
+            resp[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+        elif r:
+            if len(response_masks[i]) != len(r):
+                raise ValueError(f"row {i}: {len(r)} response tokens but {len(response_masks[i])} mask values")
+            resp[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(response_masks[i], dtype=torch.float32)
         if vals is not None:
             if len(response_values[i]) != len(r):
                 raise ValueError(f"row {i}: {len(r)} response tokens but {len(response_values[i])} values")
@@ -88,6 +95,12 @@ class StepBatch:
     advantages: torch.Tensor | None = None  # [N, L-1] token-level, 0 outside loss_mask (fill_advantages)
     ref_logprobs: torch.Tensor | None = None  # [N, L-1] under the reference (KL), when kl_coef > 0
     old_logprobs: torch.Tensor | None = None  # [N, L-1] under the policy before the update, when needed
+    # Tool calling (grpo.rollout.tools): per row the messages after the prompt (assistant, and tool results in a
+    # multi-turn rollout) as the grader receives them, None for rows without tools; the parse error of a
+    # malformed call; per-row counts of a multi-turn rollout (turns, calls, errors, max_turns) and its seconds
+    messages: list[list[dict] | None] | None = None
+    parse_errors: list[str | None] | None = None
+    tool_stats: dict | None = None
 
     def __len__(self) -> int:
         return len(self.packed)
@@ -125,9 +138,10 @@ class StepBatch:
 
 def pack_step(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, *, group: list[int],
               sample: list[int], truncated: list[bool], contents: list[str], reasoning: list[str | None],
-              sampler_logprobs: list[list[float]] | None = None) -> StepBatch:
+              sampler_logprobs: list[list[float]] | None = None, response_masks: list[list[int]] | None = None
+              ) -> StepBatch:
     """A StepBatch from per-response lists (grpo.rollout's samplers call this once per generate)."""
-    packed, logp = _pack(prompt_ids, response_ids, pad_id, sampler_logprobs)
+    packed, logp = _pack(prompt_ids, response_ids, pad_id, sampler_logprobs, response_masks)
     return StepBatch(packed, group=torch.tensor(group, dtype=torch.long), sample=torch.tensor(sample, dtype=torch.long),
                      prompt_lengths=torch.tensor([len(p) for p in prompt_ids], dtype=torch.long),
                      response_lengths=torch.tensor([len(r) for r in response_ids], dtype=torch.long),

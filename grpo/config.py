@@ -28,6 +28,7 @@ BEDROCK_MODEL_IDS = {
 }
 # The embedded default: a tiny Qwen3-architecture model the project pretrains itself (grpo.models.tiny).
 TINY_MODEL = "grpo:tiny-arith"
+TINY_TOOLS_MODEL = "grpo:tiny-tools"  # the tool-calling tiny model (docs/tools.md)
 
 
 def local_model_id(model: str) -> str:
@@ -104,6 +105,25 @@ class RolloutConfig(_Strict):
         "token", description="truncated importance sampling for samplers with their own numerics (continuous, vllm); verl's rollout_is")
     tis_cap: float = Field(2.0, gt=0, description="the truncation C of min(pi_old / pi_sampler, C): Yao et al. and verl")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm: share of GPU memory for weights + KV cache")
+    max_turns: int = Field(5, ge=1, description="engine.environment: assistant turns per trajectory (sample -> call "
+                           "tools -> sample ...); the token budget is inference_max_tokens for the whole trajectory")
+    tool_timeout_s: float = Field(30.0, gt=0, le=900, description="engine.environment: seconds one tool call may take "
+                                  "before its worker is killed and the model reads an error")
+    tool_concurrency: int = Field(2, ge=1, description="engine.environment: tool worker processes (calls in parallel)")
+    tool_choice: str = Field(
+        "auto", description="records with tools: auto (sampled freely), required (every response is a call of one "
+        "of the record's tools) or a function name (a call of it, where the record has it); required and a name "
+        "constrain decoding to the template's call format with the schema's arguments (grpo.rollout.constrain, "
+        "needs llguidance: pip install 'grpo[tools]'; transformers backend)")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: str) -> str:
+        import re
+
+        if v in ("auto", "required") or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v):
+            return v
+        raise ValueError(f"expected 'auto', 'required' or a function name (letters, digits, '_', '-'), got {v!r}")
 
 
 class EngineConfig(_Strict):
@@ -111,6 +131,8 @@ class EngineConfig(_Strict):
 
     model: str | None = Field(None, description="local model path or hub id, overriding the Bedrock id mapping")
     handler: str | None = Field(None, description="local handler run in place of the grader's ARN")
+    environment: str | None = Field(None, description="a .py file of plain Python functions, the tools of multi-turn "
+                                    "rollouts (docs/tools.md); run in worker processes with engine.reward's env")
     seed: int = Field(0, description="prompt order, sampling and the adapter's start: a run repeats exactly")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights' dtype; auto: bf16 on a GPU, fp32 on the CPU")
@@ -156,6 +178,16 @@ class EngineConfig(_Strict):
         if self.rollout.backend == "vllm" and self.load_in_4bit:
             raise ValueError("rollout.backend=vllm cannot take its weights from a 4-bit (load_in_4bit) base: vLLM "
                              "is synced with merged bf16 weights; use the transformers or continuous backend with QLoRA")
+        if self.environment and self.rollout.tool_choice != "auto":
+            raise ValueError(f"rollout.tool_choice={self.rollout.tool_choice!r} constrains single-turn sampling; with "
+                             "engine.environment (tools that run) leave it at auto")
+        return self
+
+    @model_validator(mode="after")
+    def _environment_backend(self) -> "EngineConfig":
+        if self.environment and self.rollout.backend != "transformers":
+            raise ValueError(f"engine.environment (multi-turn rollouts with tools) runs on the transformers rollout "
+                             f"backend, not {self.rollout.backend}")
         return self
 
     @model_validator(mode="before")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -199,11 +200,76 @@ def _check_tools(tools: Any) -> list[tuple[str, str]]:
         elif name in seen:
             out.append((f"{f}.function.name", f"duplicate tool name {json.dumps(name)} "
                                               f"(also tools[{seen[name]}])"))
+        elif not _FUNCTION_NAME.match(name):
+            out.append((f"{f}.function.name", f"{json.dumps(name)[:70]} must be 1-64 letters, digits, _ or - "
+                                              "(OpenAI's rule for function names)"))
         else:
             seen[name] = i
-        for key, typ, want in (("parameters", dict, "an object"), ("description", str, "a string")):
+        for key, typ, want in (("parameters", dict, "an object"), ("description", str, "a string"),
+                               ("strict", bool, "true or false")):
             if key in fn and not isinstance(fn[key], typ):
                 out.append((f"{f}.function.{key}", f"expected {want}, got {json_kind(fn[key])}"))
+        params = fn.get("parameters")
+        if isinstance(params, dict):
+            if params.get("type", "object") != "object":
+                out.append((f"{f}.function.parameters.type", f"expected \"object\" (a function takes named "
+                                                              f"arguments), got {json.dumps(params.get('type'))[:60]}"))
+            out += _check_schema(params, f"{f}.function.parameters")
+    return out
+
+
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_JSON_SCHEMA_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def _check_schema(schema: dict, f: str, depth: int = 0) -> list[tuple[str, str]]:
+    """The JSON-schema keywords a function's parameters use (OpenAI's function calling): type, properties,
+    required, enum, items, additionalProperties, anyOf. Other keywords pass unchecked."""
+    out: list[tuple[str, str]] = []
+    if depth > 32:
+        return [(f, "nested more than 32 levels deep")]
+    typ = schema.get("type")
+    if typ is not None:
+        types = typ if isinstance(typ, list) else [typ]
+        bad = [t for t in types if t not in _JSON_SCHEMA_TYPES]
+        if bad or not types:
+            out.append((f"{f}.type", f"{json.dumps(typ)[:60]} is not a JSON schema type "
+                                     f"({', '.join(_JSON_SCHEMA_TYPES)})"))
+    props = schema.get("properties")
+    if "properties" in schema and not isinstance(props, dict):
+        out.append((f"{f}.properties", f"expected an object of property schemas, got {json_kind(props)}"))
+        props = None
+    for name, sub in (props or {}).items():
+        if not isinstance(sub, dict):
+            out.append((f"{f}.properties.{name}", f"expected a schema object, got {json_kind(sub)}"))
+        else:
+            out += _check_schema(sub, f"{f}.properties.{name}", depth + 1)
+    req = schema.get("required")
+    if "required" in schema:
+        if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
+            out.append((f"{f}.required", f"expected a list of property names, got {json_kind(req)}"))
+        elif props is not None:
+            missing = [r for r in req if r not in props]
+            if missing:
+                out.append((f"{f}.required", f"names {', '.join(map(json.dumps, missing))[:80]}, not among its "
+                                             "properties"))
+    if "enum" in schema and not (isinstance(schema["enum"], list) and schema["enum"]):
+        out.append((f"{f}.enum", "is empty; list the allowed values" if schema["enum"] == []
+                    else f"expected a non-empty list of the allowed values, got {json_kind(schema['enum'])}"))
+    for key in ("items", "additionalProperties"):
+        sub = schema.get(key)
+        if key in schema and not isinstance(sub, (dict, bool)):
+            out.append((f"{f}.{key}", f"expected a schema object or a boolean, got {json_kind(sub)}"))
+        elif isinstance(sub, dict):
+            out += _check_schema(sub, f"{f}.{key}", depth + 1)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            subs = schema[key]
+            if not isinstance(subs, list) or not all(isinstance(s, dict) for s in subs):
+                out.append((f"{f}.{key}", f"expected a list of schema objects, got {json_kind(subs)}"))
+            else:
+                for i, sub in enumerate(subs):
+                    out += _check_schema(sub, f"{f}.{key}[{i}]", depth + 1)
     return out
 
 

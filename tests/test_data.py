@@ -93,6 +93,25 @@ CASES = [  # (line 1, the one expected "field: message")
      "tools[0].function.parameters: expected an object, got list"),
     (msg(tools=[{"type": "function", "function": {"name": "f", "description": 3}}]),
      "tools[0].function.description: expected a string, got number"),
+    (msg(tools=[{"type": "function", "function": {"name": "get weather"}}]),
+     'tools[0].function.name: "get weather" must be 1-64 letters, digits, _ or - (OpenAI\'s rule for function names)'),
+    (msg(tools=[{"type": "function", "function": {"name": "f", "strict": "yes"}}]),
+     "tools[0].function.strict: expected true or false, got string"),
+    (msg(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]),
+     'tools[0].function.parameters.type: expected "object" (a function takes named arguments), got "array"'),
+    (msg(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}}}]),
+     'tools[0].function.parameters.required: names "b", not among its properties'),
+    (msg(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"city": {"type": "str"}}}}}]),
+     'tools[0].function.parameters.properties.city.type: "str" is not a JSON schema type (object, array, string, '
+     'number, integer, boolean, null)'),
+    (msg(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"xs": {"type": "array", "items": "number"}}}}}]),
+     "tools[0].function.parameters.properties.xs.items: expected a schema object or a boolean, got string"),
+    (msg(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"u": {"type": "string", "enum": []}}}}}]),
+     "tools[0].function.parameters.properties.u.enum: is empty; list the allowed values"),
     ('{"messages": [{"role": "user", "content": "q"}], "reference_ans',
      "json: invalid JSON: Unterminated string starting at column 50 (the line ends early: truncated?)"),
     ('{"messages": [', "json: invalid JSON: Expecting value at column 15 (the line ends early: truncated?)"),

@@ -17,7 +17,7 @@ LAYERS = [
     ("ground", ["grpo.config", "grpo.algorithm_config", "grpo.data", "grpo.rundir", "grpo.health_thresholds",
                 "grpo.batch", "grpo.jsonl", "grpo.gsm8k", "grpo.convert"]),
     ("models", ["grpo.models"]),
-    ("rollout+reward", ["grpo.rollout", "grpo.reward"]),
+    ("rollout+reward", ["grpo.rollout", "grpo.reward"]),  # grpo.rollout.tools: tool calls in the templates
     ("training", ["grpo.training"]),
     ("remote", ["grpo.remote"]),
     ("interfaces", ["grpo.api", "grpo.commands", "grpo.cli", "grpo.__main__"]),

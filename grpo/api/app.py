@@ -373,15 +373,16 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     def prepare_chat(body: dict):
         chat.reject_unsupported(body, chat.UNSUPPORTED_CHAT)
         chat.check_common(body)
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            raise bad_request("tool_choice: tools are not supported by this local server", "tool_choice")
+        tools = chat.request_tools(body, responses=False)
         messages = chat.chat_messages(body.get("messages"))
         params = chat.sampling(body, ("max_completion_tokens", "max_tokens"), cfg.default_max_tokens, cfg.max_tokens)
         n = chat.int_param(body, "n", 1, 1, 16)
         model_id, loaded, default_effort = load_model(body)
-        prompt = encode(loaded, messages, chat.effort(body.get("reasoning_effort"), default_effort, "reasoning_effort"))
-        choices = [chat.Choice(cache, loaded, prompt, dict(params, seed=params["seed"] if i == 0 else None))
-                   for i in range(n)]
+        eff = chat.effort(body.get("reasoning_effort"), default_effort, "reasoning_effort")
+        setup = chat.ToolSetup(loaded, tools, eff)
+        prompt = encode(loaded, messages, eff, tools.tools if tools.active else None)
+        choices = [chat.Choice(cache, loaded, prompt, dict(params, seed=params["seed"] if i == 0 else None),
+                               tools=setup) for i in range(n)]
         return model_id, choices, len(prompt)
 
     @app.post("/v1/chat/completions")
@@ -397,6 +398,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     def prepare_response(body: dict):
         chat.reject_unsupported(body, chat.UNSUPPORTED_RESPONSES)
         chat.check_common(body, responses=True)
+        tools = chat.request_tools(body, responses=True)
         messages = chat.response_messages(body)
         params = chat.sampling(body, ("max_output_tokens",), cfg.default_max_tokens, cfg.max_tokens)
         reasoning = body.get("reasoning")
@@ -404,8 +406,10 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             raise bad_request("reasoning: expected an object like {\"effort\": \"low\"}", "reasoning")
         model_id, loaded, default_effort = load_model(body)
         eff = chat.effort((reasoning or {}).get("effort"), default_effort, "reasoning.effort")
-        prompt = encode(loaded, messages, eff)
-        return ResponseBuilder(model_id, body, eff, params), chat.Choice(cache, loaded, prompt, params), len(prompt)
+        setup = chat.ToolSetup(loaded, tools, eff)
+        prompt = encode(loaded, messages, eff, tools.tools if tools.active else None)
+        return (ResponseBuilder(model_id, body, eff, params), chat.Choice(cache, loaded, prompt, params, tools=setup),
+                len(prompt))
 
     @app.post("/v1/responses")
     async def responses(request: Request):

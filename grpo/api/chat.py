@@ -6,7 +6,14 @@ OpenAI's typed event sequence (`response.created`, `response.in_progress`, per o
 `response.completed`, or `response.incomplete` when `max_output_tokens` cut it). Thinking text (Qwen3
 `<think>`, harmony's analysis channel) is a chat message's `reasoning_content` (vLLM's field) and a
 response's `reasoning` item with `reasoning_text` content. Parameters this server cannot honour
-(tools, stop, logprobs, penalties, structured output) are a 400 naming them, not silently ignored.
+(stop, logprobs, penalties, structured output, legacy `functions`, non-function tools) are a 400 naming them,
+not silently ignored.
+
+Tools (docs/tools_api.md): `tools` are rendered by the model's chat template and the response is parsed back into
+OpenAI tool calls by grpo.rollout.tools; `tool_choice` `required` or a named function constrains decoding to a
+call (grpo.rollout.constrain); `none` renders no tools and parses no call. History may hold assistant
+`tool_calls` and `role: tool` results (responses: `function_call` / `function_call_output` items). While a
+response streams, text that may be the start of a call is held back; calls are sent when the response ends.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from grpo.api.errors import bad_request
@@ -21,9 +29,9 @@ from grpo.api.inference import ModelCache, TextSplitter, stream_tokens
 from grpo.api.store import new_id
 
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "minimal": "low", "none": "low", "xhigh": "high"}
-UNSUPPORTED_CHAT = {"tools": [], "functions": [], "logprobs": False, "top_logprobs": 0, "stop": None,
+UNSUPPORTED_CHAT = {"functions": [], "function_call": None, "logprobs": False, "top_logprobs": 0, "stop": None,
                     "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "audio": None, "prediction": None}
-UNSUPPORTED_RESPONSES = {"tools": [], "previous_response_id": None, "conversation": None, "background": False,
+UNSUPPORTED_RESPONSES = {"previous_response_id": None, "conversation": None, "background": False,
                          "prompt": None, "top_logprobs": 0}
 
 
@@ -115,15 +123,44 @@ def _text(content, param: str, role: str) -> str:
     raise bad_request(f"{param}: expected a string or a list of text parts", param)
 
 
+def _string(m: dict, key: str, param: str) -> str:
+    v = m.get(key)
+    if not isinstance(v, str) or not v:
+        raise bad_request(f"{param}.{key}: expected a non-empty string", f"{param}.{key}")
+    return v
+
+
+def _tool_call(c, param: str) -> dict:
+    """An assistant message's tool call, OpenAI's shape; `arguments` is the JSON text of an object."""
+    if not isinstance(c, dict) or c.get("type", "function") != "function" or not isinstance(c.get("function"), dict):
+        raise bad_request(f"{param}: expected {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                          f"\"arguments\"}}}}", param)
+    fn = c["function"]
+    name, args = _string(fn, "name", f"{param}.function"), fn.get("arguments")
+    if not isinstance(args, str):
+        where = f"{param}.function.arguments"
+        raise bad_request(f"{where}: expected the arguments as a JSON string", where)
+    return {"id": _string(c, "id", param), "type": "function", "function": {"name": name, "arguments": args}}
+
+
 def _message(m, param: str) -> dict:
     if not isinstance(m, dict):
         raise bad_request(f"{param}: expected a message object", param)
     role = m.get("role")
     role = {"developer": "system"}.get(role, role) if isinstance(role, str) else None
-    if role not in ("system", "user", "assistant"):
-        raise bad_request(f"{param}.role: expected system, developer, user or assistant, got {m.get('role')!r}",
+    if role not in ("system", "user", "assistant", "tool"):
+        raise bad_request(f"{param}.role: expected system, developer, user, assistant or tool, got {m.get('role')!r}",
                           f"{param}.role")
-    return {"role": role, "content": _text(m.get("content"), f"{param}.content", role)}
+    out = {"role": role, "content": _text(m.get("content"), f"{param}.content", role)}
+    if role == "tool":
+        out["tool_call_id"] = _string(m, "tool_call_id", param)
+    calls = m.get("tool_calls") if role == "assistant" else None
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise bad_request(f"{param}.tool_calls: expected a list of tool calls", f"{param}.tool_calls")
+        if calls:
+            out["tool_calls"] = [_tool_call(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    return out
 
 
 def include_usage(body: dict) -> bool:
@@ -151,22 +188,131 @@ def response_messages(body: dict) -> list[dict]:
         raise bad_request("input: expected a string or a non-empty list of messages", "input")
     for i, item in enumerate(inp):
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        param = f"input[{i}]"
         if kind == "reasoning":
             continue
-        if kind != "message":
-            raise bad_request(f"input[{i}]: only messages are supported (got type {kind!r})", f"input[{i}]")
-        out.append(_message(item, f"input[{i}]"))
-    return out
+        if kind == "function_call":  # consecutive calls are one assistant turn
+            call = _tool_call({"id": item.get("call_id"), "type": "function",
+                               "function": {"name": item.get("name"), "arguments": item.get("arguments")}}, param)
+            if out and out[-1]["role"] == "assistant" and out[-1].get("_calls"):
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call], "_calls": True})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
+                        "content": _text(item.get("output"), f"{param}.output", "tool")})
+        elif kind == "message":
+            out.append(_message(item, param))
+        else:
+            raise bad_request(f"{param}: only message, function_call and function_call_output items are supported "
+                              f"(got type {kind!r})", param)
+    return [{k: v for k, v in m.items() if k != "_calls"} for m in out]
+
+
+# -- tools -------------------------------------------------------------------------------------------------
+@dataclass
+class Tools:
+    """A request's tools in chat form (for the template and the parser), its tool_choice (`auto`, `none`,
+    `required` or `("function", NAME)`) and parallel_tool_calls."""
+
+    tools: list[dict]
+    choice: object
+    parallel: bool
+
+    @property
+    def active(self) -> bool:
+        """Tools are rendered and calls parsed (not with tool_choice none)."""
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def constrained(self) -> bool:
+        return self.active and self.choice != "auto"
+
+
+def request_tools(body: dict, *, responses: bool) -> Tools:
+    """`tools`, `tool_choice` and `parallel_tool_calls` checked; responses' flat function tools made chat's."""
+    from grpo.data import _check_tools
+    from grpo.rollout.constrain import ToolChoiceError, function_name, normalize_tool_choice
+
+    raw = body.get("tools")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise bad_request("tools: expected a list of function tools", "tools")
+    tools = []
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict) or t.get("type") != "function":
+            kind = t.get("type") if isinstance(t, dict) else type(t).__name__
+            raise bad_request(f"tools[{i}].type: {kind!r} tools are not supported by this local server (only "
+                              f"'function')", f"tools[{i}].type")
+        if responses:
+            t = {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
+                                                  if k in t}}
+        tools.append(t)
+    for field, msg in _check_tools(tools):
+        field = field.replace(".function.", ".") if responses else field
+        raise bad_request(f"{field}: {msg}", field)
+    names = [function_name(t) for t in tools]
+    try:
+        choice = normalize_tool_choice(body.get("tool_choice"), names)
+    except ToolChoiceError as e:
+        raise bad_request(str(e), e.param) from None
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad_request(f"parallel_tool_calls: expected true or false, got {parallel!r}", "parallel_tool_calls")
+    return Tools(tools, choice, parallel is not False)
 
 
 # -- one generated choice ----------------------------------------------------------------------
+class ToolSetup:
+    """What a request's tools need at generation: the template family, the end tokens (harmony's `<|call|>`
+    ends a call's turn) and, for `required` or a named function, a fresh grammar constraint per choice."""
+
+    def __init__(self, loaded, tools: Tools, effort: str):
+        from grpo.rollout.constrain import call_end_ids
+        from grpo.rollout.tools import template_family
+
+        self.tools, self.family = tools, template_family(loaded.tokenizer)
+        self.ends = sorted(set(loaded.ends) | call_end_ids(loaded.tokenizer, self.family))
+        self.grammar = None
+        if tools.constrained:
+            from grpo.errors import UserError
+            from grpo.rollout.constrain import ToolChoiceError, ToolConstraints, call_grammar
+
+            try:
+                self.grammar = call_grammar(loaded.tokenizer, self.family, tools.tools, tools.choice,
+                                            parallel=tools.parallel, thinking=effort != "low")
+                vocab = loaded.model.get_output_embeddings().weight.shape[0]
+                self.constraints = ToolConstraints.for_tokenizer(loaded.tokenizer, vocab, loaded.ends)
+                self._first = self.constraints.new(self.grammar, self.family)  # a schema it cannot compile: a 400
+            except ToolChoiceError as e:
+                raise bad_request(str(e), e.param) from None
+            except UserError as e:  # llguidance missing
+                raise bad_request(str(e), "tool_choice") from None
+
+    def constraint(self):
+        """A fresh matcher for one choice (None when nothing is constrained)."""
+        if self.grammar is None:
+            return None
+        first, self._first = self._first, None
+        return first or self.constraints.new(self.grammar, self.family)
+
+
 class Choice:
-    """Iterate for (content delta, reasoning delta); afterwards: content, reasoning, tokens, finish_reason.
+    """Iterate for (content delta, reasoning delta); afterwards: content, reasoning, tool_calls, tokens,
+    finish_reason.
 
-    `source` replaces the model's sampled tokens with given ones (a recorded generation)."""
+    `source` replaces the model's sampled tokens with given ones (a recorded generation). With `tools` (a
+    ToolSetup whose tools are active) the response is parsed into tool calls at the end, and content that may
+    be a call is not streamed (hermes: from `<tool_call>` on; harmony: anything outside the final channel)."""
 
-    def __init__(self, cache: ModelCache, loaded, prompt_ids: list[int], params: dict, source=None):
+    def __init__(self, cache: ModelCache, loaded, prompt_ids: list[int], params: dict, source=None,
+                 tools: ToolSetup | None = None):
         self.cache, self.loaded, self.prompt_ids, self.params, self.source = cache, loaded, prompt_ids, params, source
+        self.tools = tools if tools is not None and tools.tools.active else None
+        self.constraint = self.tools.constraint() if self.tools else None
+        self.tool_calls: list[dict] = []
+        self.parse_error = None
         self.tokens, self.aborted = None, False
 
     def abort(self) -> None:
@@ -175,23 +321,57 @@ class Choice:
             self.tokens.abort()
         self.aborted = True
 
+    def _visible(self, sp: TextSplitter) -> str:
+        """The content that may be streamed so far."""
+        text = sp.content
+        if self.tools.family == "harmony":
+            return text if "<|channel|>final" in sp.text else ""
+        cut = text.find("<tool_call>")
+        if cut >= 0:
+            text = text[:cut]
+        else:
+            for k in range(len("<tool_call>") - 1, 0, -1):
+                if text.endswith("<tool_call>"[:k]):
+                    text = text[:-k]
+                    break
+        return text.rstrip()
+
+    def _content_delta(self, sp: TextSplitter, c: str) -> str:
+        if self.tools is None:
+            return c
+        vis = self._visible(sp)
+        if vis.startswith(self.sent) and len(vis) > len(self.sent):
+            c, self.sent = vis[len(self.sent):], vis
+            return c
+        return ""
+
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        sp = TextSplitter(self.loaded)
+        ends = self.tools.ends if self.tools else None
+        sp = TextSplitter(self.loaded, ends)
+        self.sent = ""
         if self.aborted:
             return
-        tokens = self.source if self.source is not None else stream_tokens(self.cache, self.loaded, self.prompt_ids,
-                                                                           **self.params)
+        tokens = self.source if self.source is not None else stream_tokens(
+            self.cache, self.loaded, self.prompt_ids, constraint=self.constraint, ends=ends, **self.params)
         self.tokens = tokens
         for tok in tokens:
             c, r = sp.push(tok)
+            c = self._content_delta(sp, c)
             if c or r:
                 yield c, r
         c, r = sp.finish()
+        self.content, self.reasoning = sp.final_content, sp.final_reasoning
+        if self.tools is not None:
+            from grpo.rollout.tools import parse_assistant
+
+            parsed = parse_assistant(sp.text, self.tools.family, self.tools.tools.tools)
+            self.content, self.reasoning = parsed["content"], parsed["reasoning_content"]
+            self.tool_calls, self.parse_error = parsed["tool_calls"], parsed["parse_error"]
+            c = self.content[len(self.sent):] if self.content.startswith(self.sent) else ""
         if c or r:
             yield c, r
-        self.content, self.reasoning = sp.final_content, sp.final_reasoning
         self.tokens, self.reasoning_tokens = len(sp.ids), sp.reasoning_tokens()
-        self.finish_reason = "stop" if sp.hit_end else "length"
+        self.finish_reason = "tool_calls" if self.tool_calls else "stop" if sp.hit_end else "length"
 
     def run(self) -> "Choice":
         for _ in self:
@@ -208,7 +388,9 @@ def chat_usage(prompt_tokens: int, choices: list[Choice]) -> dict:
 
 
 def _assistant(c: Choice) -> dict:
-    msg = {"role": "assistant", "content": c.content, "refusal": None}
+    msg = {"role": "assistant", "content": c.content or (None if c.tool_calls else ""), "refusal": None}
+    if c.tool_calls:
+        msg["tool_calls"] = c.tool_calls
     if c.reasoning:
         msg["reasoning_content"] = c.reasoning
     return msg
@@ -235,6 +417,11 @@ def chat_stream(model: str, choices: list[Choice], prompt_tokens: int, include_u
             yield chunk(i, {"role": "assistant", "content": ""})
             for c, r in choice:
                 yield chunk(i, {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {})})
+            for j, call in enumerate(choice.tool_calls):  # each call: its id and name, then its arguments
+                fn = call["function"]
+                yield chunk(i, {"tool_calls": [{"index": j, "id": call["id"], "type": "function",
+                                                "function": {"name": fn["name"], "arguments": ""}}]})
+                yield chunk(i, {"tool_calls": [{"index": j, "function": {"arguments": fn["arguments"]}}]})
             yield chunk(i, {}, choice.finish_reason)
         if include_usage:
             yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -99,12 +99,19 @@ class TokenStream:
     The generation thread holds the server-wide `generate_lock` for as long as it runs, so the lock's life is
     the generation's, not the consumer's: `abort()` (from any thread, without waiting) stops the generation at
     its next token and so frees the lock, whether or not the consumer is ever resumed or closed. A stream whose
-    client went away is aborted this way by the app (`grpo.api.app.AbortingStream`)."""
+    client went away is aborted this way by the app (`grpo.api.app.AbortingStream`).
+
+    `constraint`: a grpo.rollout.constrain.RowConstraint masking every step (a forced tool call); `ends`: end
+    tokens instead of the model's (harmony's `<|call|>` ends a tool call's turn)."""
 
     def __init__(self, cache: ModelCache, loaded: Loaded, prompt_ids: list[int], *, max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int | None = None):
+                 temperature: float, top_p: float, seed: int | None = None, constraint=None,
+                 ends: list[int] | None = None):
         self.cache, self.loaded, self.prompt_ids, self.seed = cache, loaded, prompt_ids, seed
+        self.constraint = constraint
         self.gen_cfg = generation_config(loaded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        if ends:
+            self.gen_cfg.eos_token_id = ends
         self.stop = threading.Event()
         self.streamer = _Streamer()
         self.thread: threading.Thread | None = None
@@ -114,9 +121,14 @@ class TokenStream:
 
     def _run(self) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         stop = self.stop
+        processors = None
+        if self.constraint is not None:  # before temperature and top-p (transformers appends its warpers after)
+            from grpo.rollout.constrain import GrammarLogitsProcessor
+
+            processors = LogitsProcessorList([GrammarLogitsProcessor([self.constraint], len(self.prompt_ids))])
 
         class _Abandoned(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):
@@ -134,7 +146,8 @@ class TokenStream:
                 with torch.no_grad():
                     self.loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                                generation_config=self.gen_cfg, streamer=self.streamer,
-                                               stopping_criteria=StoppingCriteriaList([_Abandoned()]))
+                                               stopping_criteria=StoppingCriteriaList([_Abandoned()]),
+                                               logits_processor=processors)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self.streamer.q.put(("error", e))
             self.streamer.end()

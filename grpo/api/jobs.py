@@ -171,7 +171,9 @@ def validate_body(store: Store, body, policy: ServerPolicy) -> tuple[dict, JobCo
                 engine.setdefault("reward", {})["endpoint_url"] = policy.lambda_endpoint_url
         else:
             engine["handler"] = handler
-    if (policy.handler_env or policy.handler_pass_env) and "handler" in engine:  # a local handler's environment
+    if cfg.engine.environment:  # a job's tools (engine.environment) lie under --handlers-dir, as handlers do
+        engine["environment"] = resolve_handler(cfg.engine.environment, policy.handlers_dir, "engine.environment")
+    if (policy.handler_env or policy.handler_pass_env) and ("handler" in engine or "environment" in engine):
         reward = engine.setdefault("reward", {})
         reward["env"] = {**(reward.get("env") or {}), **policy.handler_env}  # the operator's values win
         reward["pass_env"] = list(policy.handler_pass_env)

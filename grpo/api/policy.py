@@ -7,7 +7,8 @@ operator's. So:
   `qwen.qwen3-32b` may be one: `--model qwen.qwen3-32b=grpo:tiny-arith` makes the tiny model stand in for it,
   for training jobs and inference alike), or, on a server started without any `--model`, one of Bedrock's ids
   with its open-weights checkpoint. A path or hub id from a client is refused; so is `engine.model`.
-- **Grader.** A local handler file must lie under `--handlers-dir` (`engine.handler` or the grader's function).
+- **Grader.** A local handler file must lie under `--handlers-dir` (`engine.handler` or the grader's function);
+  so must a job's tools file (`engine.environment`).
   A Lambda ARN runs only as the operator allows: `--lambda ARN=FILE` runs a local file in its place, and
   `--invoke-lambdas` lets the server call deployed Lambdas with its own AWS credentials (at
   `--lambda-endpoint-url` when given). A client never names a URL (`engine.reward.endpoint_url`).
@@ -67,7 +68,9 @@ CLIENT_ENGINE: dict = {
     "early_stopping_min_delta": (0, NUMBER_CAP), "log_samples": (0, 64), "log_with": {"none", "tensorboard"},
     "reward": {"batch_size": (1, 1024), "concurrency": "max_reward_concurrency", "timeout_s": (0, 900.0),
                "on_failure": ANY, "env": ENV},
-    "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0)},
+    "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0), "tool_choice": ANY, "max_turns": (1, 64),
+                "tool_timeout_s": (0, 900.0), "tool_concurrency": "max_reward_concurrency"},
+    "environment": ANY,  # a tools file under --handlers-dir (checked by jobs.resolve_handler), like handler
     "health": "knobs", "algorithm": "knobs",
     "handler": ANY,  # a local file under --handlers-dir (checked by jobs.resolve_handler); an ARN: see above
 }

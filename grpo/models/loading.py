@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from grpo.config import TINY_MODEL, LoraConfig
+from grpo.config import TINY_MODEL, TINY_TOOLS_MODEL, LoraConfig
 from grpo.errors import UserError
 from grpo.models.cpu_linear import use_onednn_linears
 
@@ -19,13 +19,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name: str, *, progress: bool = True) -> str:
-    """A local path or hub id; `grpo:tiny-arith` builds (once, cached) the embedded tiny model; a GGUF model
+    """A local path or hub id; `grpo:tiny-arith` builds (once, cached) the embedded tiny model, `grpo:tiny-tools`
+    the tool-calling one (grpo.models.tiny_tools); a GGUF model
     (a `.gguf` file, a directory with one, or `grpo:smollm2-135m-instruct`) is converted once into a cached
     transformers directory (grpo.models.gguf)."""
     if name == TINY_MODEL:
         from grpo.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(progress=progress))
+    if name == TINY_TOOLS_MODEL:
+        from grpo.models.tiny import TOOLS_RECIPE, ensure_tiny_model
+
+        return str(ensure_tiny_model(progress=progress, base_recipe=TOOLS_RECIPE))
     from grpo.models.gguf import ensure_gguf_model, gguf_source
 
     gguf = gguf_source(name)

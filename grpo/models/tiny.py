@@ -60,6 +60,19 @@ RECIPE: dict = {
 }
 
 
+#: The tool-calling tiny model `grpo:tiny-tools` (grpo.models.tiny_tools; docs/tools.md): the same architecture,
+#: pretrained on two-digit products that it answers directly or through a calculator call (`call_fraction`).
+TOOLS_RECIPE: dict = {
+    **{k: v for k, v in RECIPE.items() if k not in ("data_version", "format_fraction")},
+    "kind": "tools",
+    "data_version": 1,
+    "call_fraction": 0.3,
+    "steps": 400,
+    "batch_size": 32,
+    "threads": 1,  # on two busy cores one thread was 5x faster than two (oversubscription)
+}
+
+
 def recipe_hash(recipe: dict) -> str:
     """A short stable hash of a recipe (the cache subdirectory name)."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -179,12 +192,20 @@ def pretrain(recipe: dict, *, progress: bool = True, on_step=None):
     torch.set_num_threads(recipe["threads"])
     try:
         torch.manual_seed(recipe["seed"])
-        tokenizer = build_tokenizer(recipe["tokenizer_vocab_size"], seed=recipe["seed"])
-        model = build_random_qwen3(tokenizer, **recipe["model"]).train()
         steps, bsz = recipe["steps"], recipe["batch_size"]
-        # No length bucketing: homogeneous batches made the arithmetic fail to emerge (measured).
-        rows = _encode_examples(tokenizer, pretrain_examples(
-            steps * bsz, seed=recipe["seed"], format_fraction=recipe["format_fraction"]))
+        if recipe.get("kind") == "tools":
+            from grpo.models import tiny_tools
+
+            tokenizer = tiny_tools.build_tools_tokenizer(recipe["tokenizer_vocab_size"], seed=recipe["seed"])
+            rows = [tiny_tools.encode_example(tokenizer, tiny_tools.example_segments(tokenizer, a, b, q, call))
+                    for a, b, q, call in tiny_tools.pretrain_problems(steps * bsz, seed=recipe["seed"],
+                                                                       call_fraction=recipe["call_fraction"])]
+        else:
+            tokenizer = build_tokenizer(recipe["tokenizer_vocab_size"], seed=recipe["seed"])
+            # No length bucketing: homogeneous batches made the arithmetic fail to emerge (measured).
+            rows = _encode_examples(tokenizer, pretrain_examples(
+                steps * bsz, seed=recipe["seed"], format_fraction=recipe["format_fraction"]))
+        model = build_random_qwen3(tokenizer, **recipe["model"]).train()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
@@ -246,24 +267,26 @@ def cache_lock(path: Path):
 
 
 def ensure_tiny_model(cache_dir: str | Path | None = None, *, progress: bool = True,
-                      recipe_overrides: dict | None = None) -> Path:
+                      recipe_overrides: dict | None = None, base_recipe: dict | None = None) -> Path:
     """The cached tiny model's directory, pretraining it first if it is not there yet.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; the model lives in
     ``<cache_dir>/tiny-qwen3-<recipe hash>/`` with ``recipe.json`` and ``pretrain_stats.json``.
     ``recipe_overrides`` (e.g. ``{"steps": 20}`` in tests) change the recipe and hence the directory.
     """
-    recipe = {**RECIPE, **(recipe_overrides or {})}
+    recipe = {**(RECIPE if base_recipe is None else base_recipe), **(recipe_overrides or {})}
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"tiny-qwen3-{recipe_hash(recipe)}"
+    prefix = "tiny-tools" if recipe.get("kind") == "tools" else "tiny-qwen3"
+    final = root / f"{prefix}-{recipe_hash(recipe)}"
     if (final / "recipe.json").exists():
         return final
     with cache_lock(root / f".{final.name}.lock"):
         if (final / "recipe.json").exists():  # another process built it while we waited
             return final
         if progress:
-            print(f"Making the tiny default model (first use; cached in {final}) ...", flush=True)
+            print(f"Making the tiny {'tool-calling' if prefix == 'tiny-tools' else 'default'} model (first use; "
+                  f"cached in {final}) ...", flush=True)
         model, tokenizer, stats = pretrain(recipe, progress=progress)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:

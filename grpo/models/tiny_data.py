@@ -178,12 +178,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 384, seed: int = 0):
+def build_tokenizer(vocab_size: int = 384, seed: int = 0, *, corpus: list[str] | None = None,
+                    chat_template: str = CHAT_TEMPLATE):
     """A byte-level BPE tokenizer trained on the synthetic corpus, wrapped for transformers.
 
     Digits are always single tokens (so numbers tokenize uniformly); every byte is in the base
     alphabet, so no input can fail to encode. ChatML special tokens and a Qwen-style chat template
     make ``apply_chat_template(messages, add_generation_prompt=True)`` work; eos is ``<|im_end|>``.
+    ``corpus`` (texts) and ``chat_template`` replace the arithmetic corpus and the plain ChatML template
+    (grpo.models.tiny_tools: the tool-calling model's tokenizer).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -200,10 +203,11 @@ def build_tokenizer(vocab_size: int = 384, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = []
-    for frac in (0.0, 1.0):
-        for prompt, response in pretrain_examples(1500, seed=seed, format_fraction=frac):
-            corpus += ["user\n" + prompt, "assistant\n" + response]
+    if corpus is None:
+        corpus = []
+        for frac in (0.0, 1.0):
+            for prompt, response in pretrain_examples(1500, seed=seed, format_fraction=frac):
+                corpus += ["user\n" + prompt, "assistant\n" + response]
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -211,7 +215,7 @@ def build_tokenizer(vocab_size: int = 384, seed: int = 0):
         eos_token=IM_END,
         pad_token=PAD,
         additional_special_tokens=[IM_START],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )

@@ -74,19 +74,27 @@ def split_trajectory_id(tid: str) -> tuple[str, int]:
 
 def make_trajectory(record_id: str, sample_index: int, prompt_messages: list[dict], response: str,
                     reference_answer: str | dict, metadata: dict | None = None,
-                    reasoning_content: str | None = None) -> dict:
-    """One trajectory of the event, exactly as section 2 of the spec shows it."""
-    assistant: dict[str, Any] = {"role": "assistant", "content": response}
-    if reasoning_content is not None:
-        assistant["reasoning_content"] = reasoning_content
+                    reasoning_content: str | None = None, response_messages: list[dict] | None = None,
+                    tool_call_parse_error: str | None = None, with_tools: bool = False) -> dict:
+    """One trajectory of the event, exactly as section 2 of the spec shows it. With tools
+    (grpo.rollout.tools), `response_messages` replace the one assistant message: the parsed assistant message
+    with its `tool_calls` (single turn), or every assistant turn and `role: tool` result of a multi-turn
+    rollout; `metadata["tool_call_parse_error"]` is then the reason a call the model wrote could not be
+    taken (it stays in that message's content), None when every call parsed."""
+    if response_messages is None:
+        assistant: dict[str, Any] = {"role": "assistant", "content": response}
+        if reasoning_content is not None:
+            assistant["reasoning_content"] = reasoning_content
+        response_messages = [assistant]
+    extra = {"tool_call_parse_error": tool_call_parse_error} if with_tools else {}
     return {
         "id": trajectory_id(record_id, sample_index),
-        "messages": [dict(m) for m in prompt_messages] + [assistant],
+        "messages": [dict(m) for m in prompt_messages] + [dict(m) for m in response_messages],
         "reference_answer": ({"text": reference_answer} if isinstance(reference_answer, str)
                              else reference_answer),
         # as the spec's example: reference_answer first, then the extras (it wins over a namesake)
         "metadata": {"reference_answer": reference_answer,
-                     **{k: v for k, v in (metadata or {}).items() if k != "reference_answer"}},
+                     **{k: v for k, v in (metadata or {}).items() if k != "reference_answer"}, **extra},
     }
 
 

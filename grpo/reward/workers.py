@@ -11,6 +11,8 @@ Wire protocol, both directions: one frame = 1 type byte + 8-byte big-endian leng
 parent -> worker: ``C`` + the event as JSON bytes (exactly what Lambda would deliver).
 worker -> parent: ``R`` ready (JSON info) | ``F`` import failed (JSON error) | ``O`` + the handler's
 answer as JSON bytes | ``E`` + JSON ``{"errorType", "errorMessage", "stackTrace"}`` (Lambda's shape).
+With the entry ``*tools*`` the worker serves an environment file's functions as tools instead
+(grpo.reward.tool_functions: the same isolation, timeouts and failure reports).
 The handler's prints (fd 1 and 2) go to a per-worker log file, emptied at the start of every call,
 whose tail is quoted when a call fails. This module imports only the standard library.
 """
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo.reward.environment import handler_env
+from grpo.reward.tool_functions import TOOLS_ENTRY, tool_dispatcher
 
 _HEADER = struct.Struct(">cQ")
 TAIL_LINES = 20  # lines of handler output / traceback quoted in a failure
@@ -141,9 +144,12 @@ def worker_main(path: str, function: str, timeout_s: float) -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-        if not hasattr(module, function):
+        if function == TOOLS_ENTRY:  # an environment file: its functions are the tools (grpo.reward.tool_functions)
+            handler = tool_dispatcher(module)
+        elif not hasattr(module, function):
             raise AttributeError(f"{handler_path} defines no function {function!r}")
-        handler = getattr(module, function)
+        else:
+            handler = getattr(module, function)
         if not callable(handler):
             raise TypeError(f"{handler_path}: {function!r} is not callable")
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent

@@ -39,9 +39,11 @@ class RolloutBatch:
     def response_lengths(self) -> list[int]:
         return [len(r) for r in self.response_ids]
 
-    def pack(self, pad_id: int, sampler_logprobs: list[list[float]] | None = None) -> StepBatch:
+    def pack(self, pad_id: int, sampler_logprobs: list[list[float]] | None = None,
+             response_masks: list[list[int]] | None = None) -> StepBatch:
         """The step batch: right-padded tensors, and `sampler_logprobs` (one per response token, under the
-        sampler; None when the sampler is the trained policy) in the same layout."""
+        sampler; None when the sampler is the trained policy) in the same layout; `response_masks`: which
+        response tokens the model sampled (multi-turn rollouts with tools; None: all)."""
         return pack_step(self.prompt_ids, self.response_ids, pad_id, group=self.group, sample=self.sample,
                          truncated=self.truncated, contents=self.contents, reasoning=self.reasoning,
-                         sampler_logprobs=sampler_logprobs)
+                         sampler_logprobs=sampler_logprobs, response_masks=response_masks)

@@ -14,6 +14,7 @@ from grpo.batch import left_pad
 from grpo.models.kv_cache import cache_kwarg, cache_of, preallocate, shares_prefix
 from grpo.models.merge import merged_lora
 from grpo.rollout.batch import RolloutBatch
+from grpo.rollout.constrain import GrammarLogitsProcessor, call_end_ids, mask_logits_, row_constraints
 from grpo.rollout.prompts import end_token_ids, special_tokens
 
 
@@ -28,11 +29,14 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                          top_p: float, ends: list[int], pad: int, ignore_eos: bool, device) -> list[list[int]]:
+                          top_p: float, ends: list[int], pad: int, ignore_eos: bool, device,
+                          constraints=None) -> list[list[int]]:
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
-    transformers' sampling does. Finished rows get `pad` until every row is finished."""
+    transformers' sampling does. Finished rows get `pad` until every row is finished. `constraints`: a
+    grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before temperature and top-p;
+    a row whose grammar has finished is done."""
     kw = cache_kwarg(model)
     ids, mask = left_pad(chunk, pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -50,10 +54,20 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     end_ids = torch.tensor(ends, device=device)
     one = torch.ones((rows, 1), dtype=mask.dtype, device=device)
     for step in range(max_new_tokens):
+        if constraints is not None:
+            logits = logits.float()
+            mask_logits_(logits, [c if not d else None for c, d in zip(constraints, done.tolist())])
         probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
         nxt = torch.multinomial(probs, 1).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, step] = nxt
+        if constraints is not None:
+            for c, t, d in zip(constraints, nxt.tolist(), done.tolist()):
+                if c is not None and not d:
+                    c.advance(t)
+            done |= torch.tensor([c is not None and c.finished for c in constraints], device=device)
+            if bool(done.all()):
+                break
         if not ignore_eos:
             done |= torch.isin(nxt, end_ids)
             if bool(done.all()):
@@ -75,6 +89,7 @@ GEN_BATCH = 64
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
              top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False,
+             stop_ids: list[int] | None = None, grammars: list[str | None] | None = None,
              progress: Callable[[int], None] | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
     (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
@@ -83,12 +98,18 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     each prompt's prefill once for its whole group and decode with their own loop
     (`_sample_shared_prefix`); others go through transformers' `generate` with `num_return_sequences`,
     which prefills every copy of the prompt. `ignore_eos`: every response is `max_new_tokens` long (end
-    tokens may be sampled and do not stop it), for benchmarks at equal work. `progress(k)`, when given, is
+    tokens may be sampled and do not stop it), for benchmarks at equal work. `grammars`: one per prompt (None:
+    unconstrained), from grpo.rollout.constrain.rollout_grammars (`engine.rollout.tool_choice`): that prompt's
+    responses are sampled from the policy masked to the grammar's tool calls. `progress(k)`, when given, is
     called with the number of prompts each chunk finished (a progress bar's update)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
-    ends = end_token_ids(tokenizer, model)
+    ends = sorted(set(end_token_ids(tokenizer, model)) | set(stop_ids or ()))
+    if grammars:
+        from grpo.rollout.tools import template_family
+
+        ends = sorted(set(ends) | call_end_ids(tokenizer, template_family(tokenizer)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     gen_cfg = GenerationConfig(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
@@ -106,12 +127,17 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
         with merged_lora(model) if shared else contextlib.nullcontext():
             for start in range(0, len(prompts), per_call):
                 chunk = prompts[start:start + per_call]
+                rows = row_constraints(tokenizer, model, grammars[start:start + per_call] if grammars else None, n,
+                                       ends)
                 if shared:
-                    new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                top_p=top_p, ends=ends, pad=pad, ignore_eos=ignore_eos, device=device)
+                    new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, top_p=top_p, ends=ends, pad=pad,
+                                                ignore_eos=ignore_eos, device=device, constraints=rows)
                 else:
                     ids, mask = left_pad(chunk, pad)
-                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+                    procs = LogitsProcessorList([GrammarLogitsProcessor(rows, ids.shape[1])]) if rows else None
+                    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                          generation_config=gen_cfg, logits_processor=procs)
                     new = seqs[:, ids.shape[1]:].tolist()
                 for row, toks in enumerate(new):
                     resp, hit_end = [], False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from grpo.models.loading import chat_template_kwargs
+from grpo.rollout.tools import _THINK, render_tool_prompt
 
 
 def special_tokens(tokenizer) -> list[str]:
@@ -15,8 +15,9 @@ def special_tokens(tokenizer) -> list[str]:
 
 
 def encode_prompt(tokenizer, messages: list[dict], *, reasoning_effort: str = "low", tools=None) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                         **chat_template_kwargs(reasoning_effort))
+    """The prompt's token ids; `tools` rendered by the model's template (grpo.rollout.tools: its fallback where the
+    template has no tools section)."""
+    text = render_tool_prompt(tokenizer, messages, tools, reasoning_effort=reasoning_effort)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -35,9 +36,6 @@ _HARMONY_FINAL = re.compile(r"<\|channel\|>final<\|message\|>(.*?)(?:<\|return\|
 
 
 _HARMONY_ANALYSIS = re.compile(r"<\|channel\|>analysis<\|message\|>(.*?)(?:<\|end\|>|$)", re.S)
-
-
-_THINK = re.compile(r"^\s*<think>(.*?)(?:</think>|$)", re.S)
 
 
 def pad_token_id(tokenizer, model=None) -> int:

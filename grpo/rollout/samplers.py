@@ -37,9 +37,9 @@ class TransformersSampler:
         self.policy, self.tok, self.ignore_eos = policy, tokenizer, ignore_eos
 
     def generate(self, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> StepBatch:
+                 top_p: float = 1.0, grammars: list[str | None] | None = None) -> StepBatch:
         return generate(self.policy, self.tok, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, ignore_eos=self.ignore_eos).pack(pad_token_id(self.tok, self.policy))
+                        top_p=top_p, ignore_eos=self.ignore_eos, grammars=grammars).pack(pad_token_id(self.tok, self.policy))
 
     def sleep(self) -> None:
         pass
@@ -155,6 +155,9 @@ def _child_index(rid: str, n: int) -> int:
 def make_sampler(engine, policy, tokenizer, model_path: str, *, seed: int = 0, max_model_len: int = 4096):
     """The sampler `engine.rollout.backend` names, ready for the first step (`seed`: vLLM's own sampler)."""
     backend = engine.rollout.backend
+    if backend != "transformers" and engine.rollout.tool_choice != "auto":
+        raise UserError(f"engine.rollout.tool_choice={engine.rollout.tool_choice!r} (constrained tool calls) needs "
+                        f"engine.rollout.backend=transformers, not {backend}")
     if backend == "transformers":
         return TransformersSampler(policy, tokenizer, ignore_eos=engine.ignore_eos)
     if backend == "continuous":

@@ -72,7 +72,7 @@ class Processes:
 
 
 def step_metrics(batch, procs: Processes, *, actor: dict, reward, timing: dict[str, float], max_prompt_length: int,
-                 tis_cap: float, flops_config=None, ppo_epochs: int = 1) -> dict:
+                 tis_cap: float, flops_config=None, ppo_epochs: int = 1, tools: bool = False) -> dict:
     """One step's metrics from its StepBatch (grpo.batch), over every process: the data (verl's
     compute_data_metrics), the actor's (averaged over processes), the reward handler's, the sampler mismatch
     (when another engine sampled), timing (compute_timing_metrics) and throughput/memory/MFU."""
@@ -85,6 +85,8 @@ def step_metrics(batch, procs: Processes, *, actor: dict, reward, timing: dict[s
         old, sampler = procs.cat(batch.old_logprobs[sel]), procs.cat(batch.sampler_logprobs[sel])
         m.update(sampler_mismatch_metrics(old, sampler, old.new_ones(old.shape), cap=tis_cap))
     m.update(reward_metrics(reward, procs))
+    if tools:
+        m.update(tool_metrics(batch, procs))
     m.update(perf_metrics(batch, procs, timing, flops_config=flops_config, ppo_epochs=ppo_epochs))
     return m
 
@@ -136,6 +138,35 @@ def data_metrics(batch, procs: Processes, *, max_prompt_length: int) -> dict:
              global_seqlen_balanced_min=lo_s, global_seqlen_balanced_max=hi_s,
              global_seqlen_mean=float(per_process.sum()) / len(per_process))
     return m
+
+
+def tool_metrics(batch, procs: Processes) -> dict:
+    """Tool calling (grpo.rollout.tools), over the rows whose prompt had tools (every process calls it when the
+    job's data has tools, whether or not its own share of a step does: the gathers are collective).
+
+    `response_tool_call_parse_error_ratio`: the share of trajectories with a call that could not be taken (bad
+    JSON, unknown function, arguments against the schema; the grader reads it in metadata.tool_call_parse_error).
+    `tools_call_ratio`: the share of trajectories that made at least one call; `tools_calls_mean`: calls per
+    trajectory. Multi-turn rollouts (engine.environment) add `tools_turns_mean` (assistant turns per trajectory),
+    `tools_errors_mean` (tool calls that failed: exception, timeout, crash), `tools_max_turns_ratio` (share that
+    stopped at engine.rollout.max_turns with a call unanswered); `timing_s_tools` is the time spent in tools."""
+    import torch
+
+    messages = batch.messages or [None] * len(batch)
+    rows = [i for i, msgs in enumerate(messages) if msgs is not None]
+    calls = [sum(len(m.get("tool_calls") or []) for m in messages[i] if m["role"] == "assistant") for i in rows]
+    cols = {"response_tool_call_parse_error_ratio": [float(batch.parse_errors[i] is not None) for i in rows],
+            "tools_call_ratio": [float(c > 0) for c in calls], "tools_calls_mean": [float(c) for c in calls]}
+    if batch.tool_stats is not None:  # engine.environment: set on every process
+        st = batch.tool_stats
+        cols.update(tools_turns_mean=[float(st["turns"][i]) for i in rows],
+                    tools_errors_mean=[float(st["errors"][i]) for i in rows],
+                    tools_max_turns_ratio=[float(st["max_turns"][i]) for i in rows])
+    out = {}
+    for name, values in cols.items():
+        x = procs.cat(torch.tensor(values, dtype=torch.float32))
+        out[name] = float(x.mean()) if x.numel() else float("nan")
+    return out
 
 
 def reward_metrics(result, procs: Processes) -> dict:

@@ -18,7 +18,9 @@ from grpo.algorithms.tis import tis_weights
 from grpo.config import JobConfig
 from grpo.errors import UserError
 from grpo.reward.runner import RewardError
+from grpo.rollout.multiturn import attach_tool_calls
 from grpo.rollout.prompts import encode_prompt
+from grpo.rollout.constrain import pick_grammars, rollout_grammars
 from grpo.rollout.samplers import make_sampler
 from grpo.rundir import RunDir, read_jsonl
 from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
@@ -59,15 +61,33 @@ class Trainer:
         train_records = load_records(cfg.training_file, allow_small=True)
         val_records = load_records(cfg.validation_file, allow_small=True) if cfg.validation_file else None
 
+        # Tools that run (engine.environment): the file's functions in worker processes; their schemas are the
+        # tools every prompt shows (grpo.rollout.multiturn)
+        self.env = None
+        if e.environment:
+            from grpo.rollout.multiturn import ToolEnvironment
+
+            self.env = ToolEnvironment(e.environment, timeout_s=e.rollout.tool_timeout_s,
+                                       concurrency=e.rollout.tool_concurrency, env=e.reward.env or None,
+                                       pass_env=e.reward.pass_env)
+        self._tool_error_logged = False
+        self.val_extra: dict[str, float] = {}
+
         # Data: the prompts, encoded once; too-long prompts are filtered out, not truncated (as Bedrock).
         self.model_path = resolve_model_path(cfg.local_model, progress=progress and self.is_main)
         self.tok = load_tokenizer(self.model_path)
         self.train_records, self.train_prompts = self._load(train_records, "training_file")
+        self.has_tools = self.env is not None or any(r.tools for r in self.train_records)
         self.val_records, self.val_prompts = [], []
         if val_records is not None:
             recs, ids = self._load(val_records, "validation_file")
             cap = e.eval_max_records or len(recs)
             self.val_records, self.val_prompts = recs[:cap], ids[:cap]
+        # engine.rollout.tool_choice: a tool-call grammar per prompt (None: sampled freely; grpo.rollout.constrain)
+        self.train_grammars = rollout_grammars(self.tok, self.train_records, e.rollout.tool_choice,
+                                               reasoning_effort=h.reasoning_effort)
+        self.val_grammars = rollout_grammars(self.tok, self.val_records, e.rollout.tool_choice,
+                                             reasoning_effort=h.reasoning_effort, strict=False)
         n = len(self.train_records)
         self.steps_per_epoch = math.ceil(n / h.batch_size)
         self.total_steps = cfg.total_steps(n)
@@ -83,9 +103,15 @@ class Trainer:
         self.model, self.optimizer = prepare_policy(self.acc, policy, optimizer, micro_batch_seqs=e.algorithm.micro_batch_size,
                                                    max_grad_norm=e.algorithm.max_grad_norm)
         self.policy = self.acc.unwrap_model(self.model)
-        self.sampler = for_generation(make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed + self.rank,
-                                                   max_model_len=h.max_prompt_length + h.inference_max_tokens),
-                                      self.acc, self.model)  # sharded weights: gathered once per generate call
+        if self.env is not None:
+            from grpo.rollout.multiturn import ToolSampler
+
+            sampler = ToolSampler(self.policy, self.tok, self.env, max_turns=e.rollout.max_turns,
+                                  reasoning_effort=h.reasoning_effort)
+        else:
+            sampler = make_sampler(e, self.policy, self.tok, self.model_path, seed=cfg.run_seed + self.rank,
+                                   max_model_len=h.max_prompt_length + h.inference_max_tokens)
+        self.sampler = for_generation(sampler, self.acc, self.model)  # sharded weights: gathered once per generate call
         self.runner = RewardRunner(cfg.handler, batch_size=e.reward.batch_size, max_concurrency=e.reward.concurrency,
                                    timeout_s=e.reward.timeout_s, on_failure=e.reward.on_failure,
                                    endpoint_url=e.reward.endpoint_url, env=e.reward.env or None,
@@ -102,7 +128,7 @@ class Trainer:
     # -- setup helpers ---------------------------------------------------------------------
     def _load(self, records, field):
         h = self.cfg.hyperparameters
-        ids = [encode_prompt(self.tok, r.messages, reasoning_effort=h.reasoning_effort, tools=r.tools) for r in records]
+        ids = [encode_prompt(self.tok, r.messages, reasoning_effort=h.reasoning_effort, tools=self._tools(r)) for r in records]
         keep = [i for i, p in enumerate(ids) if len(p) <= h.max_prompt_length]
         dropped = len(records) - len(keep)
         if dropped and self.is_main:
@@ -112,6 +138,15 @@ class Trainer:
         if not keep:
             raise UserError(f"{field}: every prompt is longer than max_prompt_length={h.max_prompt_length} tokens")
         return [records[i] for i in keep], [ids[i] for i in keep]
+
+    def _tools(self, record):
+        """The tools a record's prompt shows: the environment's functions when the job has one, else its own."""
+        return self.env.schemas if self.env is not None else record.tools
+
+    def _conversations(self, records):
+        from grpo.rollout.multiturn import Conversation
+
+        return [Conversation(r.messages, self._tools(r)) for r in records]
 
     def _resume(self):
         if self.is_main:
@@ -158,10 +193,18 @@ class Trainer:
             # 1. sample a group of responses per prompt, packed (grpo.rollout.samplers: engine.rollout.backend),
             # then let the sampler free its memory for the passes below
             with marked_timer("gen", timing):
+                conversations = self._conversations(records)
                 batch = self.sampler.generate([self.train_prompts[i] for i in idx],
                                               n=h.training_sample_per_prompt, max_new_tokens=h.inference_max_tokens,
-                                              temperature=e.temperature, top_p=e.top_p)
+                                              temperature=e.temperature, top_p=e.top_p,
+                                              **({"conversations": conversations} if self.env is not None
+                                                 else pick_grammars(self.train_grammars, idx)))
                 self.sampler.sleep()
+                if self.env is None:  # single turn: responses to prompts with tools parsed into tool calls
+                    attach_tool_calls(batch, self.tok, conversations)
+            if batch.tool_stats is not None:
+                timing["tools"] = batch.tool_stats["seconds"]
+                self._log_tool_errors(step + 1, batch.tool_stats["error_messages"])
 
             # 2. score them with the reward function (the Lambda contract); a failure skipped under
             # on_failure=skip leaves its row unscored: no token and no sequence of the loss
@@ -197,7 +240,8 @@ class Trainer:
         # 6. metrics, with Bedrock's names, over every process (grpo.training.metrics)
         return step_metrics(batch, self.procs, actor=actor, reward=result, timing=timing,
                             max_prompt_length=h.max_prompt_length, tis_cap=e.rollout.tis_cap,
-                            flops_config=getattr(self.policy, "config", None), ppo_epochs=a.ppo_epochs)
+                            flops_config=getattr(self.policy, "config", None), ppo_epochs=a.ppo_epochs,
+                            tools=self.has_tools)
 
     def _tis_weights(self, batch) -> torch.Tensor | None:
         """Truncated importance weights (grpo.algorithms.tis) when another engine sampled and engine.rollout.tis is on."""
@@ -206,6 +250,13 @@ class Trainer:
             return None
         return tis_weights(batch.old_logprobs, batch.sampler_logprobs, batch.loss_mask, cap=r.tis_cap, level=r.tis)
 
+    def _log_tool_errors(self, step: int, messages: list[str]) -> None:
+        """The first failing tool call of the run, in the tool's own words (the counts are in the metrics)."""
+        if messages and not self._tool_error_logged:
+            self._tool_error_logged = True
+            self.log.event(f"Step {step}: a tool call failed (the model read an error; counted in tools_errors_mean): "
+                           f"{messages[0]}", level="warning", data={"step": step})
+
     def _log_samples(self, step: int, records, batch) -> None:
         """A few responses per step in <run>/samples.jsonl: the first thing to read when a curve looks odd."""
         n = min(self.cfg.engine.log_samples, len(batch))
@@ -213,7 +264,8 @@ class Trainer:
             return
         rows = [{"step": step, "id": records[int(batch.group[i])].id, "sample": int(batch.sample[i]),
                  "score": float(batch.scores[i]) if batch.scored[i] else None, "response": batch.contents[i],
-                 "reasoning_content": batch.reasoning[i], "truncated": bool(batch.truncated[i])}
+                 "reasoning_content": batch.reasoning[i], "truncated": bool(batch.truncated[i]),
+                 **({"messages": batch.messages[i]} if batch.messages is not None and batch.messages[i] else {})}
                 for i in range(0, len(batch), max(1, len(batch) // n))][:n]
         with RunDir(self.run_dir).samples.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -224,10 +276,16 @@ class Trainer:
             return None
         e, h = self.cfg.engine, self.cfg.hyperparameters
         mine = list(range(self.rank, len(self.val_records), self.world))
-        res = sample_and_score(self.policy, self.tok, [self.val_records[i] for i in mine], self.runner,
+        recs = [self.val_records[i] for i in mine]
+        res = sample_and_score(self.policy, self.tok, recs, self.runner,
                                temperature=e.eval_temperature or e.temperature, top_p=e.top_p,
                                max_new_tokens=h.inference_max_tokens, prompt_ids=[self.val_prompts[i] for i in mine],
-                               sampler=self.sampler)
+                               sampler=self.sampler, conversations=self._conversations(recs),
+                               **pick_grammars(self.val_grammars, mine))
+        self.val_extra = {}
+        if res.tool_calls is not None:  # the share of validation trajectories that called a tool
+            calls = self.procs.cat(torch.tensor([float(c > 0) for c in res.tool_calls]))
+            self.val_extra["val_tools_call_ratio"] = float(calls.mean()) if calls.numel() else float("nan")
         graded = self.procs.cat(torch.tensor(res.graded, dtype=torch.float32))
         return float(graded.mean()) if graded.numel() else float("nan")
 
@@ -305,6 +363,7 @@ class Trainer:
             if self.val_records and (step % self.eval_interval == 0 or step == self.total_steps):
                 with marked_timer("testing", timing):
                     m["val_score_rewards_mean"] = self.validate()
+                m.update(self.val_extra)
                 stopped_early = self._early_stop(m["val_score_rewards_mean"]) and step < self.total_steps
             m.update({f"timing_s_{k}": v for k, v in timing.items()})
             self.log.step(m)
@@ -312,6 +371,8 @@ class Trainer:
                 self._alarm(alarm, bar)
             last = m
             post = {"reward": f"{m['critic_rewards_mean']:.3f}", "len": f"{m['response_length_mean']:.0f}"}
+            if "tools_call_ratio" in m:
+                post["tools"] = f"{m['tools_call_ratio']:.2f}"
             if "val_score_rewards_mean" in m:
                 post["val"] = f"{m['val_score_rewards_mean']:.3f}"
             bar.set_postfix(post, refresh=False)
@@ -334,6 +395,8 @@ class Trainer:
         bar.close()
         summary = self._finish(step, last, stopped_early, paused)
         self.runner.close()
+        if self.env is not None:
+            self.env.close()
         self.acc.end_training()
         return summary
 
@@ -350,6 +413,8 @@ class Trainer:
             RunDir(self.run_dir).summary.write_text(json.dumps(
                 {"status": "failed", "steps": step - 1, "total_steps": self.total_steps, "error": message}, indent=2))
         self.runner.close()
+        if self.env is not None:
+            self.env.close()
 
     def _finish(self, step: int, last: dict | None, stopped_early: bool, paused: bool = False) -> dict:
         from grpo.training.checkpoint import latest_checkpoint as latest

@@ -1,0 +1,153 @@
+"""Multi-turn rollouts with tools that run (grpo.rollout.multiturn): an environment file's functions in worker
+processes (answers, errors, a hung and a crashing tool), the sample -> call -> result -> sample loop on a real
+tiny Qwen3 taught one tool conversation, max_turns and the token budget, and the response mask: the loss
+trains the model's own tokens only (perturbing tool-result tokens leaves the gradients exactly as they were)."""
+
+import json
+
+import pytest
+import torch
+
+from grpo.algorithms import core as alg
+from grpo.errors import UserError
+from grpo.models.forward import forward_logprobs
+from grpo.models.tiny import build_random_qwen3
+from grpo.models.tiny_tools import CALCULATOR_TOOLS, build_tools_tokenizer, encode_example, example_segments
+from grpo.rollout.multiturn import Conversation, ToolEnvironment, rollout_with_tools
+from grpo.rollout.prompts import encode_prompt
+
+torch.set_num_threads(1)
+Q = "What is 12 * 34?"
+
+
+@pytest.fixture(scope="module")
+def env():
+    with ToolEnvironment("envs/calculator.py") as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def taught():
+    """A tiny random Qwen3 (the tool model's tokenizer) trained on one conversation until it repeats it: a call
+    of multiply(12, 34), then, after the result, the answer."""
+    tok = build_tools_tokenizer(512, corpus_examples=300)
+    segments = example_segments(tok, 12, 34, Q, call=True)
+    ids, labels = encode_example(tok, segments)
+    torch.manual_seed(0)
+    model = build_random_qwen3(tok).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.tensor([ids]), torch.tensor([labels])
+    for _ in range(80):
+        loss = model(input_ids=x, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    parts = [tok(text, add_special_tokens=False)["input_ids"] for text, _ in segments]
+    return model.eval(), tok, parts
+
+
+def _rollout(taught, env, **kw):
+    model, tok, _ = taught
+    conv = Conversation([{"role": "user", "content": Q}], env.schemas)
+    prompt = encode_prompt(tok, conv.messages, tools=conv.tools)
+    torch.manual_seed(0)
+    args = dict(n=2, max_new_tokens=80, max_turns=3, temperature=0.05)
+    args.update(kw)
+    return prompt, rollout_with_tools(model, tok, [prompt], [conv], env, **args)
+
+
+def test_the_environment_describes_its_functions_and_runs_them(env):
+    assert env.schemas == CALCULATOR_TOOLS  # what grpo:tiny-tools was pretrained with
+    got = env.run([("multiply", {"a": 12, "b": 34}), ("add", {"a": 2, "b": 3}), ("multiply", {"a": 1})])
+    assert [r.content for r in got[:2]] == ["408", "5"] and got[0].error is None
+    assert got[2].content.startswith("error: TypeError: multiply() missing 1 required positional argument")
+    assert got[2].error.startswith("[error] multiply: TypeError")
+
+
+def test_a_failing_a_hung_and_a_crashing_tool_are_reported_and_the_workers_replaced():
+    with ToolEnvironment("tests/envs/flaky.py", timeout_s=1.0, concurrency=1) as e:
+        assert sorted(e.names) == ["crash", "fail", "hang", "multiply"]  # _helper is private
+        fail, hang, crash, after = e.run([("fail", {"reason": "no"}), ("hang", {"seconds": 30}), ("crash", {}),
+                                          ("multiply", {"a": 6, "b": 7})])
+    assert fail.content == "error: RuntimeError: the tool failed: no" and "[error] fail" in fail.error
+    assert hang.content == "error: handler did not answer within 1 s; worker killed and replaced"
+    assert "[timeout] hang" in hang.error and "flaky.py\", line 24 in hang" in hang.error  # where it hung
+    assert crash.content.startswith("error: worker process died while running the handler (exit status 7)")
+    assert after.content == "42" and after.error is None
+
+
+def test_an_environment_file_that_cannot_describe_its_tools_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad_env.py"
+    bad.write_text("def lookup(key):\n    return key\n")
+    with pytest.raises(UserError, match="tool lookup, parameter key: no type hint"):
+        ToolEnvironment(str(bad))
+    with pytest.raises(UserError, match="not a .py file"):
+        ToolEnvironment(str(tmp_path / "missing.py"))
+
+
+def test_the_loop_calls_the_tool_reads_the_result_and_answers(taught, env):
+    _, tok, (p_ids, call_ids, glue_ids, answer_ids) = taught
+    prompt, b = _rollout(taught, env)
+    assert prompt == p_ids
+    for i in range(2):
+        msgs = b.messages[i]
+        assert [m["role"] for m in msgs] == ["assistant", "tool", "assistant"]
+        call = msgs[0]["tool_calls"][0]
+        assert call["function"]["name"] == "multiply" and json.loads(call["function"]["arguments"]) == {"a": 12, "b": 34}
+        assert msgs[1] == {"role": "tool", "tool_call_id": call["id"], "name": "multiply", "content": "408"}
+        assert msgs[2] == {"role": "assistant", "content": "12 * 34 = 408\n#### 408"}
+        # the response: the call, the template's tool turn, the answer; the mask is 1 on the model's tokens only
+        n = int(b.response_lengths[i])
+        assert b.packed.input_ids[i, len(prompt):len(prompt) + n].tolist() == call_ids + glue_ids + answer_ids
+        mask = b.packed.response_mask[i, len(prompt) - 1:len(prompt) - 1 + n].tolist()
+        assert mask == [1.0] * len(call_ids) + [0.0] * len(glue_ids) + [1.0] * len(answer_ids)
+        assert float(b.packed.response_mask[i].sum()) == len(call_ids) + len(answer_ids)
+    assert b.tool_stats["turns"] == [2, 2] and b.tool_stats["calls"] == [1, 1] and b.tool_stats["errors"] == [0, 0]
+    assert b.contents == ["12 * 34 = 408\n#### 408"] * 2 and b.truncated.tolist() == [False, False]
+
+
+def test_max_turns_ends_a_trajectory_at_a_call_without_running_it(taught, env):
+    _, _, (_, call_ids, _, _) = taught
+    _, b = _rollout(taught, env, max_turns=1)
+    assert [[m["role"] for m in row] for row in b.messages] == [["assistant"], ["assistant"]]
+    assert b.tool_stats["max_turns"] == [True, True] and b.tool_stats["calls"] == [0, 0]
+    assert b.response_lengths.tolist() == [len(call_ids)] * 2
+
+
+def test_the_token_budget_cuts_the_tool_result_and_ends_the_trajectory(taught, env):
+    _, _, (_, call_ids, glue_ids, _) = taught
+    budget = len(call_ids) + 5
+    _, b = _rollout(taught, env, max_new_tokens=budget)
+    assert b.response_lengths.tolist() == [budget] * 2 and b.truncated.tolist() == [True, True]
+    assert [m["role"] for m in b.messages[0]] == ["assistant", "tool"]
+    assert float(b.packed.response_mask[0].sum()) == len(call_ids)
+
+
+def _grads(model, packed):
+    model.zero_grad()
+    logp, _ = forward_logprobs(model, packed, 1.0)
+    adv = torch.full_like(logp, 0.7) * packed.response_mask
+    out = alg.get_policy_loss("vanilla")(logp.detach(), logp, adv, packed.response_mask, clip_ratio_low=0.2,
+                                         clip_ratio_high=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean")
+    out.pg_loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
+
+
+def test_tool_result_tokens_are_no_part_of_the_loss(taught, env):
+    """Rows that end in a tool result (the budget cut them there): changing the result's tokens leaves the
+    gradient bit for bit the same; changing one of the model's own tokens does not (the check can fail)."""
+    model, tok, (_, call_ids, _, _) = taught
+    prompt, b = _rollout(taught, env, max_new_tokens=len(call_ids) + 5)
+    model.train()
+    base = _grads(model, b.packed)
+    start = len(prompt) + len(call_ids)  # the first tool-turn token
+    perturbed = b.packed.input_ids.clone()
+    perturbed[:, start:start + 5] = torch.randint(0, len(tok), (len(b), 5))
+    assert not torch.equal(perturbed, b.packed.input_ids)
+    other = type(b.packed)(perturbed, b.packed.attention_mask, b.packed.response_mask)
+    assert torch.equal(_grads(model, other), base)
+    own = b.packed.input_ids.clone()
+    own[:, len(prompt) + 2] = (own[:, len(prompt) + 2] + 1) % len(tok)
+    assert not torch.equal(_grads(model, type(b.packed)(own, b.packed.attention_mask, b.packed.response_mask)), base)
+    model.eval()
