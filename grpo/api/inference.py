@@ -56,10 +56,11 @@ class ModelCache:
             return loaded
 
 
-def encode(loaded: Loaded, messages: list[dict], effort: str) -> list[int]:
+def encode(loaded: Loaded, messages: list[dict], effort: str, tools: list[dict] | None = None) -> list[int]:
+    """The prompt's ids: messages (tool calls and results included) and tools as the model's template writes them."""
     from grpo.rollout.prompts import encode_prompt
 
-    return encode_prompt(loaded.tokenizer, messages, reasoning_effort=effort)
+    return encode_prompt(loaded.tokenizer, messages, reasoning_effort=effort, tools=tools)
 
 
 class _Streamer:
@@ -179,8 +180,9 @@ class TextSplitter:
     the new text extends what was already sent; text ending in an incomplete character, or in part of
     a thinking tag that a tokenizer spells in several tokens, waits for the next token."""
 
-    def __init__(self, loaded: Loaded):
-        self.loaded = loaded
+    def __init__(self, loaded: Loaded, ends: list[int] | None = None):
+        self.loaded, self.ends = loaded, ends or loaded.ends
+        self.text = ""  # the whole decoded response, special tokens kept
         self.ids: list[int] = []
         self.content, self.reasoning = "", ""  # what has been handed out
         self.hit_end = False
@@ -190,14 +192,14 @@ class TextSplitter:
         opener that is not a single token (`<thi` of `<think>`)."""
         from grpo.rollout.prompts import split_reasoning
 
-        text = self.loaded.tokenizer.decode(self.ids, skip_special_tokens=False)
+        text = self.text = self.loaded.tokenizer.decode(self.ids, skip_special_tokens=False)
         content, reasoning = split_reasoning(text, self.loaded.specials)
         head = text.lstrip()
         undecided = bool(head) and any(opener.startswith(head) and opener != head for opener in REASONING_OPENERS)
         return content, reasoning or "", undecided
 
     def push(self, token: int) -> tuple[str, str]:
-        if token in self.loaded.ends:
+        if token in self.ends:
             self.hit_end = True
         self.ids.append(token)
         content, reasoning, undecided = self._split()
