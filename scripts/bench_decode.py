@@ -95,7 +95,7 @@ def profile_generate(policy, tok, prompts, a) -> dict:
     ops = sum(buckets.values()) / 1e6
     buckets = {k: v / 1e6 for k, v in buckets.items()}
     buckets["python/dispatch"] = max(prof_wall - ops, 0.0)
-    return {"wall": statistics.median(walls), "split": buckets, "prof_wall": prof_wall}
+    return {"wall": statistics.median(walls), "walls": walls, "split": buckets, "prof_wall": prof_wall}
 
 
 def gemm_rate(threads: int, k: int, n: int) -> float:
@@ -132,6 +132,9 @@ def main() -> int:
 
     from grpo.models.cpu_linear import use_onednn_linears
 
+    from grpo.bench import LoadWatch, spread_line
+
+    LoadWatch(a.threads).at_exit()
     torch.set_num_threads(a.threads)
     policy, tok = build(a)
     params = sum(p.numel() for n, p in policy.named_parameters() if "lora_" not in n)
@@ -157,6 +160,9 @@ def main() -> int:
         per = {k: v / a.new * 1e3 for k, v in r["split"].items()}
         print(f"  {choice:7s} generate {r['wall']:.2f} s = {r['wall'] / a.new * 1e3:.1f} ms per decode step (prefill "
               f"included); profiled split, ms per step: " + "  ".join(f"{k} {v:.1f}" for k, v in per.items()))
+    print("  " + spread_line("aten/onednn, whole generate call,", [x / y for x, y in zip(res["aten"]["walls"],
+                                                                                       res["onednn"]["walls"])]))
+    print("  " + spread_line("onednn vs the floor,", [w / a.new * 1e3 / floor_ms for w in res["onednn"]["walls"]]))
     print(f"ratio aten/onednn, whole generate call: {res['aten']['wall'] / res['onednn']['wall']:.2f}x; "
           f"onednn vs the floor: {res['onednn']['wall'] / a.new * 1e3 / floor_ms:.1f}x")
     diff = (logits["aten"] - logits["onednn"]).abs().max().item()

@@ -33,10 +33,12 @@ BODY = {"type": "object", "properties": {"name": {"const": "get_weather"}, "argu
         "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def tokenizers():
+def tokenizers(quick: bool = False):
     from grpo.models.loading import chat_tokenizer, load_tokenizer, resolve_model_path
 
     out = [("tiny qwen3 (test models)", chat_tokenizer("qwen3"))]
+    if quick:
+        return out
     try:
         out.append(("SmolLM2-135M (49k)", load_tokenizer(resolve_model_path("grpo:smollm2-135m-instruct"))))
     except Exception as e:  # noqa: BLE001 - optional: the package with its GGUF may be absent
@@ -149,18 +151,26 @@ def bench_decode_step(tok, ids, rows: int) -> float:
 BENCH = {"llguidance": bench_llguidance, "outlines-core": bench_outlines, "xgrammar": bench_xgrammar}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--libs", default=",".join(BENCH), help="comma-separated, of: " + ", ".join(BENCH))
     ap.add_argument("--paths", default="", help="comma-separated extra import directories")
+    ap.add_argument("--quick", action="store_true", help="llguidance on the tiny tokenizer only: the checks on (every "
+                    "token of the forced call accepted), the timings printed but no figure (tests/test_bench_quick.py)")
     args = ap.parse_args()
+    if args.quick:
+        args.libs = "llguidance"
     sys.path[:0] = [p for p in args.paths.split(",") if p]
     import torch
 
     torch.set_num_threads(1)  # as the server and the tests run; two threads spin against each other on a busy box
+    from grpo.bench import LoadWatch
+
+    LoadWatch(1).at_exit()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (contended if above ~0.5)")
     print(f"{'library':<14} {'tokenizer':<26} {'vocab':>6} {'wrap ms':>9} {'compile ms':>11} {'mask+advance us/token':>22}")
-    for name, tok in tokenizers():
+    measured = 0
+    for name, tok in tokenizers(args.quick):
         ids = target_ids(tok)
         for lib in [x for x in args.libs.split(",") if x]:
             try:
@@ -168,15 +178,20 @@ def main() -> None:
             except ImportError as e:
                 print(f"{lib:<14} {name:<26} not importable: {e}")
                 continue
-            per = sorted(per)
+            per, measured = sorted(per), measured + 1
             print(f"{lib:<14} {name:<26} {len(tok):>6} {wrap * 1e3:>9.1f} {compile_s * 1e3:>11.1f} "
                   f"{sum(per) / len(per) * 1e6:>12.0f} (p50 {per[len(per) // 2] * 1e6:.0f})")
     print("grpo.rollout.constrain in the decode loop (llguidance): mask + in-place fill + advance per step")
-    for name, tok in tokenizers():
+    for name, tok in tokenizers(args.quick):
         ids = target_ids(tok)
         print("  " + name + ": " + ", ".join(f"{rows} row(s) {bench_decode_step(tok, ids, rows) * 1e3:.2f} ms"
                                               for rows in (1, 8)))
+    if not measured:
+        print("checks: FAILED: no grammar library could be imported")
+        return 1
+    print("checks: every library that imported accepted the forced call token by token: OK")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -263,6 +263,9 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
     engines, seeds = a.engines.split(","), [int(s) for s in a.seeds.split(",")]
+    from grpo.bench import LoadWatch, spread_line
+
+    LoadWatch(a.threads).at_exit()
     print(f"model: SmolLM2-135M-Instruct (fp32, {model_dir}); {a.prompts} prompts x {a.group} samples, <= {a.max_tokens} "
           f"tokens, lr {cfg.learning_rate:g}, kl {cfg.engine.kl_coef:g}; {a.threads} thread(s); {a.steps} steps; "
           f"seeds {seeds}; load {os.getloadavg()[0]:.2f}", flush=True)
@@ -302,6 +305,9 @@ def main() -> int:
         o, t = (summary[e] for e in engines)
         target = min(max(running_mean(o["curve"])), max(running_mean(t["curve"])))
         to, tt = time_to_reach(o["curve"], o["secs"], target), time_to_reach(t["curve"], t["secs"], target)
+        per_seed = [med(s["step_s"] for s in results[engines[1]][sd][1:] or results[engines[1]][sd])
+                    / med(s["step_s"] for s in results[engines[0]][sd][1:] or results[engines[0]][sd]) for sd in seeds]
+        print(spread_line(f"{engines[1]}/{engines[0]} seconds per step (seed by seed, x faster)", per_seed))
         print(f"ratio {engines[0]}/{engines[1]} seconds per step: {o['step_s'] / t['step_s']:.2f} "
               f"({t['step_s'] / o['step_s']:.2f}x faster)")
         print(f"ratio {engines[0]}/{engines[1]} wall time to reach reward {target:.3f} (3-step running mean of the "

@@ -65,6 +65,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.repeats = 1
+    from grpo.bench import LoadWatch
+
+    LoadWatch(args.workers).at_exit()
     trajectories, labels = build(find_shared(), limit=50 if args.quick else None)
     start = time.perf_counter()  # handlers get an explicit environment: the Lambda's configuration goes in env
     with RewardRunner(str(ROOT / "rewards" / "gsm8k.py"), batch_size=args.batch_size, max_concurrency=args.workers,

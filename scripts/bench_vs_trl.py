@@ -262,6 +262,9 @@ def main() -> int:
         return 0
     if a.steps <= a.warmup:
         p.error("--steps must exceed --warmup")
+    from grpo.bench import LoadWatch, spread_line
+
+    LoadWatch(a.threads).at_exit()
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
     engines = a.engines.split(",")
@@ -298,9 +301,13 @@ def main() -> int:
                       f"[s] {sp}  (median of {s['n']} steps)")
             if len(engines) == 2:
                 ratios[mode] = summ[engines[0]]["tok_s"] / summ[engines[1]]["tok_s"]
+                per_round = [summarize([results[engines[0]][r]], a.warmup)["tok_s"]
+                             / summarize([results[engines[1]][r]], a.warmup)["tok_s"] for r in range(a.rounds)]
+                print("  " + spread_line(f"{engines[0]}/{engines[1]} tok/s ({mode})", per_round))
             problems += equal_work(results, mode, a)
         for mode, ratio in ratios.items():
-            print(f"ratio {engines[0]}/{engines[1]} ({mode}-length): {ratio:.2f}x")
+            print(f"ratio {engines[0]}/{engines[1]} ({mode}-length): {ratio:.2f}x (median step of all rounds; the "
+                  "spread of per-round ratios is above)")
     for p_ in problems:
         print(f"check failed: {p_}")
     print("checks: " + ("FAILED" if problems else "equal work in both engines: OK"))

@@ -18,12 +18,16 @@ SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("bench_*.py"))
 #: what each script's last lines say when its checks passed
 PASSED = {
     "bench_decode.py": "check: next-token logits, aten vs onednn",
+    "bench_grammar.py": "checks: every library that imported accepted the forced call token by token: OK",
     "bench_memory.py": "checks: the estimate's tensor bytes equal the probe's: OK",
     "bench_real_model.py": "checks: every step ran, rewards in [0, 1], token counts in range: OK",
     "bench_reward.py": "trajectories_per_second:",
     "bench_update_memory.py": "checks: every piece measured, every estimate a positive size: OK",
     "bench_vs_trl.py": "checks: equal work in both engines: OK",
 }
+
+#: the timing benchmarks: they print the load before and after, and warn when it was contended
+WATCHED = {"bench_decode.py", "bench_grammar.py", "bench_real_model.py", "bench_reward.py", "bench_vs_trl.py"}
 
 
 def _gsm8k_dir() -> Path | None:
@@ -73,3 +77,5 @@ def test_bench_quick(runs, script):
     assert proc.returncode == 0, f"{script} --quick exited {proc.returncode}:\n{out[-4000:]}"
     assert PASSED[script] in proc.stdout, proc.stdout[-2000:]
     assert "Traceback" not in out
+    if script in WATCHED:  # the machine's load is printed beside the timings (grpo.bench.LoadWatch)
+        assert " before -> " in proc.stdout and " after (" in proc.stdout, proc.stdout[-1000:]

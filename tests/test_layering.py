@@ -15,7 +15,7 @@ LAYERS = [
     # the math imports nothing of grpo's but errors, so the config can validate names against its registries
     ("math", ["grpo.algorithms"]),
     ("ground", ["grpo.config", "grpo.algorithm_config", "grpo.data", "grpo.rundir", "grpo.health_thresholds",
-                "grpo.batch", "grpo.jsonl", "grpo.gsm8k", "grpo.convert"]),
+                "grpo.batch", "grpo.jsonl", "grpo.gsm8k", "grpo.convert", "grpo.bench"]),
     ("models", ["grpo.models"]),
     ("rollout+reward", ["grpo.rollout", "grpo.reward"]),  # grpo.rollout.tools: tool calls in the templates
     ("training", ["grpo.training"]),
