@@ -194,3 +194,14 @@ def test_the_server_takes_an_environment_only_from_under_its_handlers_dir(tmp_pa
             create(str(Path(__file__).resolve().parents[1] / "envs" / "calculator.py"))
     finally:
         store.close()
+
+
+def test_the_tool_models_data_splits_never_share_a_problem():
+    from grpo.models.tiny_tools import make_tool_records, pretrain_problems
+
+    train = make_tool_records(300, seed=0, split="train")
+    val = make_tool_records(50, seed=0, split="validation")
+    pre = {(a, b) for a, b, _, _ in pretrain_problems(2000, seed=0, call_fraction=0.3)}
+    pairs = lambda recs: {tuple(r["operands"]) for r in recs}  # noqa: E731
+    assert not (pairs(train) & pairs(val)) and not (pairs(train) & pre) and not (pairs(val) & pre)
+    assert all(r["reference_answer"] == f"#### {r['operands'][0] * r['operands'][1]}" for r in train + val)
