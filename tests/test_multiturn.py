@@ -4,6 +4,7 @@ tiny Qwen3 taught one tool conversation, max_turns and the token budget, and the
 trains the model's own tokens only (perturbing tool-result tokens leaves the gradients exactly as they were)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,9 +36,9 @@ def taught():
     ids, labels = encode_example(tok, segments)
     torch.manual_seed(0)
     model = build_random_qwen3(tok).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1.5e-2)
     x, y = torch.tensor([ids]), torch.tensor([labels])
-    for _ in range(80):
+    for _ in range(50):
         loss = model(input_ids=x, labels=y).loss
         opt.zero_grad()
         loss.backward()
@@ -151,3 +152,56 @@ def test_tool_result_tokens_are_no_part_of_the_loss(taught, env):
     own[:, len(prompt) + 2] = (own[:, len(prompt) + 2] + 1) % len(tok)
     assert not torch.equal(_grads(model, type(b.packed)(own, b.packed.attention_mask, b.packed.response_mask)), base)
     model.eval()
+
+
+def test_the_server_takes_an_environment_only_from_under_its_handlers_dir(tmp_path):
+    import shutil
+
+    import yaml
+    from helpers_engine import write_data
+
+    from grpo.api import jobs as J
+    from grpo.api.errors import ApiError
+    from grpo.api.policy import ServerPolicy
+    from grpo.api.store import Store
+
+    train, _ = write_data(tmp_path / "data", n_train=2, n_val=1)
+    handlers = tmp_path / "handlers"
+    (handlers / "envs").mkdir(parents=True)
+    shutil.copyfile("rewards/final_number.py", handlers / "final_number.py")
+    shutil.copyfile("envs/calculator.py", handlers / "envs" / "calculator.py")
+    store = Store(tmp_path / "state")
+    try:
+        doc = {"id": "file-" + "d" * 24, "object": "file", "bytes": 1, "created_at": 1, "filename": "t.jsonl",
+               "purpose": "fine-tune", "status": "processed", "expires_at": None, "status_details": None}
+        shutil.copyfile(train, store.files_dir / f"{doc['id']}.jsonl")
+        store.add_file(doc)
+        policy = ServerPolicy(handlers_dir=handlers, base_models={"qwen.qwen3-32b": "grpo:tiny-tools"},
+                              handler_env={"MODE": "x"})
+
+        def create(environment):
+            body = {"model": "qwen.qwen3-32b", "training_file": doc["id"], "method": {
+                "type": "reinforcement", "reinforcement": {"grader": {"type": "lambda", "lambda": {
+                    "function": "final_number.py"}}, "hyperparameters": {"batch_size": 1}}},
+                "engine": {"environment": environment, "rollout": {"max_turns": 2}}}
+            job = J.create_job(store, body, policy)
+            return yaml.safe_load((J.job_dir(store, job["id"]) / "job.yaml").read_text())
+
+        job = create("envs/calculator.py")
+        assert job["engine"]["environment"] == str((handlers / "envs" / "calculator.py").resolve())
+        assert job["engine"]["reward"]["env"] == {"MODE": "x"} and job["engine"]["rollout"]["max_turns"] == 2
+        with pytest.raises(ApiError, match="engine.environment: .* is outside the handlers directory"):
+            create(str(Path(__file__).resolve().parents[1] / "envs" / "calculator.py"))
+    finally:
+        store.close()
+
+
+def test_the_tool_models_data_splits_never_share_a_problem():
+    from grpo.models.tiny_tools import make_tool_records, pretrain_problems
+
+    train = make_tool_records(300, seed=0, split="train")
+    val = make_tool_records(50, seed=0, split="validation")
+    pre = {(a, b) for a, b, _, _ in pretrain_problems(2000, seed=0, call_fraction=0.3)}
+    pairs = lambda recs: {tuple(r["operands"]) for r in recs}  # noqa: E731
+    assert not (pairs(train) & pairs(val)) and not (pairs(train) & pre) and not (pairs(val) & pre)
+    assert all(r["reference_answer"] == f"#### {r['operands'][0] * r['operands'][1]}" for r in train + val)

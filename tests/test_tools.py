@@ -133,6 +133,16 @@ def test_a_malformed_call_stays_text_with_its_reason(body, reason):
     assert got["content"] == f"Sure.\n<tool_call>\n{body}\n</tool_call>"  # never dropped
 
 
+def test_a_list_of_calls_in_one_block_as_smollm2_writes_them():
+    text = ('<tool_call>[{"name": "multiply", "arguments": {"a": 2, "b": 3}}, '
+            '{"name": "get_weather", "arguments": {"city": "Oslo"}}]</tool_call>')
+    got = parse_assistant(text, "chatml_fallback", TOOLS)
+    assert got["parse_error"] is None and got["content"] == ""
+    assert [c["function"]["name"] for c in got["tool_calls"]] == ["multiply", "get_weather"]
+    bad = parse_assistant('<tool_call>[{"name": "multiply", "arguments": {"a": 2}}]</tool_call>', "qwen3", TOOLS)
+    assert bad["tool_calls"] == [] and "missing required property 'b'" in bad["parse_error"]
+
+
 def test_one_good_and_one_bad_call_and_an_unterminated_call():
     text = ('<tool_call>\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}\n</tool_call>\n'
             '<tool_call>\n{"name": "multiply", "arguments": {"a": 2, "b": 3}')

@@ -326,14 +326,21 @@ def _parse_hermes(text: str, schemas: dict[str, dict]) -> tuple[str, list[dict],
         except ValueError as exc:
             err = err or f"the call is not valid JSON ({exc})"
             obj = None
-        if err is None and not isinstance(obj, dict):
-            err = f"the call is JSON {_kind(obj)}, not an object with name and arguments"
-        if err is None:
-            args = _arguments_object(obj.get("arguments", obj.get("parameters", {})))
-            err = check_call(obj.get("name"), args, schemas)
+        # one call object, or a list of them (SmolLM2's tool-calling data writes `<tool_call>[{...}]</tool_call>`)
+        objs = obj if isinstance(obj, list) and obj and all(isinstance(o, dict) for o in obj) else [obj]
+        block: list[tuple[str, dict]] = []
+        for o in objs if err is None else []:
+            if not isinstance(o, dict):
+                err = f"the call is JSON {_kind(o)}, not an object with name and arguments"
+                break
+            args = _arguments_object(o.get("arguments", o.get("parameters", {})))
+            err = check_call(o.get("name"), args, schemas)
+            if err:
+                break
+            block.append((o["name"], args))
         if err is None:
             kept.append(text[pos:m.start()])
-            calls.append(_make_call(len(calls), obj["name"], args))
+            calls += [_make_call(len(calls) + k, name, args) for k, (name, args) in enumerate(block)]
         else:
             kept.append(text[pos:m.end()])
             errors.append(err)

@@ -335,7 +335,8 @@ class Trainer:
             base = self.validate()
             if base is not None:
                 self.state["baseline_val"] = base
-                self.log.event(f"Baseline validation reward {base:.4f}", data={"step": 0, "val_score_rewards_mean": base})
+                self.log.event(f"Baseline validation reward {base:.4f}", data={"step": 0, "val_score_rewards_mean": base,
+                                                                               **self.val_extra})
                 for alarm in self.health.check_baseline(base):
                     self._alarm(alarm)
         if self.start_step:
