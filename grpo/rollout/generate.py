@@ -31,7 +31,7 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
-    transformers' sampling does. Finished rows get `pad` until every row is finished."""
+    transformers' sampling does; temperature 0 takes the argmax (greedy). Finished rows get `pad` until every row is finished."""
     kw = cache_kwarg(model)
     ids, mask = left_pad(chunk, pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -49,8 +49,11 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     end_ids = torch.tensor(ends, device=device)
     one = torch.ones((rows, 1), dtype=mask.dtype, device=device)
     for step in range(max_new_tokens):
-        probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
-        nxt = torch.multinomial(probs, 1).squeeze(1)
+        if temperature == 0:  # greedy (remax's baseline response)
+            nxt = logits.float().argmax(dim=-1)
+        else:
+            probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+            nxt = torch.multinomial(probs, 1).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, step] = nxt
         if not ignore_eos:
@@ -88,7 +91,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     ends = end_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     gen_cfg = GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens if ignore_eos else 0,
         eos_token_id=None if ignore_eos else ends, pad_token_id=pad, num_return_sequences=n,
     )
