@@ -96,3 +96,13 @@ def test_dapo_with_remax_keeps_only_groups_with_signal_shapes_length_and_scores_
         assert -0.5 <= r["reward_overlong_reward_mean"] <= 0 and 0 <= r["reward_overlong_mean"] <= 1
         assert "remax_baseline_reward_mean" in r and r["remax_baseline_reward_calls"] >= 1
         assert r["timing_s_gen_greedy"] > 0 and r["timing_s_reward_greedy"] > 0
+
+
+def test_the_variance_collapse_alarm_reads_the_tied_share_before_dynamic_sampling():
+    from test_health import fired, healthy, with_curve
+
+    # dynamic sampling trains only groups with signal (zero_std 0) while 95% of the sampled groups tie
+    rows = with_curve(healthy(1), "critic_frac_reward_zero_std", lambda t, v: 0.0)
+    rows = with_curve(rows, "dynamic_sampling_frac_tied_before", lambda t, v: 0.95 if t >= 40 else 0.2)
+    rows = with_curve(rows, "critic_rewards_mean", lambda t, v: 0.5 if t >= 40 else v)
+    assert fired(rows)[0] == {"reward_variance_collapse": 42}
