@@ -106,3 +106,23 @@ def test_the_variance_collapse_alarm_reads_the_tied_share_before_dynamic_samplin
     rows = with_curve(rows, "dynamic_sampling_frac_tied_before", lambda t, v: 0.95 if t >= 40 else 0.2)
     rows = with_curve(rows, "critic_rewards_mean", lambda t, v: 0.5 if t >= 40 else v)
     assert fired(rows)[0] == {"reward_variance_collapse": 42}
+
+
+def test_temperature_zero_samples_the_argmax_for_remax_baselines():
+    from grpo.models.tiny import build_random_qwen3
+    from grpo.models.tiny_data import build_tokenizer
+    from grpo.rollout.generate import generate
+    from grpo.rollout.prompts import encode_prompt
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = build_random_qwen3(tok)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": f"What is {a} + 1?"}]) for a in (3, 12)]
+    torch.manual_seed(1)
+    a = generate(model, tok, prompts, n=1, max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    torch.manual_seed(2)
+    b = generate(model, tok, prompts, n=1, max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    assert a.response_ids == b.response_ids  # no sampling: the seed does not matter
+    with torch.no_grad():  # the first greedy token is the argmax of the prompt's next-token logits
+        first = model(torch.tensor([prompts[0]])).logits[0, -1].argmax().item()
+    assert a.response_ids[0][0] == first
