@@ -8,8 +8,10 @@ Registries (name -> function): the trainer and actor look ``engine.algorithm``'s
 validates them here. A new estimator or loss is a function decorated with ``@register_adv_est("name")`` /
 ``@register_policy_loss("name")`` (verl's ``core_algos`` style; calling conventions at the registries). Each
 ``get_*`` accessor raises ValueError naming the known names:
-  ADVANTAGE_ESTIMATORS  "grpo" -> group_normalized_advantages
-  POLICY_LOSSES         "vanilla" -> policy_loss_clipped
+  ADVANTAGE_ESTIMATORS  grpo (grpo_outcome_advantage), rloo, opo, reinforce_plus_plus, reinforce_plus_plus_baseline,
+                        remax, gpg, grpo_passk: verl 0.9.1's, verl's calling convention
+  POLICY_LOSSES         vanilla (policy_loss_clipped), gspo, sapo, cispo, gpg, clip_cov, kl_cov, geo_mean, dro,
+                        dppo_tv, dppo_kl: verl 0.9.1's (docs/algorithms.md has the table and every difference)
   KL_PENALTIES          k1/kl, abs, k2/mse, k3/low_var_kl, and each name + "+" (straight-through k2 grad)
   LOSS_AGG_MODES        token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm
 
