@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from grpo.algorithms.core import broadcast_to_tokens
+from grpo.algorithms.core import call_with_knobs, outcome_token_rewards
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,15 +125,77 @@ class StepBatch:
         self.scored = torch.tensor([s is not None for s in scores], dtype=torch.bool)
         self.scores = torch.tensor([0.0 if s is None else s for s in scores], dtype=torch.float64)
 
-    def fill_advantages(self, estimator: Callable[..., torch.Tensor], **options) -> None:
-        """`estimator` (a grpo.algorithms ADVANTAGE_ESTIMATORS entry) over the scored rows' float32 scores and
-        group ids, broadcast over each response's tokens; unscored rows get 0."""
+    def fill_advantages(self, estimator: Callable[..., tuple[torch.Tensor, torch.Tensor]], *,
+                        reward_baselines: torch.Tensor | None = None, **knobs) -> None:
+        """`estimator` (a grpo.algorithms ADVANTAGE_ESTIMATORS entry, verl's convention) over the scored rows: their
+        float32 scores as token-level rewards (on each response's last token), their response masks and group ids,
+        the knobs it declares (norm_adv_by_std, gamma...) and `reward_baselines` [N] (remax's greedy scores).
+        Unscored rows, and every position outside the loss mask, get 0."""
         if self.scored is None:
             raise RuntimeError("advantages need scores first (fill_scores)")
-        adv = torch.zeros(len(self))
-        if bool(self.scored.any()):
-            adv[self.scored] = estimator(self.scores[self.scored].float(), self.group[self.scored], **options)
-        self.advantages = broadcast_to_tokens(adv, self.loss_mask)
+        mask = self.loss_mask
+        adv = torch.zeros(mask.shape)
+        sel = self.scored
+        if bool(sel.any()):
+            m = mask[sel]
+            if reward_baselines is not None:
+                knobs["reward_baselines"] = reward_baselines[sel].float()
+            a, _ = call_with_knobs(estimator, outcome_token_rewards(self.scores[sel].float(), m), m, self.group[sel],
+                                   knobs=knobs)
+            adv[sel] = a.float() * m
+        self.advantages = adv
+
+    def select_groups(self, groups: Sequence[int]) -> "StepBatch":
+        """The rows of `groups` (in that order), renumbered 0..len(groups)-1, trimmed to their widest row; the
+        filled fields (scores, advantages, log-probs) come along."""
+        rows = [i for g in groups for i in (self.group == g).nonzero().flatten().tolist()]
+        new_id = {g: k for k, g in enumerate(groups)}
+        idx = torch.tensor(rows, dtype=torch.long)
+        width = int(self.packed.attention_mask[idx].sum(dim=1).max()) if rows else 1
+        cut = lambda x: None if x is None else x[idx, :width - 1]  # noqa: E731 - [N, L-1] fields
+        return StepBatch(
+            PackedBatch(self.packed.input_ids[idx, :width], self.packed.attention_mask[idx, :width],
+                        self.packed.response_mask[idx, :width - 1]),
+            group=torch.tensor([new_id[int(self.group[i])] for i in rows], dtype=torch.long), sample=self.sample[idx],
+            prompt_lengths=self.prompt_lengths[idx], response_lengths=self.response_lengths[idx],
+            truncated=self.truncated[idx], contents=[self.contents[i] for i in rows],
+            reasoning=[self.reasoning[i] for i in rows], sampler_logprobs=cut(self.sampler_logprobs),
+            scores=None if self.scores is None else self.scores[idx], scored=None if self.scored is None else self.scored[idx],
+            advantages=cut(self.advantages), ref_logprobs=cut(self.ref_logprobs), old_logprobs=cut(self.old_logprobs),
+            messages=None if self.messages is None else [self.messages[i] for i in rows],
+            parse_errors=None if self.parse_errors is None else [self.parse_errors[i] for i in rows])
+
+    @staticmethod
+    def concat(parts: Sequence["StepBatch"], pad_id: int) -> "StepBatch":
+        """The rows of `parts` one after the other (each part's groups offset past the previous ones), right-padded
+        to the widest (input ids with `pad_id`, masks and per-token fields with 0)."""
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.packed.input_ids.shape[1] for p in parts)
+
+        def cat_tokens(name, value=0, shift=0):
+            xs = [getattr(p.packed, name) if hasattr(p.packed, name) else getattr(p, name) for p in parts]
+            if any(x is None for x in xs):
+                return None
+            return torch.cat([torch.nn.functional.pad(x, (0, width - shift - x.shape[1]), value=value) for x in xs])
+
+        offsets, total = [], 0
+        for p in parts:
+            offsets.append(total)
+            total += int(p.group.max()) + 1 if len(p) else 0
+        opt = lambda name: None if any(getattr(p, name) is None for p in parts) else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return StepBatch(
+            PackedBatch(cat_tokens("input_ids", pad_id), cat_tokens("attention_mask"), cat_tokens("response_mask", shift=1)),
+            group=torch.cat([p.group + o for p, o in zip(parts, offsets)]), sample=torch.cat([p.sample for p in parts]),
+            prompt_lengths=torch.cat([p.prompt_lengths for p in parts]),
+            response_lengths=torch.cat([p.response_lengths for p in parts]),
+            truncated=torch.cat([p.truncated for p in parts]), contents=[c for p in parts for c in p.contents],
+            reasoning=[r for p in parts for r in p.reasoning], sampler_logprobs=cat_tokens("sampler_logprobs", shift=1),
+            scores=opt("scores"), scored=opt("scored"),
+            messages=None if all(p.messages is None for p in parts) else
+            [m for p in parts for m in (p.messages or [None] * len(p))],
+            parse_errors=None if all(p.parse_errors is None for p in parts) else
+            [e for p in parts for e in (p.parse_errors or [None] * len(p))])
 
 
 def pack_step(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, *, group: list[int],

@@ -188,6 +188,9 @@ class EngineConfig(_Strict):
         if self.environment and self.rollout.backend != "transformers":
             raise ValueError(f"engine.environment (multi-turn rollouts with tools) runs on the transformers rollout "
                              f"backend, not {self.rollout.backend}")
+        if self.environment and self.algorithm.filter_groups.enable:
+            raise ValueError("engine.algorithm.filter_groups (DAPO's dynamic sampling) does not combine with "
+                             "engine.environment (multi-turn rollouts) yet; turn one of them off")
         return self
 
     @model_validator(mode="before")
@@ -228,7 +231,17 @@ class JobConfig(_Strict):
         mini = e.algorithm.mini_batch_size
         if mini is not None and h.batch_size % mini:
             raise ValueError(f"engine.algorithm.mini_batch_size ({mini}) must divide hyperparameters.batch_size ({h.batch_size})")
+        ob = e.algorithm.overlong_buffer
+        if ob.enable and ob.len is not None and ob.len >= h.inference_max_tokens:
+            raise ValueError(f"engine.algorithm.overlong_buffer.len ({ob.len}) must be below "
+                             f"hyperparameters.inference_max_tokens ({h.inference_max_tokens})")
         return self
+
+    def overlong_buffer_len(self) -> int:
+        """The overlong buffer in tokens: engine.algorithm.overlong_buffer.len, default a fifth of
+        inference_max_tokens (DAPO's 4096 of 20480), at least 1."""
+        ob = self.engine.algorithm.overlong_buffer
+        return ob.len if ob.len is not None else max(1, self.hyperparameters.inference_max_tokens // 5)
 
     # -- convenient views ------------------------------------------------------------------
     @property

@@ -68,8 +68,11 @@ def run_ours(a) -> list[dict]:
     from grpo.algorithms import core
     from grpo.training import trainer as trainer_mod
 
-    core.group_normalized_advantages = functools.partial(core.group_normalized_advantages, eps=ADV_EPS)
+    # TRL's std epsilon, through the registry (the trainer looks the estimator up by engine.algorithm's name)
+    if "grpo_trl_eps" not in core.ADVANTAGE_ESTIMATORS:
+        core.register_adv_est("grpo_trl_eps")(functools.partial(core.grpo_outcome_advantage, epsilon=ADV_EPS))
     cfg = job_config(a)
+    cfg.engine.algorithm.adv_estimator = "grpo_trl_eps"
     steps = []
     with tempfile.TemporaryDirectory() as run_dir:
         tr = trainer_mod.Trainer(cfg, Path(run_dir), progress=False)

@@ -79,7 +79,7 @@ def run_ours(a) -> dict:
     # TRL's std epsilon, through the registry (the trainer looks the estimator up by name, engine.algorithm)
     if "grpo_trl_eps" not in algorithms.ADVANTAGE_ESTIMATORS:
         algorithms.register_adv_est("grpo_trl_eps")(
-            functools.partial(algorithms.group_normalized_advantages, eps=ADV_EPS))
+            functools.partial(algorithms.grpo_outcome_advantage, epsilon=ADV_EPS))
     job = {"model": a.model_dir, "training_file": a.data,
            "method": {"type": "reinforcement", "reinforcement": {
                "grader": {"type": "lambda", "lambda": {"function": str(HANDLER)}},

@@ -330,8 +330,8 @@ def test_log_probs_from_logits_matches_log_softmax_gather():
 # ------------------------------------------------------------------ registries
 def test_registering_a_new_estimator_and_loss_by_decorator():
     @alg.register_adv_est("test-raw-score")
-    def raw(scores, group_ids, *, norm_by_std=True):
-        return torch.as_tensor(scores, dtype=D)
+    def raw(token_level_rewards, response_mask, index):
+        return token_level_rewards, token_level_rewards
 
     @alg.register_policy_loss("test-vanilla-twice")
     def twice(*args, **kw):
@@ -340,7 +340,7 @@ def test_registering_a_new_estimator_and_loss_by_decorator():
 
     try:
         assert alg.get_advantage_estimator("test-raw-score") is raw
-        close(alg.get_advantage_estimator("test-raw-score")(t([1.0, 2.0]), [0, 0]), [1.0, 2.0])
+        close(alg.get_advantage_estimator("test-raw-score")(t([[1.0, 2.0]]), t([[1.0, 1.0]]), [0])[0], [[1.0, 2.0]])
         old, logp, adv, mask = _example()
         close(alg.get_policy_loss("test-vanilla-twice")(old, logp, adv, mask).pg_loss, 2 * 4.9 / 5)
         with pytest.raises(ValueError, match="already registered"):
@@ -350,12 +350,12 @@ def test_registering_a_new_estimator_and_loss_by_decorator():
 
 
 def test_registries_and_accessors():
-    assert alg.get_advantage_estimator("grpo") is alg.group_normalized_advantages
+    assert alg.get_advantage_estimator("grpo") is alg.grpo_outcome_advantage
     assert alg.get_policy_loss("vanilla") is alg.policy_loss_clipped
     assert alg.get_kl_penalty("low_var_kl") is alg.kl_k3
     assert alg.validate_loss_agg_mode("seq-mean-token-sum-norm") == "seq-mean-token-sum-norm"
     assert set(alg.KL_PENALTIES) >= {"k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k3+", "low_var_kl+"}
     with pytest.raises(ValueError, match="known: grpo"):
         alg.get_advantage_estimator("gae")
-    with pytest.raises(ValueError, match="known: vanilla"):
-        alg.get_policy_loss("gspo")
+    with pytest.raises(ValueError, match="known: vanilla, gspo"):
+        alg.get_policy_loss("ppo_clip")

@@ -20,7 +20,7 @@ def _batch(scores):
     b = pack_step(PROMPTS, RESPONSES, 0, group=[0, 0, 1, 1], sample=[0, 1, 0, 1], truncated=[False, True, False, False],
                   contents=["a", "b", "c", ""], reasoning=[None, None, None, None])
     b.fill_scores(scores)
-    b.fill_advantages(alg.get_advantage_estimator("grpo"), norm_by_std=True)
+    b.fill_advantages(alg.get_advantage_estimator("grpo"), norm_adv_by_std=True)
     return b
 
 
@@ -47,7 +47,7 @@ def test_scores_mask_and_advantages_flow_one_way():
     fresh = pack_step(PROMPTS, RESPONSES, 0, group=[0, 0, 1, 1], sample=[0, 1, 0, 1], truncated=[False] * 4,
                       contents=[""] * 4, reasoning=[None] * 4)
     with pytest.raises(RuntimeError, match="fill_scores"):
-        fresh.fill_advantages(alg.group_normalized_advantages)
+        fresh.fill_advantages(alg.grpo_outcome_advantage)
 
 
 def test_data_metrics_by_hand(procs):

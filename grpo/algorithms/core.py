@@ -8,8 +8,10 @@ Registries (name -> function): the trainer and actor look ``engine.algorithm``'s
 validates them here. A new estimator or loss is a function decorated with ``@register_adv_est("name")`` /
 ``@register_policy_loss("name")`` (verl's ``core_algos`` style; calling conventions at the registries). Each
 ``get_*`` accessor raises ValueError naming the known names:
-  ADVANTAGE_ESTIMATORS  "grpo" -> group_normalized_advantages
-  POLICY_LOSSES         "vanilla" -> policy_loss_clipped
+  ADVANTAGE_ESTIMATORS  grpo (grpo_outcome_advantage), rloo, opo, reinforce_plus_plus, reinforce_plus_plus_baseline,
+                        remax, gpg, grpo_passk: verl 0.9.1's, verl's calling convention
+  POLICY_LOSSES         vanilla (policy_loss_clipped), gspo, sapo, cispo, gpg, clip_cov, kl_cov, geo_mean, dro,
+                        dppo_tv, dppo_kl: verl 0.9.1's (docs/algorithms.md has the table and every difference)
   KL_PENALTIES          k1/kl, abs, k2/mse, k3/low_var_kl, and each name + "+" (straight-through k2 grad)
   LOSS_AGG_MODES        token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm
 
@@ -50,12 +52,16 @@ from torch import Tensor
 LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_old| and |log pi_ref - log pi| are clamped here before exp()
 K3_CLAMP = 10.0  # the k3 (low_var_kl) estimate is clamped to [-10, 10]
 
-#: name -> advantage estimator: fn(scores [B], group_ids [B] (tensor or list of hashables), *, norm_by_std: bool)
-#: -> per-sequence advantages [B] (detached); the trainer broadcasts them over each response's tokens.
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
-#: name -> policy loss: fn(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low, clip_ratio_high,
-#: clip_ratio_c, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor, rollout_is_weights)
-#: -> PolicyLossOutput; all tensors [B, T], advantages token-level.
+#: name -> advantage estimator, verl's calling convention: fn(token_level_rewards [B, T], response_mask [B, T],
+#: index [B] (group ids: a tensor or a list of hashables), *, <knobs>) -> (advantages [B, T], returns [B, T]),
+#: detached. The knobs a function declares as keyword arguments (norm_adv_by_std, gamma, epsilon,
+#: reward_baselines [B]) are the only ones it is given (``call_with_knobs``).
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+#: name -> policy loss: fn(old_log_prob, log_prob, advantages, response_mask, *, loss_agg_mode, global_tokens,
+#: global_seqs, loss_scale_factor, rollout_is_weights, <knobs>) -> PolicyLossOutput; all tensors [B, T],
+#: advantages token-level. The knobs (clip_ratio_low, clip_ratio_high, clip_ratio_c, tau_pos, tau_neg,
+#: clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef, dro_beta) are passed only to the
+#: functions that declare them (``call_with_knobs``).
 POLICY_LOSSES: dict[str, Callable[..., "PolicyLossOutput"]] = {}
 
 
@@ -77,6 +83,19 @@ def register_adv_est(name: str) -> Callable[[Callable], Callable]:
 
 def register_policy_loss(name: str) -> Callable[[Callable], Callable]:
     return _register(POLICY_LOSSES, "policy loss", name)
+
+
+def call_with_knobs(fn: Callable, *args, knobs: dict | None = None, **kwargs):
+    """``fn(*args, **kwargs, **k)`` where k is the part of ``knobs`` that ``fn`` declares as parameters (all of
+    it when fn takes ``**kwargs``): each registered function is given the settings it reads and no others."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        picked = dict(knobs or {})
+    else:
+        picked = {k: v for k, v in (knobs or {}).items() if k in params}
+    return fn(*args, **kwargs, **picked)
 
 
 # ----------------------------------------------------------------------------- masked reductions
@@ -110,7 +129,6 @@ def masked_stats(x: Tensor, mask: Tensor) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- advantages
-@register_adv_est("grpo")
 def group_normalized_advantages(
     scores: Tensor, group_ids: Tensor | Sequence, *, norm_by_std: bool = True, eps: float = 1e-6
 ) -> Tensor:
@@ -158,6 +176,190 @@ def broadcast_to_tokens(adv: Tensor, response_mask: Tensor) -> Tensor:
         raise ValueError(f"need adv [B] and response_mask [B, T], got {tuple(adv.shape)} and "
                          f"{tuple(response_mask.shape)}")
     return adv.unsqueeze(-1) * response_mask.to(adv.dtype)
+
+
+# ----------------------------------------------------------------------------- advantage estimators (registry)
+# verl's calling convention (verl/trainer/ppo/core_algos.py, 0.9.1): token-level rewards [B, T] (an outcome
+# reward sits on the response's last token, so token_level_rewards.sum(-1) is the sequence's score), the
+# response mask [B, T], the group index [B], and keyword knobs; each returns (advantages, returns) [B, T].
+def _groups(index, n: int) -> list[Tensor]:
+    """Row indices of each group, groups in order of first appearance (verl's defaultdict order)."""
+    ids = index.tolist() if isinstance(index, Tensor) else list(index)
+    if len(ids) != n:
+        raise ValueError(f"got {len(ids)} group ids for {n} rows")
+    members: dict = {}
+    for i, g in enumerate(ids):
+        members.setdefault(g, []).append(i)
+    return [torch.tensor(v, dtype=torch.long) for v in members.values()]
+
+
+def _outcome_scores(token_level_rewards: Tensor, response_mask: Tensor) -> Tensor:
+    """verl's ``scores = token_level_rewards.sum(dim=-1)``, after checking shapes and finiteness."""
+    _same_shape(token_level_rewards, response_mask, "token_level_rewards", "response_mask")
+    if token_level_rewards.dim() != 2:
+        raise ValueError(f"token_level_rewards must have shape [B, T], got {tuple(token_level_rewards.shape)}")
+    if not bool(torch.isfinite(token_level_rewards).all()):
+        raise ValueError("token_level_rewards must be finite")
+    return token_level_rewards.detach().sum(dim=-1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor) -> Tensor:
+    """verl ``masked_whiten``: (x - mean) / sqrt(var + 1e-8) with the masked mean and the unbiased masked
+    variance (n / (n - 1)) over every masked-in element of the batch. Fewer than 2 elements (verl raises):
+    zeros, nothing to whiten against."""
+    n = float(mask.sum())
+    if n < 2:
+        return torch.zeros_like(values)
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask) * (n / (n - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+@register_adv_est("grpo")
+def grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, *,
+                           norm_adv_by_std: bool = True, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """verl ``compute_grpo_outcome_advantage``: group_normalized_advantages of the sequence scores, on every
+    response token (``norm_adv_by_std`` is verl's ``norm_adv_by_std_in_grpo``; false is Dr. GRPO)."""
+    scores = _outcome_scores(token_level_rewards, response_mask)
+    adv = broadcast_to_tokens(group_normalized_advantages(scores, index, norm_by_std=norm_adv_by_std, eps=epsilon),
+                              response_mask)
+    return adv, adv
+
+
+@register_adv_est("rloo")
+def rloo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index) -> tuple[Tensor, Tensor]:
+    """RLOO (arXiv 2402.14740; verl ``compute_rloo_outcome_advantage``): each score minus the mean of the OTHER
+    members of its group, A_i = s_i n/(n-1) - mean_g n/(n-1). A group of one keeps its raw score (as verl)."""
+    scores = _outcome_scores(token_level_rewards, response_mask).clone()
+    with torch.no_grad():
+        for idx in _groups(index, scores.shape[0]):
+            n = len(idx)
+            if n > 1:
+                mean = torch.mean(scores[idx])
+                scores[idx] = scores[idx] * n / (n - 1) - mean * n / (n - 1)
+    adv = broadcast_to_tokens(scores, response_mask)
+    return adv, adv
+
+
+@register_adv_est("opo")
+def opo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index) -> tuple[Tensor, Tensor]:
+    """OPO (arXiv 2505.23585; verl ``compute_opo_outcome_advantage``): the baseline is the length-weighted
+    mean score of the group, b_g = sum(|y_j| s_j) / sum(|y_j|), |y| = response tokens; A_i = s_i - b_g.
+    A group of one has baseline 0."""
+    scores = _outcome_scores(token_level_rewards, response_mask).clone()
+    lengths = response_mask.to(scores.dtype).sum(dim=-1)
+    with torch.no_grad():
+        for idx in _groups(index, scores.shape[0]):
+            if len(idx) > 1:
+                s, ln = scores[idx], lengths[idx]
+                scores[idx] = s - (ln * s).sum() / ln.sum()
+    adv = broadcast_to_tokens(scores, response_mask)
+    return adv, adv
+
+
+@register_adv_est("reinforce_plus_plus")
+def reinforce_plus_plus_advantage(token_level_rewards: Tensor, response_mask: Tensor, index=None, *,
+                                  gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ (arXiv 2501.03262; verl ``compute_reinforce_plus_plus_outcome_advantage``): the discounted
+    return G_t = r_t + gamma G_{t+1} over response tokens (masked-out positions carry G through unchanged),
+    then whitened over every response token of the batch (masked_whiten). No group baseline."""
+    _outcome_scores(token_level_rewards, response_mask)
+    with torch.no_grad():
+        r, m = token_level_rewards.detach(), response_mask.to(token_level_rewards.dtype)
+        returns = torch.zeros_like(r)
+        running = torch.zeros_like(r[:, 0])
+        for t in reversed(range(r.shape[1])):
+            new = r[:, t] + gamma * running
+            returns[:, t] = new * m[:, t]
+            running = new * m[:, t] + running * (1 - m[:, t])
+        adv = masked_whiten(returns, m) * m
+    return adv, returns
+
+
+@register_adv_est("reinforce_plus_plus_baseline")
+def reinforce_plus_plus_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor,
+                                           index) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline (verl ``compute_reinforce_plus_plus_baseline_outcome_advantage``): s_i - mean_g
+    (mean 0 for a group of one) on every response token, then whitened over the batch's response tokens."""
+    scores = _outcome_scores(token_level_rewards, response_mask).clone()
+    with torch.no_grad():
+        for idx in _groups(index, scores.shape[0]):
+            if len(idx) > 1:
+                scores[idx] = scores[idx] - torch.mean(scores[idx])
+        m = response_mask.to(scores.dtype)
+        tiled = scores.unsqueeze(-1) * m
+        adv = masked_whiten(tiled, m) * m
+    return adv, adv
+
+
+@register_adv_est("remax")
+def remax_advantage(token_level_rewards: Tensor, response_mask: Tensor, index=None, *,
+                    reward_baselines: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ReMax (arXiv 2310.10505; verl ``compute_remax_outcome_advantage``): returns G_t = sum_{t' >= t} r_t'
+    (masked), A_t = G_t - b m_t where b [B] is the score of the prompt's GREEDY response (the trainer samples
+    and scores one per prompt: ``reward_baselines``)."""
+    _outcome_scores(token_level_rewards, response_mask)
+    if reward_baselines is None or reward_baselines.shape != token_level_rewards.shape[:1]:
+        raise ValueError("remax needs reward_baselines: one greedy-response score per row, shape [B]")
+    with torch.no_grad():
+        m = response_mask.to(token_level_rewards.dtype)
+        returns = (token_level_rewards.detach() * m).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+        adv = returns - reward_baselines.to(returns.dtype).unsqueeze(-1) * m
+    return adv, returns
+
+
+@register_adv_est("gpg")
+def gpg_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, *,
+                          f_norm: float = 1.0) -> tuple[Tensor, Tensor]:
+    """GPG (arXiv 2504.02546; verl ``compute_gpg_outcome_advantage``): A_i = alpha (s_i - mean_g) / f_norm with
+    alpha = B / max(1, #nonzero scores in the batch) (mean 0 for a group of one). No std normalisation."""
+    scores = _outcome_scores(token_level_rewards, response_mask).clone()
+    with torch.no_grad():
+        alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+        means = torch.zeros_like(scores)
+        for idx in _groups(index, scores.shape[0]):
+            if len(idx) > 1:
+                means[idx] = torch.mean(scores[idx])
+        scores = alpha * (scores - means) / f_norm
+    adv = broadcast_to_tokens(scores, response_mask)
+    return adv, adv
+
+
+@register_adv_est("grpo_passk")
+def grpo_passk_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, *,
+                         norm_adv_by_std: bool = True, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Pass@k (arXiv 2503.19595; verl ``compute_grpo_passk_outcome_advantage``): only the best response of
+    each group gets an advantage, r_max - r_second_max (divided by std_g + eps if norm_adv_by_std). verl
+    raises on a group of one; here it gets 0 (a skipped reward failure can leave one)."""
+    scores = _outcome_scores(token_level_rewards, response_mask)
+    adv = torch.zeros_like(scores)
+    with torch.no_grad():
+        for idx in _groups(index, scores.shape[0]):
+            if len(idx) < 2:
+                continue
+            rewards = scores[idx]
+            top, top_idx = torch.topk(rewards, 2)
+            a = top[0] - top[1]
+            if norm_adv_by_std:
+                a = a / (torch.std(rewards) + epsilon)
+            adv[idx[top_idx[0]]] = a
+    adv = broadcast_to_tokens(adv, response_mask)
+    return adv, adv
+
+
+def outcome_token_rewards(scores: Tensor, response_mask: Tensor) -> Tensor:
+    """Token-level rewards [B, T] of outcome scores [B]: each score on its response's last token (verl's
+    reward manager places it there); a row with no response token keeps it on column 0 (masked out, but
+    ``sum(-1)`` is still the score)."""
+    if scores.dim() != 1 or response_mask.dim() != 2 or scores.shape[0] != response_mask.shape[0]:
+        raise ValueError(f"need scores [B] and response_mask [B, T], got {tuple(scores.shape)} and "
+                         f"{tuple(response_mask.shape)}")
+    m = response_mask.bool()
+    cols = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, cols, torch.full_like(cols, -1)).max(dim=-1).values.clamp(min=0)
+    out = torch.zeros(m.shape, dtype=scores.dtype, device=scores.device)
+    out[torch.arange(m.shape[0], device=m.device), last] = scores
+    return out
 
 
 # ----------------------------------------------------------------------------- loss aggregation
@@ -292,6 +494,276 @@ def policy_loss_clipped(
         pg_clipfrac_lower = masked_mean(lower, response_mask)
         ppo_kl = masked_mean(-neg_approx_kl.to(f), response_mask)
     return PolicyLossOutput(pg_loss, pg_clipfrac.detach(), ppo_kl.detach(), pg_clipfrac_lower.detach())
+
+
+# ----------------------------------------------------------------------------- more policy losses (registry)
+# Each follows verl 0.9.1's function of the same name in core_algos.py, the stop-gradient placement included,
+# so gradients w.r.t. log_prob match too. Aggregation goes through agg_loss with the global counts (the
+# micro-batch protocol in the module docstring). Statistics verl does not report for a loss are 0 here.
+def _agg(loss_mat, mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor):
+    return agg_loss(loss_mat, mask, loss_agg_mode, global_tokens=global_tokens, global_seqs=global_seqs,
+                    loss_scale_factor=loss_scale_factor)
+
+
+def _stat(x: Tensor, mask: Tensor, like: Tensor) -> Tensor:
+    """A detached masked mean in at least float32 (a loss statistic)."""
+    with torch.no_grad():
+        return masked_mean(x.detach().to(torch.promote_types(like.dtype, torch.float32)), mask)
+
+
+def _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights=None) -> None:
+    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask)):
+        _same_shape(log_prob, t, "log_prob", name)
+    if rollout_is_weights is not None:
+        _same_shape(log_prob, rollout_is_weights, "log_prob", "rollout_is_weights")
+
+
+def _weighted(pg_losses: Tensor, rollout_is_weights: Tensor | None) -> Tensor:
+    return pg_losses if rollout_is_weights is None else pg_losses * rollout_is_weights.detach()
+
+
+def _zero(like: Tensor) -> Tensor:
+    return torch.zeros((), dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+
+
+@register_policy_loss("gspo")
+def policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low: float = 0.2,
+                     clip_ratio_high: float = 0.2, loss_agg_mode: str = "seq-mean-token-mean", global_tokens=None,
+                     global_seqs=None, loss_scale_factor=None, rollout_is_weights=None) -> PolicyLossOutput:
+    """GSPO (arXiv 2507.18071; verl ``compute_policy_loss_gspo``): a sequence-level ratio
+        log s_i = mean_t (logp - old_logp) over response tokens (no clamp)
+        log s_it = logp - sg(logp) + sg(log s_i), clamped above at 10;   s_it = exp(log s_it)
+        loss = max(-A s_it, -A clamp(s_it, 1 - clip_low, 1 + clip_high)), aggregated by loss_agg_mode
+    The value of s_it is s_i on every token; its gradient is s_i d logp_t (the stop-gradient construction).
+    GSPO's clip range is small (the paper: 3e-4 / 4e-4). pg_clipfrac_lower is 0 (no dual clip)."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    neg_kl = log_prob - old_log_prob
+    seq_len = response_mask.to(log_prob.dtype).sum(dim=-1).clamp(min=1)
+    neg_kl_seq = masked_sum(neg_kl, response_mask, dim=-1) / seq_len
+    log_ratio = torch.clamp(log_prob - log_prob.detach() + neg_kl_seq.detach().unsqueeze(-1), max=10.0)
+    ratio = torch.exp(log_ratio)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    pg_losses = _weighted(torch.maximum(pg_losses1, pg_losses2), rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _stat(torch.gt(pg_losses2, pg_losses1), response_mask, log_prob),
+                            _stat(-neg_kl, response_mask, log_prob), _zero(log_prob))
+
+
+@register_policy_loss("sapo")
+def policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, *, tau_pos: float = 1.0,
+                     tau_neg: float = 1.05, loss_agg_mode: str = "seq-mean-token-mean", global_tokens=None,
+                     global_seqs=None, loss_scale_factor=None, rollout_is_weights=None) -> PolicyLossOutput:
+    """SAPO (arXiv 2511.20347; verl ``compute_policy_loss_sapo``): a smooth gate in place of the clip,
+        r = exp(clamp(logp - old_logp, -20, 20));  tau = tau_pos if A > 0 else tau_neg
+        f(r) = sigmoid(tau (r - 1)) 4 / tau;  loss = -f(r) A
+    aggregated ALWAYS as seq-mean-token-mean (verl ignores loss_agg_mode here too). No clip statistics (0)."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    neg_kl = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    ratio = torch.exp(neg_kl)
+    taus = torch.where(advantages > 0, torch.as_tensor(tau_pos, dtype=advantages.dtype, device=advantages.device),
+                       torch.as_tensor(tau_neg, dtype=advantages.dtype, device=advantages.device))
+    gates = torch.sigmoid(taus * (ratio - 1.0)) * (4.0 / taus)
+    pg_losses = _weighted(-gates * advantages, rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, "seq-mean-token-mean", global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _zero(log_prob), _stat(-neg_kl, response_mask, log_prob), _zero(log_prob))
+
+
+@register_policy_loss("cispo")
+def policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low: float = 0.2,
+                      clip_ratio_high: float = 0.2, loss_agg_mode: str = "token-mean", global_tokens=None,
+                      global_seqs=None, loss_scale_factor=None, rollout_is_weights=None) -> PolicyLossOutput:
+    """CISPO (MiniMax-M1, arXiv 2506.13585; verl ``compute_policy_loss_cispo``): clip the importance weight,
+    not the update, and stop its gradient:
+        r = exp(clamp(logp - old_logp, -20, 20));  loss = -sg(clamp(r, 1 - clip_low, 1 + clip_high)) A logp
+    Every token keeps a gradient (A logp scaled by the clipped weight). pg_clipfrac: share with r clipped."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    neg_kl = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    ratio = torch.exp(neg_kl)
+    clipped = torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    pg_losses = _weighted(-clipped.detach() * advantages * log_prob, rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _stat(ratio != clipped, response_mask, log_prob),
+                            _stat(-neg_kl, response_mask, log_prob), _zero(log_prob))
+
+
+@register_policy_loss("gpg")
+def policy_loss_gpg(old_log_prob, log_prob, advantages, response_mask, *, loss_agg_mode: str = "token-mean",
+                    global_tokens=None, global_seqs=None, loss_scale_factor=None,
+                    rollout_is_weights=None) -> PolicyLossOutput:
+    """GPG (arXiv 2504.02546; verl ``compute_policy_loss_gpg``): plain policy gradient, loss = -logp A, no
+    ratio and no clip. verl reports no statistics; ppo_kl here is the usual masked mean of old_logp - logp."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    pg_losses = _weighted(-log_prob * advantages, rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _zero(log_prob), _stat(old_log_prob - log_prob, response_mask, log_prob),
+                            _zero(log_prob))
+
+
+@register_policy_loss("clip_cov")
+def policy_loss_clip_cov(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low: float = 0.2,
+                         clip_ratio_high: float = 0.2, clip_cov_ratio: float = 0.0002, clip_cov_lb: float = 1.0,
+                         clip_cov_ub: float = 5.0, loss_agg_mode: str = "token-mean", global_tokens=None,
+                         global_seqs=None, loss_scale_factor=None, rollout_is_weights=None) -> PolicyLossOutput:
+    """Clip-Cov (arXiv 2505.22617; verl ``compute_policy_loss_clip_cov``): PPO's clipped loss (no log-ratio
+    clamp, no dual clip), with the gradient cut on a few high-covariance tokens:
+        cov_t = (A_t - mean(A)) (logp_t - mean(logp))  over this (micro-)batch's response tokens
+        candidates: response tokens not already clipped with clip_cov_lb < cov_t < clip_cov_ub
+        n = max(1, int(clip_cov_ratio x #tokens)); n candidates drawn at random (torch.randperm, the global
+        generator) get loss 0.
+    pg_clipfrac: share of tokens so cut."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    if not clip_cov_ratio > 0:
+        raise ValueError(f"clip_cov_ratio must be > 0, got {clip_cov_ratio}")
+    neg_kl = log_prob - old_log_prob
+    ratio = torch.exp(neg_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    valid = response_mask > 0
+    with torch.no_grad():
+        clip_by_origin = (pg_losses2 > pg_losses1) & valid
+        cov = (advantages - masked_mean(advantages, response_mask)) * (
+            log_prob.detach() - masked_mean(log_prob.detach(), response_mask))
+        cov = cov.masked_fill(~valid | clip_by_origin, -math.inf)
+        clip_num = max(int(clip_cov_ratio * float(response_mask.sum())), 1)
+        cand = torch.nonzero((cov < clip_cov_ub) & (cov > clip_cov_lb) & valid)
+        if len(cand) > 0:
+            cand = cand[torch.randperm(len(cand))[:min(clip_num, len(cand))]]
+        corr = torch.ones_like(advantages)
+        corr[cand[:, 0], cand[:, 1]] = 0
+    pg_losses = _weighted(torch.maximum(pg_losses1, pg_losses2) * corr, rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _stat(corr == 0, response_mask, log_prob), _stat(-neg_kl, response_mask, log_prob),
+                            _zero(log_prob))
+
+
+@register_policy_loss("kl_cov")
+def policy_loss_kl_cov(old_log_prob, log_prob, advantages, response_mask, *, kl_cov_ratio: float = 0.0002,
+                       ppo_kl_coef: float = 0.1, loss_agg_mode: str = "token-mean", global_tokens=None,
+                       global_seqs=None, loss_scale_factor=None, rollout_is_weights=None) -> PolicyLossOutput:
+    """KL-Cov (arXiv 2505.22617; verl ``compute_policy_loss_kl_cov``): the unclipped surrogate -A r (r = exp(logp -
+    old_logp), no clamp), plus ppo_kl_coef |logp - old_logp| on the top max(1, int(kl_cov_ratio x #tokens))
+    response tokens by covariance (A - mean A)(logp - mean logp). ppo_kl is the mean |log-ratio| (as verl);
+    pg_clipfrac the share of tokens given the KL term (verl reports none)."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    if not kl_cov_ratio > 0:
+        raise ValueError(f"kl_cov_ratio must be > 0, got {kl_cov_ratio}")
+    neg_kl = log_prob - old_log_prob
+    ratio = torch.exp(neg_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses_kl = pg_losses1 + ppo_kl_coef * neg_kl.abs()
+    valid = response_mask > 0
+    with torch.no_grad():
+        picked = torch.zeros_like(valid)
+        flat_idx = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+        if len(flat_idx):
+            adv_v = advantages[valid].detach().reshape(-1).cpu()
+            logp_v = log_prob[valid].detach().reshape(-1).cpu()
+            cov = (adv_v - adv_v.mean()) * (logp_v - logp_v.mean())
+            k = max(1, int(len(cov) * kl_cov_ratio))
+            top = flat_idx[torch.topk(cov, k, largest=True).indices.to(flat_idx.device)]
+            picked.view(-1)[top] = True
+    pg_losses = _weighted(torch.where(picked, pg_losses_kl, pg_losses1), rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _stat(picked, response_mask, log_prob), _stat(neg_kl.abs(), response_mask, log_prob),
+                            _zero(log_prob))
+
+
+@register_policy_loss("geo_mean")
+def policy_loss_geo_mean(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low: float = 0.2,
+                         clip_ratio_high: float = 0.2, loss_agg_mode: str = "token-mean", global_tokens=None,
+                         global_seqs=None, loss_scale_factor=None, rollout_is_weights=None) -> PolicyLossOutput:
+    """GMPO (arXiv 2507.20673; verl ``compute_policy_loss_geo_mean``): the geometric mean of token ratios, with
+    the clip on the log-ratio per token:
+        d = logp - old_logp (no clamp); d_c = clamp(d, -clip_low, clip_high); s = sign(A)
+        d' = s min(s d, s d_c);  r_i = exp(sum_t d' / (|y_i| + 1e-8));  A_i = sum_t A / (|y_i| + 1e-8)
+        loss_i = -A_i r_i;  pg_loss = sum_i loss_i / N_seq   (loss_agg_mode is not used)
+    verl takes torch.mean over every row of the micro-batch; here the sum is divided by the global sequence
+    count (rows with a response token), the micro-batch protocol's share. Rollout IS weights enter as their
+    per-sequence geometric mean. pg_clipfrac / _lower: share of tokens with d clipped where A > 0 / A < 0."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    m = response_mask.to(log_prob.dtype)
+    neg_kl = log_prob - old_log_prob
+    sgn = torch.sign(advantages)
+    neg_kl_clamp = torch.clamp(neg_kl, -clip_ratio_low, clip_ratio_high)
+    neg_kl_min = sgn * torch.min(sgn * neg_kl, sgn * neg_kl_clamp)
+    mask_sum = m.sum(dim=-1)
+    ratio = torch.exp(masked_sum(neg_kl_min, response_mask, dim=-1) / (mask_sum + 1e-8))
+    advantage = masked_sum(advantages, response_mask, dim=-1) / (mask_sum + 1e-8)
+    pg_losses = -advantage * ratio
+    if rollout_is_weights is not None:
+        w = torch.exp(masked_sum(torch.log(rollout_is_weights.detach() + 1e-10), response_mask, dim=-1) / (mask_sum + 1e-8))
+        pg_losses = pg_losses * w
+    local = float((mask_sum > 0).sum())
+    denom = local if global_seqs is None else float(global_seqs)
+    pg_loss = pg_losses.sum() / denom if denom else pg_losses.sum() * 0.0
+    clipped = torch.ne(neg_kl, neg_kl_clamp)
+    return PolicyLossOutput(pg_loss, _stat(clipped & (advantages > 0), response_mask, log_prob),
+                            _stat(-neg_kl, response_mask, log_prob), _stat(clipped & (advantages < 0), response_mask, log_prob))
+
+
+@register_policy_loss("dro")
+def policy_loss_dro(old_log_prob, log_prob, advantages, response_mask, *, dro_beta: float | None = None,
+                    loss_agg_mode: str = "token-mean", global_tokens=None, global_seqs=None, loss_scale_factor=None,
+                    rollout_is_weights=None) -> PolicyLossOutput:
+    """DRO (Direct Reward Optimization, arXiv 2405.19107; verl ``compute_policy_loss_dro``): policy gradient with a
+    quadratic log-ratio penalty, loss = -(logp A - 0.5 dro_beta (logp - old_logp)^2). dro_beta > 0 is required
+    (verl's default is None: it must be set). No clip statistics (0)."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    if dro_beta is None or not dro_beta > 0:
+        raise ValueError(f"dro needs dro_beta > 0, got {dro_beta}")
+    log_ratio = log_prob - old_log_prob
+    pg_losses = _weighted(-(log_prob * advantages - 0.5 * dro_beta * log_ratio.square()), rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _zero(log_prob), _stat(-log_ratio, response_mask, log_prob), _zero(log_prob))
+
+
+def _dppo(valid_pos: Tensor, valid_neg: Tensor, ratio: Tensor, neg_kl: Tensor, log_prob, advantages, response_mask,
+          clip_ratio_c, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor, rollout_is_weights):
+    truncated = torch.clamp(ratio, max=clip_ratio_c).detach()
+    valid = torch.where(advantages > 0, valid_pos, valid_neg).detach().to(log_prob.dtype)
+    pg_losses = _weighted(-advantages * truncated * log_prob * valid, rollout_is_weights)
+    pg_loss = _agg(pg_losses, response_mask, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor)
+    return PolicyLossOutput(pg_loss, _stat(1.0 - valid, response_mask, log_prob), _stat(-neg_kl, response_mask, log_prob),
+                            _stat((ratio > clip_ratio_c).to(valid.dtype) * valid, response_mask, log_prob))
+
+
+@register_policy_loss("dppo_tv")
+def policy_loss_dppo_tv(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low: float = 0.2,
+                        clip_ratio_high: float = 0.2, clip_ratio_c: float = 3.0, loss_agg_mode: str = "token-mean",
+                        global_tokens=None, global_seqs=None, loss_scale_factor=None,
+                        rollout_is_weights=None) -> PolicyLossOutput:
+    """DPPO-Binary-TV (arXiv 2602.04879; verl ``compute_policy_loss_dppo_tv``): a trust region on the token's
+    probability, not its ratio. clip_ratio_low/high are here the TV thresholds and clip_ratio_c the truncation:
+        r = exp(clamp(logp - old_logp, -20, 20));  p = exp(logp), p_old = exp(old_logp)
+        valid = (p - p_old <= clip_high) if A > 0 else (p - p_old >= -clip_low)      (no gradient)
+        loss = -A sg(min(r, clip_ratio_c)) logp valid
+    pg_clipfrac: share of tokens outside the region; pg_clipfrac_lower: share inside it with r > clip_ratio_c."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    neg_kl = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    ratio = torch.exp(neg_kl)
+    diff = torch.exp(log_prob) - torch.exp(old_log_prob)
+    return _dppo(diff <= clip_ratio_high, diff >= -clip_ratio_low, ratio, neg_kl, log_prob, advantages, response_mask,
+                 clip_ratio_c, loss_agg_mode, global_tokens, global_seqs, loss_scale_factor, rollout_is_weights)
+
+
+@register_policy_loss("dppo_kl")
+def policy_loss_dppo_kl(old_log_prob, log_prob, advantages, response_mask, *, clip_ratio_low: float = 0.2,
+                        clip_ratio_high: float = 0.2, clip_ratio_c: float = 3.0, loss_agg_mode: str = "token-mean",
+                        global_tokens=None, global_seqs=None, loss_scale_factor=None,
+                        rollout_is_weights=None) -> PolicyLossOutput:
+    """DPPO-Binary-KL (arXiv 2602.04879; verl ``compute_policy_loss_dppo_kl``): as dppo_tv with the binary KL
+        KL_b = p_old (old_logp - logp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+        valid = (KL_b <= clip_high or p <= p_old) if A > 0 else (KL_b <= clip_low or p >= p_old)"""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    neg_kl = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    ratio = torch.exp(neg_kl)
+    prob, old_prob = torch.exp(log_prob), torch.exp(old_log_prob)
+    binary_kl = old_prob * (old_log_prob - log_prob) + (1 - old_prob) * torch.log(
+        (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+    return _dppo((binary_kl <= clip_ratio_high) | (prob <= old_prob), (binary_kl <= clip_ratio_low) | (prob >= old_prob),
+                 ratio, neg_kl, log_prob, advantages, response_mask, clip_ratio_c, loss_agg_mode, global_tokens,
+                 global_seqs, loss_scale_factor, rollout_is_weights)
 
 
 # ----------------------------------------------------------------------------- KL penalties

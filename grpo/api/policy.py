@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo.algorithm_config import ALGORITHM_ALIASES
 from grpo.api.errors import bad_request
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -55,13 +56,23 @@ NUMBER_CAP = 1e6  # any number in a knob section without a bound of its own
 # A client's engine section: a value is (low, high) inclusive bounds, a set of allowed values, a dict for a
 # section, ANY for "as the config validates it", NAMES for a short list of module/parameter names.
 ANY, NAMES, ENV = "any", "names", "env"
+# engine.algorithm (grpo.algorithm_config): every key with its bounds; names are checked against the registries
+# and presets by the config itself (ANY). The dynamic-sampling round cap bounds the generation a step may do.
+CLIENT_ALGORITHM: dict = {
+    "preset": ANY, "adv_estimator": ANY, "policy_loss": ANY, "norm_adv_by_std": ANY,
+    "clip_ratio_low": (0, 10.0), "clip_ratio_high": (0, 10.0), "clip_ratio_c": (1, 100.0),
+    "kl_coef": (0, 100.0), "kl_penalty": ANY, "entropy_coef": (-100.0, 100.0), "loss_agg_mode": ANY,
+    "ppo_epochs": (1, 16), "mini_batch_size": (1, 512), "micro_batch_size": (1, 1024), "max_grad_norm": (0, NUMBER_CAP),
+    "gamma": (0, 1.0), "tau_pos": (0, 100.0), "tau_neg": (0, 100.0), "clip_cov_ratio": (0, 1.0),
+    "clip_cov_lb": (-1000.0, 1000.0), "clip_cov_ub": (-1000.0, 1000.0), "kl_cov_ratio": (0, 1.0),
+    "ppo_kl_coef": (0, 100.0), "dro_beta": (0, 100.0),
+    "filter_groups": {"enable": ANY, "metric": ANY, "max_num_gen_batches": (1, 20)},
+    "overlong_buffer": {"enable": ANY, "len": (1, 32768), "penalty_factor": (0, 100.0), "log": ANY},
+}
 CLIENT_ENGINE: dict = {
     "seed": (0, 2**32 - 1), "base_learning_rate": (0, 1.0), "lr_warmup_steps": (0, 100_000),
     "weight_decay": (0, 1.0), "temperature": (0, 10.0), "top_p": ANY, "eval_temperature": (0, 10.0),
-    "ignore_eos": ANY, "clip_ratio_low": (0, 10.0), "clip_ratio_high": (0, 10.0), "clip_ratio_c": (1, 100.0),
-    "kl_coef": (0, 100.0), "kl_penalty": ANY, "entropy_coef": (-100.0, 100.0), "loss_agg_mode": ANY,
-    "norm_adv_by_std": ANY, "ppo_epochs": (1, 16), "mini_batch_size": (1, 512), "micro_batch_size": (1, 1024),
-    "max_grad_norm": (0, NUMBER_CAP), "gradient_checkpointing": ANY,
+    "ignore_eos": ANY, **{k: CLIENT_ALGORITHM[k] for k in ALGORITHM_ALIASES}, "gradient_checkpointing": ANY,
     "lora": {"rank": (1, 1024), "alpha": (1, 4096), "dropout": ANY, "target_modules": NAMES,
              "target_parameters": NAMES},
     "checkpoint_interval": (1, 100_000), "num_processes": "max_processes_per_job", "eval_max_records": (1, 20_000), "early_stopping_patience": (1, 1000),
@@ -71,7 +82,7 @@ CLIENT_ENGINE: dict = {
     "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0), "tool_choice": ANY, "max_turns": (1, 64),
                 "tool_timeout_s": (0, 900.0), "tool_concurrency": "max_reward_concurrency"},
     "environment": ANY,  # a tools file under --handlers-dir (checked by jobs.resolve_handler), like handler
-    "health": "knobs", "algorithm": "knobs",
+    "health": "knobs", "algorithm": CLIENT_ALGORITHM,
     "handler": ANY,  # a local file under --handlers-dir (checked by jobs.resolve_handler); an ARN: see above
 }
 OPERATOR_ENGINE = {

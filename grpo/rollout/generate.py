@@ -34,9 +34,9 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
-    transformers' sampling does. Finished rows get `pad` until every row is finished. `constraints`: a
-    grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before temperature and top-p;
-    a row whose grammar has finished is done."""
+    transformers' sampling does; temperature 0 takes the argmax (greedy). Finished rows get `pad` until every row
+    is finished. `constraints`: a grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before
+    temperature and top-p; a row whose grammar has finished is done."""
     kw = cache_kwarg(model)
     ids, mask = left_pad(chunk, pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -57,8 +57,11 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
         if constraints is not None:
             logits = logits.float()
             mask_logits_(logits, [c if not d else None for c, d in zip(constraints, done.tolist())])
-        probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
-        nxt = torch.multinomial(probs, 1).squeeze(1)
+        if temperature == 0:  # greedy (remax's baseline response)
+            nxt = logits.float().argmax(dim=-1)
+        else:
+            probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+            nxt = torch.multinomial(probs, 1).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, step] = nxt
         if constraints is not None:
@@ -112,7 +115,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
         ends = sorted(set(ends) | call_end_ids(tokenizer, template_family(tokenizer)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     gen_cfg = GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens if ignore_eos else 0,
         eos_token_id=None if ignore_eos else ends, pad_token_id=pad, num_return_sequences=n,
     )

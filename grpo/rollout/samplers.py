@@ -85,7 +85,7 @@ class ContinuousSampler:
     def _configs(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float):
         from transformers import GenerationConfig
 
-        gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+        gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=top_p, top_k=0,
                                max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=self.ends,
                                pad_token_id=self.pad)
         # The paged KV cache sized to this call (every response at full length, twice over for layer groups

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.utils.checkpoint
@@ -39,6 +39,7 @@ class UpdateSettings:
     loss_scale_factor: float  # seq-mean-token-sum-norm's constant horizon: inference_max_tokens
     micro_batch_seqs: int
     policy_loss: str = "vanilla"  # a grpo.algorithms POLICY_LOSSES name
+    loss_knobs: dict = field(default_factory=dict)  # the other loss settings (tau_pos, dro_beta...); each loss reads its own
 
     @classmethod
     def from_config(cls, cfg, world: int) -> "UpdateSettings":
@@ -47,7 +48,8 @@ class UpdateSettings:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in a.model_dump().items() if k in names}, temperature=cfg.engine.temperature,
                    mini_batch_seqs=cfg.mini_batch_prompts() // world * h.training_sample_per_prompt,
-                   micro_batch_seqs=a.micro_batch_size, loss_scale_factor=float(h.inference_max_tokens))
+                   micro_batch_seqs=a.micro_batch_size, loss_scale_factor=float(h.inference_max_tokens),
+                   loss_knobs=a.loss_knobs())
 
 
 @torch.no_grad()
@@ -131,9 +133,10 @@ def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor
                     agg = dict(loss_agg_mode=s.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs,
                                loss_scale_factor=s.loss_scale_factor)
                     w_is = None if is_weights is None else is_weights[idx, :w].to(logp.device)
-                    out = policy_loss(old, logp, adv, mask, clip_ratio_low=s.clip_ratio_low,
-                                                  clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
-                                                  rollout_is_weights=w_is, **agg)
+                    knobs = {**s.loss_knobs, "clip_ratio_low": s.clip_ratio_low, "clip_ratio_high": s.clip_ratio_high,
+                             "clip_ratio_c": s.clip_ratio_c}
+                    out = alg.call_with_knobs(policy_loss, old, logp, adv, mask, knobs=knobs, rollout_is_weights=w_is,
+                                              **agg)
                     loss = out.pg_loss
                     ent_loss = alg.agg_loss(entropy, mask, **agg)
                     if s.entropy_coef:

@@ -299,6 +299,40 @@ def _n(x: float) -> str:
     return f"{x:.0f}"
 
 
+def algorithm_lines(job: JobConfig) -> list[str]:
+    """engine.algorithm as it will run: the preset expanded, the loss's own knobs, DAPO's sampling and shaping,
+    and the keys the job set over its preset."""
+    from grpo.algorithm_config import preset_overrides
+    from grpo.algorithms.core import get_policy_loss
+    import inspect
+
+    a = job.engine.algorithm
+    declared = inspect.signature(get_policy_loss(a.policy_loss)).parameters
+    knobs = ", ".join(f"{k} {v}" for k, v in a.loss_knobs().items() if k in declared)
+    head = f"preset {a.preset}: " if a.preset else ""
+    lines = [f"algorithm     {head}adv_estimator {a.adv_estimator}"
+             + (f" (norm_adv_by_std {str(a.norm_adv_by_std).lower()})" if a.adv_estimator in ("grpo", "grpo_passk") else "")
+             + (f" (gamma {a.gamma})" if a.adv_estimator == "reinforce_plus_plus" else "")
+             + f", policy_loss {a.policy_loss}" + (f" ({knobs})" if knobs else "")
+             + f", loss_agg_mode {a.loss_agg_mode}, kl_coef {a.kl_coef}" + (f" ({a.kl_penalty})" if a.kl_coef else "")
+             + (f", entropy_coef {a.entropy_coef}" if a.entropy_coef else "")]
+    fg, ob = a.filter_groups, a.overlong_buffer
+    extra = []
+    if fg.enable:
+        extra.append(f"dynamic sampling on ({fg.metric} must not tie; at most {fg.max_num_gen_batches} generation rounds)")
+    if ob.enable:
+        extra.append(f"overlong buffer {job.overlong_buffer_len()} tokens before {job.hyperparameters.inference_max_tokens}, "
+                     f"penalty up to {ob.penalty_factor}")
+    if a.adv_estimator == "remax":
+        extra.append("remax: one greedy response per prompt sampled and scored as the baseline")
+    if extra:
+        lines.append("              " + "; ".join(extra))
+    over = preset_overrides(a)
+    if over:
+        lines.append("              set over the preset: " + ", ".join(f"{k} {v[1]} (preset: {v[0]})" for k, v in over.items()))
+    return lines
+
+
 def make_plan(job: JobConfig) -> str:
     """The dry-run report for `job` (a validated JobConfig)."""
     h, e = job.hyperparameters, job.engine
@@ -326,6 +360,7 @@ def make_plan(job: JobConfig) -> str:
         f"steps         {steps}",
         f"per step      {h.batch_size} prompts x {G} samples = {h.batch_size * G} sequences of <= {seq:,} tokens; "
         f"{h.batch_size // job.mini_batch_prompts() * e.ppo_epochs} optimizer step(s); micro-batch {e.micro_batch_size}",
+        *algorithm_lines(job),
         f"rollout       engine.rollout.backend {e.rollout.backend}" + (
             "" if e.rollout.backend == "transformers" else f"; old log-probs recomputed, TIS {e.rollout.tis} (cap {e.rollout.tis_cap})"),
         "",

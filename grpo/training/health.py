@@ -105,7 +105,8 @@ class HealthMonitor:
         now = {k: _num(metrics.get(k)) for k in ("critic_rewards_mean", "actor_entropy", "response_length_mean",
                                                  "response_length_clip_ratio", "val_score_rewards_mean",
                                                  "rollout_kl_k3", "rollout_tis_clipfrac", "rollout_tis_weight_mean")}
-        zstd = _num(metrics.get("critic_frac_reward_zero_std"))
+        # with DAPO's dynamic sampling the trained groups never tie; the share among the groups sampled is the signal
+        zstd = _num(metrics.get("dynamic_sampling_frac_tied_before", metrics.get("critic_frac_reward_zero_std")))
         rmax, rmin = _num(metrics.get("critic_rewards_max")), _num(metrics.get("critic_rewards_min"))
         if zstd is None and rmax is not None and rmax == rmin:
             zstd = 1.0  # rows without the key: all rewards of the batch equal, so every group is constant

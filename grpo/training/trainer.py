@@ -31,6 +31,35 @@ from grpo.training.metrics import Processes, RunLog, marked_timer, step_metrics
 from grpo.training.validation import build_trajectories, sample_and_score
 
 
+def _signal_groups(group: list[int], values: list[float | None]) -> list[int]:
+    """The groups (in order) whose graded values do not all tie, or that have one graded member (verl keeps
+    those: std > 0 or a single sample); a group with no graded row has no signal."""
+    vals: dict[int, list[float]] = {}
+    for g, v in zip(group, values):
+        lst = vals.setdefault(g, [])
+        if v is not None:
+            lst.append(v)
+    return [g for g, v in vals.items() if len(v) == 1 or (len(v) > 1 and max(v) > min(v))]
+
+
+def _merge_results(results):
+    """One RewardResult of several rounds' (scores, metrics and failures in order; calls and seconds summed)."""
+    if len(results) == 1:
+        return results[0]
+    from grpo.reward.runner import RewardResult
+
+    out = RewardResult(scores=[s for r in results for s in r.scores])
+    for r in results:
+        for k, v in r.metrics.items():
+            out.metrics.setdefault(k, []).extend(v)
+        for k, v in r.metric_types.items():
+            out.metric_types.setdefault(k, v)
+        out.failures.extend(r.failures)
+        out.n_calls += r.n_calls
+        out.seconds += r.seconds
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: Path, *, resume: bool = False, progress: bool = True):
         from accelerate.utils import set_seed
@@ -187,35 +216,22 @@ class Trainer:
         e, h, a = self.cfg.engine, self.cfg.hyperparameters, self.cfg.engine.algorithm
         timing: dict[str, float] = {}
         with marked_timer("step", timing):
-            idx = self._step_prompts(step)
-            records = [self.train_records[i] for i in idx]
-
-            # 1. sample a group of responses per prompt, packed (grpo.rollout.samplers: engine.rollout.backend),
-            # then let the sampler free its memory for the passes below
-            with marked_timer("gen", timing):
-                conversations = self._conversations(records)
-                batch = self.sampler.generate([self.train_prompts[i] for i in idx],
-                                              n=h.training_sample_per_prompt, max_new_tokens=h.inference_max_tokens,
-                                              temperature=e.temperature, top_p=e.top_p,
-                                              **({"conversations": conversations} if self.env is not None
-                                                 else pick_grammars(self.train_grammars, idx)))
-                self.sampler.sleep()
-                if self.env is None:  # single turn: responses to prompts with tools parsed into tool calls
-                    attach_tool_calls(batch, self.tok, conversations)
-            if batch.tool_stats is not None:
-                timing["tools"] = batch.tool_stats["seconds"]
-                self._log_tool_errors(step + 1, batch.tool_stats["error_messages"])
-
-            # 2. score them with the reward function (the Lambda contract); a failure skipped under
-            # on_failure=skip leaves its row unscored: no token and no sequence of the loss
-            with marked_timer("reward", timing):
-                result = self.runner.score(build_trajectories(records, batch))
-            batch.fill_scores(result.scores)
+            # 1. sample a group of responses per prompt, packed (grpo.rollout.samplers: engine.rollout.backend);
+            # 2. score them with the reward function (the Lambda contract), DAPO's overlong shaping after it; a
+            # failure skipped under on_failure=skip leaves its row unscored: no token and no sequence of the loss.
+            # With engine.algorithm.filter_groups (DAPO's dynamic sampling), tied groups are dropped and more
+            # prompts sampled until the step has batch_size groups with signal or the round cap is hit.
+            prompt_idx, records, batch, scores, result, extra = self._rollout(step, timing)
+            batch.fill_scores(scores)
             self._log_samples(step + 1, records, batch)
 
-            # 3. advantages from the registered estimator (grpo: group-normalized), on each response token
+            # 3. advantages from the registered estimator (engine.algorithm.adv_estimator), on each response token;
+            # remax's baseline is the score of one greedy response per prompt, sampled and scored here
+            baselines = (self._greedy_baselines(prompt_idx, records, batch, timing, extra)
+                         if a.adv_estimator == "remax" else None)
             with marked_timer("adv", timing):
-                batch.fill_advantages(alg.get_advantage_estimator(a.adv_estimator), norm_by_std=a.norm_adv_by_std)
+                batch.fill_advantages(alg.get_advantage_estimator(a.adv_estimator), reward_baselines=baselines,
+                                      norm_adv_by_std=a.norm_adv_by_std, gamma=a.gamma)
 
             # 4. log-probs the update needs: the reference (adapter off) for the KL loss; the old policy when
             # off-policy or when another engine sampled (the trainer's numerics are the old policy; TIS corrects)
@@ -238,10 +254,164 @@ class Trainer:
                     self.sampler.sync(self.policy)
 
         # 6. metrics, with Bedrock's names, over every process (grpo.training.metrics)
-        return step_metrics(batch, self.procs, actor=actor, reward=result, timing=timing,
-                            max_prompt_length=h.max_prompt_length, tis_cap=e.rollout.tis_cap,
-                            flops_config=getattr(self.policy, "config", None), ppo_epochs=a.ppo_epochs,
-                            tools=self.has_tools)
+        m = step_metrics(batch, self.procs, actor=actor, reward=result, timing=timing,
+                         max_prompt_length=h.max_prompt_length, tis_cap=e.rollout.tis_cap,
+                         flops_config=getattr(self.policy, "config", None), ppo_epochs=a.ppo_epochs,
+                         tools=self.has_tools)
+        m.update(extra)
+        return m
+
+    # -- sampling and scoring, DAPO's dynamic sampling and overlong shaping, remax's baseline ----------------
+    def _sample_and_score(self, step: int, idx: list[int], timing: dict, *, n: int, gen_key: str = "gen",
+                          reward_key: str = "reward"):
+        """Generate n responses for the prompts `idx` (with the tools that run, engine.environment, or the
+        tool-call grammars of engine.rollout.tool_choice) and score them: (records, batch, result)."""
+        e, h = self.cfg.engine, self.cfg.hyperparameters
+        records = [self.train_records[i] for i in idx]
+        with marked_timer(gen_key, timing):
+            conversations = self._conversations(records)
+            batch = self.sampler.generate([self.train_prompts[i] for i in idx], n=n, max_new_tokens=h.inference_max_tokens,
+                                          temperature=e.temperature, top_p=e.top_p,
+                                          **({"conversations": conversations} if self.env is not None
+                                             else pick_grammars(self.train_grammars, idx)))
+            self.sampler.sleep()  # the sampler frees its memory for the passes below
+            if self.env is None:  # single turn: responses to prompts with tools parsed into tool calls
+                attach_tool_calls(batch, self.tok, conversations)
+        if batch.tool_stats is not None:
+            timing["tools"] = timing.get("tools", 0.0) + batch.tool_stats["seconds"]
+            self._log_tool_errors(step + 1, batch.tool_stats["error_messages"])
+        with marked_timer(reward_key, timing):
+            result = self.runner.score(build_trajectories(records, batch))
+        return records, batch, result
+
+    def _shaped(self, batch, result) -> list[float | None]:
+        """The handler's scores with DAPO's overlong penalty added (verl's DAPORewardManager, overlong_buffer):
+        expected = inference_max_tokens - len; penalty = min(0, -(length - expected) / len x penalty_factor). The
+        penalty and whether it applied go to the result's metrics (reward_overlong_reward_mean, reward_overlong_mean)."""
+        ob = self.cfg.engine.algorithm.overlong_buffer
+        if not ob.enable:
+            return list(result.scores)
+        buf = self.cfg.overlong_buffer_len()
+        expected = self.cfg.hyperparameters.inference_max_tokens - buf
+        out, pens = [], []
+        for s, n in zip(result.scores, batch.response_lengths.tolist()):
+            if s is None:
+                out.append(None)
+                continue
+            pen = min(-(n - expected) / buf * ob.penalty_factor, 0.0)
+            out.append(s + pen)
+            pens.append(pen)
+        if ob.log:
+            result.metrics.setdefault("overlong_reward", []).extend(pens)
+            result.metrics.setdefault("overlong", []).extend(float(p < 0) for p in pens)
+            result.metric_types.setdefault("overlong_reward", "Metric")
+            result.metric_types.setdefault("overlong", "Metric")
+        return out
+
+    def _extra_prompts(self, step: int, round_: int, taken: set[int]) -> list[int]:
+        """This process's prompts for generation round `round_` (>= 2) of step `step`: a seeded draw from the whole
+        training set, avoiding the step's prompts so far, so the base prompts of every step stay those of a run
+        without dynamic sampling (verl takes the next dataloader batch instead)."""
+        n, B = len(self.train_records), self.cfg.hyperparameters.batch_size
+        g = torch.Generator().manual_seed(self.cfg.run_seed * 1_000_003 + step * 1009 + round_)
+        perm = [i for i in torch.randperm(n, generator=g).tolist() if i not in taken] or list(range(n))
+        picked = [perm[k % len(perm)] for k in range(B)]
+        return picked[self.rank::self.world]
+
+    def _rollout(self, step: int, timing: dict):
+        """The step's scored responses: (prompt indices, records, batch, shaped scores, the RewardResult of every
+        round, extra metrics)."""
+        a, h = self.cfg.engine.algorithm, self.cfg.hyperparameters
+        G = h.training_sample_per_prompt
+        idx = self._step_prompts(step)
+        records, batch, result = self._sample_and_score(step, idx, timing, n=G)
+        scores = self._shaped(batch, result)
+        fg = a.filter_groups
+        if not fg.enable:
+            return idx, records, batch, scores, result, {}
+        need = len(idx)  # this process's share of batch_size groups
+        parts, results, taken = [], [result], set(idx)
+        kept: list[tuple[int, int]] = []  # (round, group id in that round's batch)
+        rounds, n_groups, n_tied = 1, 0, 0
+        while True:
+            values = scores if fg.metric == "seq_final_reward" else list(result.scores)
+            groups = _signal_groups(batch.group.tolist(), values)
+            n_groups += len(records)
+            n_tied += len(records) - len(groups)
+            parts.append((idx, records, batch, scores))
+            kept += [(len(parts) - 1, g) for g in groups]
+            enough = self._all_processes(len(kept) >= need)
+            if enough or rounds >= fg.max_num_gen_batches:
+                break
+            rounds += 1
+            idx = self._extra_prompts(step, rounds, taken)
+            taken.update(idx)
+            records, batch, result = self._sample_and_score(step, idx, timing, n=G, gen_key="gen_extra",
+                                                            reward_key="reward_extra")
+            results.append(result)
+            scores = self._shaped(batch, result)
+        for k in ("gen", "reward"):  # timing_s_gen / _reward: every round; *_extra: the rounds after the first
+            timing[k] += timing.get(f"{k}_extra", 0.0)
+        n_keep = min(need, self._min_over_processes(len(kept)))  # the same number of groups on every process
+        extra = {"train_num_gen_batches": float(rounds), "dynamic_sampling_cap_hit": float(not enough),
+                 "dynamic_sampling_frac_tied_before": self._sum_over_processes(n_tied) / self._sum_over_processes(n_groups),
+                 "dynamic_sampling_groups_kept": self._sum_over_processes(n_keep),
+                 "dynamic_sampling_extra_responses": self._sum_over_processes(sum(len(p[1]) for p in parts[1:]) * G)}
+        if n_keep == 0:  # no group with signal on some process: the first round trains as plain GRPO would
+            idx, records, batch, scores = parts[0]
+        else:
+            chosen = kept[:n_keep]
+            batch = type(batch).concat([parts[r][2].select_groups([g]) for r, g in chosen], pad_id=self._pad_id())
+            idx = [parts[r][0][g] for r, g in chosen]
+            records = [parts[r][1][g] for r, g in chosen]
+            scores = [parts[r][3][i] for r, g in chosen for i in (parts[r][2].group == g).nonzero().flatten().tolist()]
+        if not enough:
+            self.log.event(f"Step {step + 1}: dynamic sampling hit its cap of {fg.max_num_gen_batches} generation "
+                           f"rounds with {int(extra['dynamic_sampling_groups_kept'])} of {h.batch_size} groups with "
+                           "signal; training on those", level="warning",
+                           data={"step": step + 1, "groups_kept": extra["dynamic_sampling_groups_kept"],
+                                 "max_num_gen_batches": fg.max_num_gen_batches})
+        return idx, records, batch, scores, _merge_results(results), extra
+
+    def _greedy_baselines(self, prompt_idx: list[int], records, batch, timing: dict, extra: dict) -> torch.Tensor:
+        """remax: one greedy response per prompt (temperature 0), scored (overlong shaping included), as each row's
+        baseline [N]; timed as timing_s_gen_greedy / timing_s_reward_greedy and counted in extra."""
+        h = self.cfg.hyperparameters
+        with marked_timer("gen_greedy", timing):
+            greedy = self.sampler.generate([self.train_prompts[i] for i in prompt_idx], n=1,
+                                           max_new_tokens=h.inference_max_tokens, temperature=0.0, top_p=1.0)
+            self.sampler.sleep()
+        with marked_timer("reward_greedy", timing):
+            result = self.runner.score(build_trajectories(records, greedy))
+        shaped = self._shaped(greedy, result)
+        base = torch.tensor([0.0 if s is None else s for s in shaped], dtype=torch.float32)
+        extra.update(remax_baseline_reward_mean=float(self.procs.cat(base).mean()),
+                     remax_baseline_reward_calls=self._sum_over_processes(result.n_calls),
+                     remax_baseline_failures=self._sum_over_processes(result.n_failed))
+        return base[batch.group]
+
+    def _pad_id(self) -> int:
+        pad = self.tok.pad_token_id
+        return pad if pad is not None else (self.tok.eos_token_id or 0)
+
+    def _all_processes(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0], device=self.acc.device)
+        return float(self.acc.reduce(t, reduction="sum").item()) == 0.0
+
+    def _min_over_processes(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        t = torch.tensor([float(n)], device=self.acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
+    def _sum_over_processes(self, n: float) -> float:
+        if self.world == 1:
+            return float(n)
+        return float(self.acc.reduce(torch.tensor([float(n)], device=self.acc.device), reduction="sum").item())
+
 
     def _tis_weights(self, batch) -> torch.Tensor | None:
         """Truncated importance weights (grpo.algorithms.tis) when another engine sampled and engine.rollout.tis is on."""
