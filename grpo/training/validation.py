@@ -65,7 +65,8 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
     samples = []
     if keep_samples:
         samples = [{"id": t["id"], "response": rollout.contents[i], "reasoning_content": rollout.reasoning[i],
-                    "score": result.scores[i]} for i, t in enumerate(trajectories)]
+                    "score": result.scores[i], "response_tokens": int(rollout.response_lengths[i])}
+                   for i, t in enumerate(trajectories)]
     return EvalResult(scores=list(result.scores), response_lengths=[int(n) for n in rollout.response_lengths],
                       truncated=[bool(t) for t in rollout.truncated], failures=list(result.failures), metrics=result.summary(),
                       samples=samples, ids=[t["id"] for t in trajectories])
