@@ -16,7 +16,9 @@
 #      continuous) and their ratio, update tokens/s and MFU, and the continuous sampler's bf16 log-prob
 #      mismatch against the trainer (rollout_kl_k3, mean TIS weight);
 #   3. the dry-run's memory estimate for the same shapes (grpo.training.dry_run.estimate_memory, from the very
-#      config the smoke run built: gpu_smoke.smoke_config), next to the measured peak, with their ratio.
+#      config the smoke run built: gpu_smoke.smoke_config), next to the measured peak, with their ratio; and the
+#      time plan's GPU seconds for a smoke step (grpo.training.time_plan, its stated assumptions) to set beside
+#      the measured ones.
 # Not measurable on one GPU: FSDP2/ZeRO-3 over several GPUs, NCCL, multi-node (tests/test_fsdp.py and
 # tests/test_multinode.py run those code paths on CPU over gloo).
 #
@@ -94,6 +96,7 @@ try:
 
     from grpo.config import LoraConfig, load_config
     from grpo.training.dry_run import GIB, estimate_memory, inspect_model, setup_for
+    from grpo.training.time_plan import Lengths, predict_gpu, step_work
 
     for name, argv, config in (("gpt_oss", sys.argv[3], "configs/gsm8k_gpt_oss_20b.yaml"),
                                ("qwen3", sys.argv[4], "configs/gsm8k_qwen3_32b.yaml")):
@@ -110,9 +113,20 @@ try:
                                          f"engine.gradient_checkpointing={not args.no_gradient_checkpointing}"])
         info = inspect_model(smoke_config(name, args.layers, args.width_scale, args.vocab_size),
                              LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank))
-        est = estimate_memory(info, job, setup_for(job, info))
+        setup = setup_for(job, info)
+        est = estimate_memory(info, job, setup)
         entry = {"smoke_args": argv, "estimate_gib": {k: v / GIB for k, v in est.items()}, "measured": measured}
         run = ((measured or {}).get("results") or [{}])[0]
+        # the time plan's GPU figures for these shapes (its stated assumptions; an H200 unless the device is
+        # another known one): a smoke step samples with both backends and runs two log-prob passes (the
+        # continuous sampler's check and the reference) and the update
+        lengths = Lengths([run.get("prompt_tokens", args.prompt_tokens)], [args.new_tokens], "smoke", "smoke")
+        work = step_work(info, job, lengths, setup)
+        device = (out / "device.log").read_text().lower() if (out / "device.log").exists() else ""
+        gpu = next((g for g in ("h100", "a100", "l40s") if g in device), "h200")
+        secs = {k: predict_gpu(ph, info, gpu) for k, ph in work.phases.items()}
+        entry["time_plan"] = {"gpu": gpu, "gen_s": secs["gen"], "ref_s": secs["ref"], "update_s": secs["update_actor"],
+                              "smoke_step_s": 2 * secs["gen"] + 2 * secs["ref"] + secs["update_actor"]}
         if run.get("peak_gpu_memory_gib"):
             entry["measured_over_estimate"] = run["peak_gpu_memory_gib"] / (est["peak"] / GIB)
         elif run.get("peak_cpu_rss_gib"):  # rehearsal: the RSS grown from building the model on (libraries excluded)

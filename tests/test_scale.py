@@ -212,6 +212,9 @@ def test_gpu_check_rehearsal_runs_every_stage_and_writes_the_json(tmp_path):
         entry = got[name]
         assert "--rehearse" in entry["smoke_args"] and entry["estimate_gib"]["peak"] > 0
         assert entry["measured_over_estimate"] > 0
+        plan = entry["time_plan"]
+        assert plan["gpu"] == "h200" and plan["smoke_step_s"] == pytest.approx(
+            2 * plan["gen_s"] + 2 * plan["ref_s"] + plan["update_s"]) and plan["update_s"] > 0
         run = entry["measured"]["results"][0]
         assert set(run) == SMOKE_FIELDS, set(run) ^ SMOKE_FIELDS
         assert (run["model"], run["layers"], run["vocab_size"], run["width_scale"], run["dtype"]) == (
