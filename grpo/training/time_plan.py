@@ -405,7 +405,8 @@ class Probe:
     layer_s: dict[str, float]  # per decoder layer per forward call (its small operations; no matrix FLOPs)
     sample_s: float  # one sampling step over [rows, vocab]
     head_s: float  # lm_head + log-softmax + entropy per position
-    seconds: float
+    seconds: float  # wall
+    cpu_seconds: float  # this process's CPU time (all threads): the probe's own work, whatever else runs
     load: tuple[float, float, float]
     threads: int
 
@@ -458,7 +459,7 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     from grpo.rollout.generate import GEN_BATCH
 
     quiet_transformers()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     dtype = torch.float32 if setup.dtype_bytes == 4 else torch.bfloat16
     h, e = job.hyperparameters, job.engine
     G = h.training_sample_per_prompt
@@ -536,7 +537,8 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     layer_s = {k: max(0.0, times[(k, 2)] - times[(k, 1)]) for k in ("decode", "forward", "update")}
     call_s = {k: max(0.0, times[(k, 1)] - layer_s[k]) for k in ("decode", "forward", "update")}
     return Probe(rate=rate, call_s=call_s, layer_s=layer_s, sample_s=sample_s, head_s=head_s,
-                 seconds=time.perf_counter() - t0, load=os.getloadavg(), threads=torch.get_num_threads())
+                 seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, load=os.getloadavg(),
+                 threads=torch.get_num_threads())
 
 
 def predict_cpu(phase: Phase, info, probe: Probe) -> float:
@@ -649,10 +651,10 @@ def report_lines(plan: TimePlan, job, info) -> list[str]:
     if plan.probe is not None:
         p = plan.probe
         cpu = plan.cpu or {}
-        lines.append(f"  this CPU      probe {p.seconds:.2f} s at load {p.load[0]:.1f} ({p.threads} torch thread(s); "
-                     f"measured now, so other processes count): products {p.rate['decode'] / 1e9:.0f} / "
-                     f"{p.rate['forward'] / 1e9:.0f} / {p.rate['update'] / 1e9:.0f} GFLOP/s (decode / log-prob / "
-                     f"update); per layer call {p.layer_s['decode'] * 1e3:.2f} / {p.layer_s['forward'] * 1e3:.2f} / "
+        lines.append(f"  this CPU      probe {p.seconds:.2f} s ({p.cpu_seconds:.2f} s CPU) at load {p.load[0]:.1f} "
+                     f"({p.threads} torch thread(s); measured now, so other processes count): products "
+                     f"{p.rate['decode'] / 1e9:.0f} / {p.rate['forward'] / 1e9:.0f} / {p.rate['update'] / 1e9:.0f} "
+                     f"GFLOP/s (decode / log-prob / update); per layer call {p.layer_s['decode'] * 1e3:.2f} / {p.layer_s['forward'] * 1e3:.2f} / "
                      f"{p.layer_s['update'] * 1e3:.2f} ms")
         parts = " + ".join(f"{PHASE_NAMES[k]} {cpu[k]:.2f}" for k in w.phases)
         lines.append(f"                predicted per step: {parts} = {plan.step_seconds(cpu):.2f} s")
