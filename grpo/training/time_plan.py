@@ -654,7 +654,8 @@ def report_lines(plan: TimePlan, job, info) -> list[str]:
         lines.append(f"  this CPU      probe {p.seconds:.2f} s ({p.cpu_seconds:.2f} s CPU) at load {p.load[0]:.1f} "
                      f"({p.threads} torch thread(s); measured now, so other processes count): products "
                      f"{p.rate['decode'] / 1e9:.0f} / {p.rate['forward'] / 1e9:.0f} / {p.rate['update'] / 1e9:.0f} "
-                     f"GFLOP/s (decode / log-prob / update); per layer call {p.layer_s['decode'] * 1e3:.2f} / {p.layer_s['forward'] * 1e3:.2f} / "
+                     f"GFLOP/s (decode / log-prob / update); per layer call {p.layer_s['decode'] * 1e3:.2f} / "
+                     f"{p.layer_s['forward'] * 1e3:.2f} / "
                      f"{p.layer_s['update'] * 1e3:.2f} ms")
         parts = " + ".join(f"{PHASE_NAMES[k]} {cpu[k]:.2f}" for k in w.phases)
         lines.append(f"                predicted per step: {parts} = {plan.step_seconds(cpu):.2f} s")
