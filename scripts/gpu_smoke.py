@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -133,7 +134,9 @@ def prompts_for(tok, n: int, length: int) -> list[list[int]]:
     return out
 
 
-def run_one(kind: str, args, device, acc, peak_flops: float | None, dtype) -> dict:
+def run_one(kind: str, args, device, acc, peak_flops: float | None, dtype, save=lambda summary: None) -> dict:
+    """Build one model and run its steps; `save(summary)` after every step with the summary so far ("partial":
+    true until the last), so that a run stopped by its time limit still leaves its steps in the JSON."""
     import torch
 
     from grpo.algorithms import core as alg
@@ -162,6 +165,29 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None, dtype) -> di
     samplers = {"transformers": TransformersSampler(policy, tok, ignore_eos=True)}
     if "continuous" in backends:
         samplers["continuous"] = ContinuousSampler(policy, tok)
+    def summarize(rows: list[dict], partial: bool) -> dict:
+        steady = rows[1:] or rows
+
+        def mean(k):
+            vals = [r[k] for r in steady if r[k] is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        out = {"model": kind, "partial": partial, "rehearsal": args.rehearse, "width_scale": args.width_scale,
+               "dtype": str(dtype).removeprefix("torch."), "layers": info.layers, "hidden_size": info.hidden,
+               "vocab_size": info.vocab, "parameters": info.total,
+               "active_parameters": info.active, "trainable_parameters": info.trainable, "build_s": build_s,
+               "sequences_per_step": n_seq, "prompt_tokens": len(prompts[0]), "new_tokens": args.new_tokens,
+               "gen_tokens_per_s": mean("gen_tokens_per_s"), "update_tokens_per_s": mean("update_tokens_per_s"),
+               **{f"gen_tokens_per_s_{b}": mean(f"gen_tokens_per_s_{b}") for b in backends},
+               **{k: mean(k) for k in steady[0] if k.startswith("continuous_")},
+               "update_mfu": mean("update_mfu"), "update_flops_per_token": info.flops_per_token(train=True),
+               ("peak_gpu_memory_gib" if cuda else "peak_cpu_rss_gib"): peak, "steps": list(rows)}
+        if not cuda:  # ru_maxrss is the process's peak: its libraries, and the models built before this one
+            out["cpu_rss_before_build_gib"] = rss_before
+        return out
+
     rows = []
     for step in range(args.steps):
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -208,26 +234,8 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None, dtype) -> di
               + f", grad norm {row['actor_grad_norm']:.3g}"
               + (f"; continuous vs trainer rollout_kl_k3 {row['continuous_rollout_kl_k3']:.2e}" if mismatch else ""),
               flush=True)
-    steady = rows[1:] or rows
-
-    def mean(k):
-        vals = [r[k] for r in steady if r[k] is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    summary = {"model": kind, "rehearsal": args.rehearse, "width_scale": args.width_scale,
-               "dtype": str(dtype).removeprefix("torch."), "layers": info.layers, "hidden_size": info.hidden,
-               "vocab_size": info.vocab, "parameters": info.total,
-               "active_parameters": info.active, "trainable_parameters": info.trainable, "build_s": build_s,
-               "sequences_per_step": n_seq, "prompt_tokens": len(prompts[0]), "new_tokens": args.new_tokens,
-               "gen_tokens_per_s": mean("gen_tokens_per_s"), "update_tokens_per_s": mean("update_tokens_per_s"),
-               **{f"gen_tokens_per_s_{b}": mean(f"gen_tokens_per_s_{b}") for b in backends},
-               **{k: mean(k) for k in steady[0] if k.startswith("continuous_")},
-               "update_mfu": mean("update_mfu"), "update_flops_per_token": info.flops_per_token(train=True),
-               ("peak_gpu_memory_gib" if cuda else "peak_cpu_rss_gib"): peak, "steps": rows}
-    if not cuda:  # ru_maxrss is the process's peak: its libraries, and the models built before this one
-        summary["cpu_rss_before_build_gib"] = rss_before
+        save(summarize(rows, partial=step < args.steps - 1))
+    summary = summarize(rows, partial=False)
     del model, opt, policy
     if cuda:
         torch.cuda.empty_cache()
@@ -262,12 +270,20 @@ def main(argv=None) -> int:
                                 next((v for k, v in PEAK_TFLOPS.items() if k in name), None))
     if device.type == "cuda" and peak is None:
         print(f"warning: peak FLOP/s of '{name}' unknown; pass --peak-tflops for MFU", file=sys.stderr)
+    def write(results: list[dict]) -> None:
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"device": name, "rehearsal": args.rehearse, "peak_tflops": peak, "results": results}, f,
+                          indent=2)
+            os.replace(tmp, args.json)
+
     results = []
     for kind in (["qwen3", "gpt_oss"] if args.model == "all" else [args.model]):
         what = f"width / {args.width_scale}" if args.width_scale > 1 else "full width"
         print(f"{kind}: {what}, {args.layers or 'all'} layers, random {args.dtype} weights on {name}", flush=True)
-        results.append(run_one(kind, args, device, acc, peak * 1e12 if peak else None, dtype))
-    out = {"device": name, "rehearsal": args.rehearse, "peak_tflops": peak, "results": results}
+        results.append(run_one(kind, args, device, acc, peak * 1e12 if peak else None, dtype,
+                               save=lambda summary: write(results + [summary])))
     for r in results:
         mem = r.get("peak_gpu_memory_gib", r.get("peak_cpu_rss_gib"))
         print(f"{r['model']}: {r['parameters'] / 1e9:.2f} B parameters ({r['active_parameters'] / 1e9:.2f} B active), "
@@ -280,9 +296,7 @@ def main(argv=None) -> int:
                   f"({r['gen_tokens_per_s_continuous']:.1f} vs {r['gen_tokens_per_s_transformers']:.1f} tok/s); "
                   f"sampler mismatch rollout_kl_k3 {r['continuous_rollout_kl_k3']:.2e}, "
                   f"TIS weight mean {r['continuous_rollout_tis_weight_mean']:.4f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+    write(results)
     return 0
 
 

@@ -175,7 +175,7 @@ def test_training_steps_on_tiny_models_with_the_real_templates(tmp_path, kind, e
     assert moved and any(".experts." in k for k in moved) == (kind == "gpt_oss")
 
 
-SMOKE_FIELDS = {"model", "rehearsal", "width_scale", "dtype", "layers", "hidden_size", "vocab_size", "parameters",
+SMOKE_FIELDS = {"model", "partial", "rehearsal", "width_scale", "dtype", "layers", "hidden_size", "vocab_size", "parameters",
                 "active_parameters", "trainable_parameters", "build_s", "sequences_per_step", "prompt_tokens",
                 "new_tokens", "gen_tokens_per_s", "update_tokens_per_s", "gen_tokens_per_s_transformers",
                 "gen_tokens_per_s_continuous", "continuous_rollout_kl_k1", "continuous_rollout_kl_k3",
@@ -219,7 +219,7 @@ def test_gpu_check_rehearsal_runs_every_stage_and_writes_the_json(tmp_path):
         assert set(run) == SMOKE_FIELDS, set(run) ^ SMOKE_FIELDS
         assert (run["model"], run["layers"], run["vocab_size"], run["width_scale"], run["dtype"]) == (
             name, layers, 512, 16, "bfloat16")
-        assert len(run["steps"]) == 2 and run["update_mfu"] > 0 and run["gen_tokens_per_s_continuous"] > 0
+        assert len(run["steps"]) == 2 and run["partial"] is False and run["update_mfu"] > 0 and run["gen_tokens_per_s_continuous"] > 0
         # bf16 on both sides: the continuous sampler's log-probs against the trainer's forward
         assert 0 <= run["continuous_rollout_kl_k3"] < 1e-2 and abs(run["continuous_rollout_tis_weight_mean"] - 1) < 0.1
     killed = tmp_path / "killed"

@@ -59,6 +59,7 @@ MFU_UPDATE = 0.30
 BW_EFFICIENCY = 0.60
 LAUNCH_S_PER_LAYER = 3e-4
 CHARS_PER_TOKEN = 4.0
+PROBE_MAX_PARAMETERS = 2e9  # the dry-run probes this CPU for models up to this size
 
 
 @dataclass
@@ -487,12 +488,12 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
 
     rate["update"] = 4 * tokens * H * inter / _timed(fwd_bwd)
     # lm_head + log-softmax + entropy at a chunk of positions, and one sampling step over [rows, vocab]
-    V = info.vocab
+    V = min(info.vocab, 32768)  # scaled up to the vocabulary below: per position, the work is linear in it
     pos = min(128, tokens)
-    head_w = torch.nn.Linear(info.hidden, V, bias=False).to(dtype).requires_grad_(False)
+    head_w = torch.nn.Linear(H, V, bias=False).to(dtype).requires_grad_(False)
     if onednn:
         use_onednn_linears(head_w)
-    hid = torch.randn(pos, info.hidden, dtype=dtype)
+    hid = torch.randn(pos, H, dtype=dtype)
 
     def head_chunk():
         logits = head_w(hid).float()
@@ -500,9 +501,9 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
         return (logp.exp() * logp).sum(-1)
 
     with torch.no_grad():
-        head_s = _timed(head_chunk) / pos
+        head_s = _timed(head_chunk) / pos * (info.vocab / V) * (info.hidden / H)
         last = torch.randn(rows, V)
-        sample_s = _timed(lambda: torch.multinomial(last.softmax(-1), 1))
+        sample_s = _timed(lambda: torch.multinomial(last.softmax(-1), 1)) * info.vocab / V
     del head_w, lin
     # fixed costs: the model's own classes at width 64, one and two layers, LoRA as configured
     times = {}
@@ -625,8 +626,8 @@ def make_time_plan(config, info, job, setup, *, steps: int | None, lengths_file:
         evaluations = 1 + len({s for s in range(1, steps + 1) if s % interval == 0 or s == steps})
     validation = validation_work(info, job, lengths, setup, val_records) if val_records else None
     plan = TimePlan(work=work, steps=steps, evaluations=evaluations, validation=validation, lengths=lengths)
-    if probe is None:
-        probe = not torch.cuda.is_available()
+    if probe is None:  # a model of billions of parameters is not trained on a CPU: its CPU seconds would be noise
+        probe = not torch.cuda.is_available() and info.total <= PROBE_MAX_PARAMETERS
     if probe:
         plan.probe = cpu_probe(config, info, job, setup, lengths)
         plan.cpu = {k: predict_cpu(p, info, plan.probe) for k, p in work.phases.items()}
@@ -635,6 +636,12 @@ def make_time_plan(config, info, job, setup, *, steps: int | None, lengths_file:
         plan.gpu[g] = {k: predict_gpu(p, info, g) for k, p in work.phases.items()}
         plan.gpu_validation[g] = predict_gpu(validation, info, g) if validation else 0.0
     return plan
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def report_lines(plan: TimePlan, job, info) -> list[str]:
@@ -663,6 +670,10 @@ def report_lines(plan: TimePlan, job, info) -> list[str]:
         if job_s is not None:
             val = (f" + {plan.evaluations} validations x {plan.cpu_validation:.2f} s" if plan.validation else "")
             lines.append(f"                whole job: {steps} steps{val} = {_s(job_s)}")
+    if plan.probe is None and plan.cpu is None:
+        why = ("a CUDA device is present" if _cuda() else
+               f"the model has more than {PROBE_MAX_PARAMETERS / 1e9:.0f} B parameters")
+        lines.append(f"  this CPU      not probed ({why})")
     for g, secs in plan.gpu.items():
         name = GPUS[g][0]
         job_s = plan.job_seconds(secs, plan.gpu_validation.get(g))
