@@ -413,15 +413,17 @@ class Probe:
 
 
 def _timed(fn, repeat: int = 3) -> float:
-    """The fastest of `repeat` runs after one warm-up (other processes share this machine: the minimum is the
-    cleanest sample, and the probe's other figures are taken the same way)."""
+    """The median of `repeat` runs after one warm-up: the machine as it is now, other processes included (under
+    contention a run's operations wait for the CPU as the probe's do; the fastest run would hide that)."""
+    import statistics
+
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def _tiny_copy(config, layers: int):
