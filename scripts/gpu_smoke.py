@@ -19,9 +19,15 @@ FLOPs per token = 4 x active parameters (MoE: the top-k experts only; a frozen b
 forward and the activation-gradient half of the backward; gradient checkpointing's recompute and attention
 scores are not counted, as is usual for MFU).
 
+--rehearse runs the same code on the CPU (bf16 unless --dtype float32) with the same architectures divided in
+width by --width-scale (hidden size and MLP / expert size, rounded up to a multiple of 16, and head size, at
+least 8; layer count and types, heads, experts, top-k and vocabulary as the real model): what scripts/gpu_check.sh --rehearse runs before a GPU is lent. Its
+figures measure the CPU, not a GPU: "peak_cpu_rss_gib" is the process's RSS, and its MFU is against
+--peak-tflops (default verl's nominal CPU figure, grpo.training.metrics.CPU_FLOPS).
+
     python scripts/gpu_smoke.py --model gpt_oss                  # needs a CUDA GPU (~55 GB for GPT-OSS-20B)
     python scripts/gpu_smoke.py --model qwen3 --layers 32        # Qwen3-32B's layers, half of them
-    python scripts/gpu_smoke.py --tiny --model all --steps 2     # tiny configs on CPU: the same code paths
+    python scripts/gpu_smoke.py --rehearse --model all --layers 2 --steps 2   # CPU, width / 16: the same code
     python scripts/gpu_smoke.py --model qwen3 --layers 8 --backend continuous
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -41,7 +48,14 @@ HUB_IDS = {"qwen3": "Qwen/Qwen3-32B", "gpt_oss": "openai/gpt-oss-20b"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["qwen3", "gpt_oss", "all"], default="all")
-    p.add_argument("--tiny", action="store_true", help="tiny configs on CPU (fp32): checks the code paths, measures nothing useful")
+    p.add_argument("--rehearse", action="store_true", help="on the CPU, the architectures divided in width by "
+                   "--width-scale: checks the code paths and the output, measures the CPU only")
+    p.add_argument("--width-scale", type=int, default=None, help="divide hidden, MLP/expert and head sizes by this "
+                   "(default 16 with --rehearse, else 1); layers, heads, experts and vocabulary are kept")
+    p.add_argument("--vocab-size", type=int, default=None, help="a smaller vocabulary than the real model's (the "
+                   "rehearsal in the tests: the embedding and head are most of a width-scaled model); at least the "
+                   "chat tokenizer's 391 tokens")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the weights' dtype")
     p.add_argument("--steps", type=int, default=3, help="steps (the first one includes warm-up; the summary leaves it out)")
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group", type=int, default=4, help="samples per prompt")
@@ -59,31 +73,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(kind: str, args, device):
-    """(policy, tokenizer, ModelInfo) for one architecture: tiny on CPU, or full size on `device`."""
+def smoke_config(kind: str, layers: int | None = None, width_scale: int = 1, vocab_size: int | None = None):
+    """The transformers config the smoke run builds: the real model's (KNOWN_CONFIGS), its first `layers` decoder
+    layers, hidden / MLP (expert) sizes divided by `width_scale` (rounded up to a multiple of 16) and the head size
+    (at least 8). scripts/gpu_check.sh's dry-run
+    comparison estimates memory from this same config."""
+    from grpo.training.dry_run import model_config
+
+    config, _ = model_config(HUB_IDS[kind])
+    if layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+    if width_scale > 1:  # rounded up to a multiple of 16 elements: grouped_mm (MoE experts) wants 16-byte strides
+        for name in ("hidden_size", "intermediate_size"):
+            setattr(config, name, 16 * -(-getattr(config, name) // (16 * width_scale)))
+        config.head_dim = max(8, config.head_dim // width_scale)
+    if vocab_size:
+        config.vocab_size = vocab_size
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids past the vocabulary: none
+            if isinstance(getattr(config, name, None), int) and getattr(config, name) >= vocab_size:
+                setattr(config, name, None)
+    return config
+
+
+def build(kind: str, args, device, dtype):
+    """(policy, tokenizer, ModelInfo) for one architecture, built with random weights on `device`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from grpo.config import LoraConfig
     from grpo.models.loading import add_lora, chat_tokenizer, enable_gradient_checkpointing
-    from grpo.training.dry_run import inspect_model, model_config
+    from grpo.training.dry_run import inspect_model
 
     tok = chat_tokenizer(kind)
     lora = LoraConfig(rank=args.lora_rank, alpha=2 * args.lora_rank)
     torch.manual_seed(0)
-    if args.tiny:
-        from grpo.models.tiny import build_random_gpt_oss, build_random_qwen3
-
-        model = (build_random_qwen3 if kind == "qwen3" else build_random_gpt_oss)(tok)
-        config = model.config
-    else:
-        config, _ = model_config(HUB_IDS[kind])
-        if args.layers:
-            config.num_hidden_layers = args.layers
-            if getattr(config, "layer_types", None):
-                config.layer_types = config.layer_types[:args.layers]
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    config = smoke_config(kind, args.layers, args.width_scale, args.vocab_size)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     info = inspect_model(config, lora)
     if not args.no_gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -106,7 +134,9 @@ def prompts_for(tok, n: int, length: int) -> list[list[int]]:
     return out
 
 
-def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
+def run_one(kind: str, args, device, acc, peak_flops: float | None, dtype, save=lambda summary: None) -> dict:
+    """Build one model and run its steps; `save(summary)` after every step with the summary so far ("partial":
+    true until the last), so that a run stopped by its time limit still leaves its steps in the JSON."""
     import torch
 
     from grpo.algorithms import core as alg
@@ -117,8 +147,11 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    import psutil
+
+    rss_before = psutil.Process().memory_info().rss / 2**30
     t = time.perf_counter()
-    policy, tok, info = build(kind, args, device)
+    policy, tok, info = build(kind, args, device, dtype)
     build_s = time.perf_counter() - t
     params = [p for p in policy.parameters() if p.requires_grad]
     model, opt = acc.prepare(policy, torch.optim.AdamW(params, lr=1e-5))
@@ -132,6 +165,29 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
     samplers = {"transformers": TransformersSampler(policy, tok, ignore_eos=True)}
     if "continuous" in backends:
         samplers["continuous"] = ContinuousSampler(policy, tok)
+    def summarize(rows: list[dict], partial: bool) -> dict:
+        steady = rows[1:] or rows
+
+        def mean(k):
+            vals = [r[k] for r in steady if r[k] is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        out = {"model": kind, "partial": partial, "rehearsal": args.rehearse, "width_scale": args.width_scale,
+               "dtype": str(dtype).removeprefix("torch."), "layers": info.layers, "hidden_size": info.hidden,
+               "vocab_size": info.vocab, "parameters": info.total,
+               "active_parameters": info.active, "trainable_parameters": info.trainable, "build_s": build_s,
+               "sequences_per_step": n_seq, "prompt_tokens": len(prompts[0]), "new_tokens": args.new_tokens,
+               "gen_tokens_per_s": mean("gen_tokens_per_s"), "update_tokens_per_s": mean("update_tokens_per_s"),
+               **{f"gen_tokens_per_s_{b}": mean(f"gen_tokens_per_s_{b}") for b in backends},
+               **{k: mean(k) for k in steady[0] if k.startswith("continuous_")},
+               "update_mfu": mean("update_mfu"), "update_flops_per_token": info.flops_per_token(train=True),
+               ("peak_gpu_memory_gib" if cuda else "peak_cpu_rss_gib"): peak, "steps": list(rows)}
+        if not cuda:  # ru_maxrss is the process's peak: its libraries, and the models built before this one
+            out["cpu_rss_before_build_gib"] = rss_before
+        return out
+
     rows = []
     for step in range(args.steps):
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -178,22 +234,8 @@ def run_one(kind: str, args, device, acc, peak_flops: float | None) -> dict:
               + f", grad norm {row['actor_grad_norm']:.3g}"
               + (f"; continuous vs trainer rollout_kl_k3 {row['continuous_rollout_kl_k3']:.2e}" if mismatch else ""),
               flush=True)
-    steady = rows[1:] or rows
-
-    def mean(k):
-        vals = [r[k] for r in steady if r[k] is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    summary = {"model": kind, "tiny": args.tiny, "layers": info.layers, "parameters": info.total,
-               "active_parameters": info.active, "trainable_parameters": info.trainable, "build_s": build_s,
-               "sequences_per_step": n_seq, "prompt_tokens": len(prompts[0]), "new_tokens": args.new_tokens,
-               "gen_tokens_per_s": mean("gen_tokens_per_s"), "update_tokens_per_s": mean("update_tokens_per_s"),
-               **{f"gen_tokens_per_s_{b}": mean(f"gen_tokens_per_s_{b}") for b in backends},
-               **{k: mean(k) for k in steady[0] if k.startswith("continuous_")},
-               "update_mfu": mean("update_mfu"), "update_flops_per_token": info.flops_per_token(train=True),
-               ("peak_gpu_memory_gib" if cuda else "peak_cpu_rss_gib"): peak, "steps": rows}
+        save(summarize(rows, partial=step < args.steps - 1))
+    summary = summarize(rows, partial=False)
     del model, opt, policy
     if cuda:
         torch.cuda.empty_cache()
@@ -204,23 +246,44 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not args.tiny and not torch.cuda.is_available():
-        print("error: full-size mode builds Qwen3-32B / GPT-OSS-20B on a CUDA GPU, and there is none here; "
-              "run with --tiny for the same code paths on tiny configs (CPU)", file=sys.stderr)
+    if args.width_scale is None:
+        args.width_scale = 16 if args.rehearse else 1
+    if args.width_scale < 1:
+        print(f"error: --width-scale {args.width_scale}: must be >= 1", file=sys.stderr)
+        return 2
+    if args.vocab_size is not None and args.vocab_size < 391:
+        print(f"error: --vocab-size {args.vocab_size}: the chat tokenizer has 391 tokens", file=sys.stderr)
+        return 2
+    if not args.rehearse and not torch.cuda.is_available():
+        print("error: the smoke run builds Qwen3-32B / GPT-OSS-20B on a CUDA GPU, and there is none here; "
+              "--rehearse runs the same code on the CPU with the models divided in width", file=sys.stderr)
         return 2
     from accelerate import Accelerator
 
-    device = torch.device("cuda" if not args.tiny else "cpu")
-    acc = Accelerator(cpu=args.tiny)
+    from grpo.training.metrics import CPU_FLOPS
+
+    device = torch.device("cpu" if args.rehearse else "cuda")
+    dtype = getattr(torch, args.dtype)
+    acc = Accelerator(cpu=args.rehearse)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops or (CPU_FLOPS / 1e12 if device.type == "cpu" else
+                                next((v for k, v in PEAK_TFLOPS.items() if k in name), None))
     if device.type == "cuda" and peak is None:
         print(f"warning: peak FLOP/s of '{name}' unknown; pass --peak-tflops for MFU", file=sys.stderr)
+    def write(results: list[dict]) -> None:
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"device": name, "rehearsal": args.rehearse, "peak_tflops": peak, "results": results}, f,
+                          indent=2)
+            os.replace(tmp, args.json)
+
     results = []
     for kind in (["qwen3", "gpt_oss"] if args.model == "all" else [args.model]):
-        print(f"{kind}: {'tiny config, CPU' if args.tiny else 'full size, random bf16 weights on ' + name}", flush=True)
-        results.append(run_one(kind, args, device, acc, peak * 1e12 if peak else None))
-    out = {"device": name, "peak_tflops": peak, "results": results}
+        what = f"width / {args.width_scale}" if args.width_scale > 1 else "full width"
+        print(f"{kind}: {what}, {args.layers or 'all'} layers, random {args.dtype} weights on {name}", flush=True)
+        results.append(run_one(kind, args, device, acc, peak * 1e12 if peak else None, dtype,
+                               save=lambda summary: write(results + [summary])))
     for r in results:
         mem = r.get("peak_gpu_memory_gib", r.get("peak_cpu_rss_gib"))
         print(f"{r['model']}: {r['parameters'] / 1e9:.2f} B parameters ({r['active_parameters'] / 1e9:.2f} B active), "
@@ -233,9 +296,7 @@ def main(argv=None) -> int:
                   f"({r['gen_tokens_per_s_continuous']:.1f} vs {r['gen_tokens_per_s_transformers']:.1f} tok/s); "
                   f"sampler mismatch rollout_kl_k3 {r['continuous_rollout_kl_k3']:.2e}, "
                   f"TIS weight mean {r['continuous_rollout_tis_weight_mean']:.4f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+    write(results)
     return 0
 
 

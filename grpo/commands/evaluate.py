@@ -66,9 +66,9 @@ def add_arguments(p):
     p.add_argument("--backend", choices=("transformers", "continuous"), default="transformers",
                    help="how responses are sampled (engine.rollout.backend): transformers generation, or "
                         "transformers' continuous batching (paged KV cache; faster on GPUs, slower on CPU)")
-    p.add_argument("--out", type=Path, default=None, help="write every sample and its score as JSONL "
-                   "(checked before the model loads, written after the result is printed); `grpo data filter "
-                   "--scores` reads it")
+    p.add_argument("--out", type=Path, default=None, help="write every sample, its score and its length in tokens "
+                   "(response_tokens) as JSONL (checked before the model loads, written after the result is "
+                   "printed); `grpo data filter --scores` reads it, and `grpo train --dry-run --lengths` for the time plan")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     from grpo.commands.progress import add_progress_argument
 

@@ -20,7 +20,15 @@ def add_arguments(p):
                    "(default: the newest runs/<config>-* directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the plan (model, parameter "
-                   "counts, trainable parameters, memory per GPU, steps) without loading any weights")
+                   "counts, trainable parameters, memory per GPU, steps, and the time plan: tokens and FLOPs per "
+                   "step, seconds predicted on this CPU from a sub-second measured probe, and on GPUs from "
+                   "datasheet peaks and stated MFU assumptions) without loading any weights")
+    p.add_argument("--lengths", type=Path, default=None, metavar="FILE",
+                   help="with --dry-run: response lengths for the time plan from `grpo eval ... --out FILE` (the "
+                        "samples file) or `grpo eval ... --json` output (default: every response at "
+                        "inference_max_tokens, an upper bound)")
+    p.add_argument("--gpu", choices=["h100", "h200", "a100", "l40s"], action="append", default=None,
+                   help="with --dry-run: price the job on this GPU (GPU-hours; repeatable; default: all four)")
 
 
 def default_run_dir(config: Path, resume: bool) -> Path:
@@ -75,12 +83,16 @@ def train_and_report(cfg, run_dir: Path, *, resume: bool = False, progress: bool
 def run(args) -> int:
     from grpo.config import load_config, print_warnings
 
+    from grpo.errors import UserError
+
+    if (args.lengths is not None or args.gpu) and not args.dry_run:
+        raise UserError("--lengths and --gpu are for the time plan: add --dry-run")
     cfg = load_config(args.config, args.overrides)
     print_warnings(cfg)
     if args.dry_run:
         from grpo.training.dry_run import dry_run
 
-        print(dry_run(cfg, str(args.config)))
+        print(dry_run(cfg, str(args.config), lengths=args.lengths, gpus=args.gpu))
         return 0
     run_dir = args.output_dir or default_run_dir(args.config, args.resume)
     return train_and_report(cfg, run_dir, resume=args.resume, progress=not args.no_progress)

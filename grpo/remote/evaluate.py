@@ -68,7 +68,7 @@ def sample_and_score_remote(client, model: str, records, runner, *, temperature:
     samples = []
     if keep_samples:
         samples = [{"id": t["id"], "response": texts[i][0], "reasoning_content": texts[i][1],
-                    "score": result.scores[i]} for i, t in enumerate(trajectories)]
+                    "score": result.scores[i], "response_tokens": lengths[i]} for i, t in enumerate(trajectories)]
     return EvalResult(scores=list(result.scores), response_lengths=lengths, truncated=truncated,
                       failures=list(result.failures), metrics=result.summary(), samples=samples,
                       ids=[t["id"] for t in trajectories])

@@ -115,6 +115,8 @@ class ModelInfo:
     lora_targets: str = ""
     shares_prefix: bool = False  # grpo.models.kv_cache: a group's prompt runs once (generation and the update)
     lora_linear: int = 0  # weights of the nn.Linear layers LoRA wraps (what grpo.models.merge copies in fp32)
+    lora_rank: int = 0
+    expert_lora: int = 0  # LoRA parameters on MoE expert stacks (peft's target_parameters)
 
     @property
     def active(self) -> int:
@@ -149,6 +151,7 @@ def inspect_model(config, lora) -> ModelInfo:
         except ValueError as e:
             raise UserError(f"engine.lora: {str(e).splitlines()[0]}") from None
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    expert_lora = sum(p.numel() for n, p in policy.named_parameters() if p.requires_grad and ".experts." in n)
     lora_linear = sum(m.base_layer.weight.numel() for m in policy.modules()
                       if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), torch.nn.Linear))
     emb = model.get_input_embeddings().weight.numel()
@@ -169,7 +172,7 @@ def inspect_model(config, lora) -> ModelInfo:
         top_k=getattr(config, "num_experts_per_tok", None) or 0,
         layer_types=list(getattr(config, "layer_types", None) or []),
         sliding_window=getattr(config, "sliding_window", None), lora_targets=targets,
-        shares_prefix=shares_prefix(model), lora_linear=lora_linear)
+        shares_prefix=shares_prefix(model), lora_linear=lora_linear, lora_rank=lora.rank, expert_lora=expert_lora)
 
 
 @dataclass
@@ -333,13 +336,16 @@ def algorithm_lines(job: JobConfig) -> list[str]:
     return lines
 
 
-def make_plan(job: JobConfig) -> str:
-    """The dry-run report for `job` (a validated JobConfig)."""
+def make_plan(job: JobConfig, *, lengths: Path | None = None, gpus: list[str] | None = None,
+              probe: bool | None = None) -> str:
+    """The dry-run report for `job` (a validated JobConfig): the model, memory per GPU and the time plan
+    (grpo.training.time_plan: `lengths` a `grpo eval` result, `gpus` the GPUs to price, default all;
+    `probe` measure this CPU, default when there is no CUDA device)."""
     h, e = job.hyperparameters, job.engine
     config, source = model_config(job.local_model)
     info = inspect_model(config, e.lora)
     base_setup = setup_for(job, info)
-    _, steps = _records(job)
+    n_records, steps = _records(job)
     G = h.training_sample_per_prompt
     seq = h.max_prompt_length + h.inference_max_tokens
     arch = (f"{info.layers} layers, hidden {info.hidden}, {info.heads} heads / {info.kv_heads} KV heads x "
@@ -399,8 +405,14 @@ def make_plan(job: JobConfig) -> str:
     if verdicts[0] != "fits" and not base_setup.load_in_4bit and info.experts == 0:
         lines.append("hint: engine.load_in_4bit (QLoRA, needs bitsandbytes) or sharding over several GPUs "
                      "(configs/accelerate/) brings it under one GPU's memory")
+    from grpo.training.time_plan import make_time_plan, report_lines
+
+    plan = make_time_plan(config, info, job, base_setup, steps=job.total_steps(n_records) if n_records else None,
+                          lengths_file=lengths, gpus=gpus, probe=probe)
+    lines += [""] + report_lines(plan, job, info)
     return "\n".join(lines)
 
 
-def dry_run(job: JobConfig, source: str) -> str:
-    return f"dry run of {source}: the config is valid; nothing was loaded or trained\n" + make_plan(job)
+def dry_run(job: JobConfig, source: str, *, lengths: Path | None = None, gpus: list[str] | None = None) -> str:
+    return (f"dry run of {source}: the config is valid; nothing was loaded or trained\n"
+            + make_plan(job, lengths=lengths, gpus=gpus))

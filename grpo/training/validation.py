@@ -95,7 +95,7 @@ def sample_and_score(model, tokenizer, records, runner, *, temperature: float, m
     samples = []
     if keep_samples:
         samples = [{"id": t["id"], "response": rollout.contents[i], "reasoning_content": rollout.reasoning[i],
-                    "score": result.scores[i],
+                    "score": result.scores[i], "response_tokens": int(rollout.response_lengths[i]),
                     **({"messages": rollout.messages[i]} if rollout.messages and rollout.messages[i] else {})}
                    for i, t in enumerate(trajectories)]
     return EvalResult(scores=list(result.scores), response_lengths=[int(n) for n in rollout.response_lengths],
