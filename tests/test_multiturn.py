@@ -83,7 +83,7 @@ def test_an_environment_file_that_cannot_describe_its_tools_is_a_user_error(tmp_
     bad.write_text("def lookup(key):\n    return key\n")
     with pytest.raises(UserError, match="tool lookup, parameter key: no type hint"):
         ToolEnvironment(str(bad))
-    with pytest.raises(UserError, match="not a .py file"):
+    with pytest.raises(UserError, match="missing.py not found"):
         ToolEnvironment(str(tmp_path / "missing.py"))
 
 
