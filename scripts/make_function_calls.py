@@ -61,15 +61,13 @@ def records(n_train: int = 128, n_val: int = 32, seed: int = 0) -> tuple[list[di
 
 
 def main() -> None:
+    from grpo.data import write_jsonl
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("data/function_calls"))
-    args = ap.parse_args()
-    train, val = records()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("validation", val)):
-        with open(args.out / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        print(f"{args.out / f'{name}.jsonl'}: {len(rows)} records")
+    ap.add_argument("--out", type=Path, default=Path("data/function_calls"), help="directory for the two files")
+    out = ap.parse_args().out
+    for name, rows in zip(("train", "validation"), records()):
+        print(f"{out / f'{name}.jsonl'}: {write_jsonl(out / f'{name}.jsonl', rows)} records")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def _rollout(taught, env, **kw):
     conv = Conversation([{"role": "user", "content": Q}], env.schemas)
     prompt = encode_prompt(tok, conv.messages, tools=conv.tools)
     torch.manual_seed(0)
-    args = dict(n=2, max_new_tokens=80, max_turns=3, temperature=0.05)
+    args = {"n": 2, "max_new_tokens": 80, "max_turns": 3, "temperature": 0.05}
     args.update(kw)
     return prompt, rollout_with_tools(model, tok, [prompt], [conv], env, **args)
 
@@ -83,12 +83,12 @@ def test_an_environment_file_that_cannot_describe_its_tools_is_a_user_error(tmp_
     bad.write_text("def lookup(key):\n    return key\n")
     with pytest.raises(UserError, match="tool lookup, parameter key: no type hint"):
         ToolEnvironment(str(bad))
-    with pytest.raises(UserError, match="not a .py file"):
+    with pytest.raises(UserError, match="missing.py not found"):
         ToolEnvironment(str(tmp_path / "missing.py"))
 
 
 def test_the_loop_calls_the_tool_reads_the_result_and_answers(taught, env):
-    _, tok, (p_ids, call_ids, glue_ids, answer_ids) = taught
+    _, _, (p_ids, call_ids, glue_ids, answer_ids) = taught
     prompt, b = _rollout(taught, env)
     assert prompt == p_ids
     for i in range(2):
@@ -117,7 +117,7 @@ def test_max_turns_ends_a_trajectory_at_a_call_without_running_it(taught, env):
 
 
 def test_the_token_budget_cuts_the_tool_result_and_ends_the_trajectory(taught, env):
-    _, _, (_, call_ids, glue_ids, _) = taught
+    _, _, (_, call_ids, _, _) = taught
     budget = len(call_ids) + 5
     _, b = _rollout(taught, env, max_new_tokens=budget)
     assert b.response_lengths.tolist() == [budget] * 2 and b.truncated.tolist() == [True, True]
@@ -202,6 +202,6 @@ def test_the_tool_models_data_splits_never_share_a_problem():
     train = make_tool_records(300, seed=0, split="train")
     val = make_tool_records(50, seed=0, split="validation")
     pre = {(a, b) for a, b, _, _ in pretrain_problems(2000, seed=0, call_fraction=0.3)}
-    pairs = lambda recs: {tuple(r["operands"]) for r in recs}  # noqa: E731
+    pairs = lambda recs: {tuple(r["operands"]) for r in recs}
     assert not (pairs(train) & pairs(val)) and not (pairs(train) & pre) and not (pairs(val) & pre)
     assert all(r["reference_answer"] == f"#### {r['operands'][0] * r['operands'][1]}" for r in train + val)

@@ -72,7 +72,9 @@ class ToolEnvironment:
         from grpo.reward.workers import HandlerLoadError, WorkerPool
 
         p = Path(path)
-        if not p.is_file() or p.suffix != ".py":
+        if not p.is_file():
+            raise UserError(f"engine.environment: {path} not found (give a .py file of plain Python functions, the tools)")
+        if p.suffix != ".py":
             raise UserError(f"engine.environment: {path} is not a .py file (a file of plain Python functions, the tools)")
         self.path, self.timeout_s = str(p.resolve()), float(timeout_s)
         self._log_dir = tempfile.mkdtemp(prefix="grpo-tools-")

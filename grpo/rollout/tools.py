@@ -254,9 +254,9 @@ def validate_arguments(args: Any, schema: dict | None, path: str = "arguments") 
     if "const" in schema and args != schema["const"]:
         return f"{path}: expected {json.dumps(schema['const'])[:60]}"
     for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            if all(validate_arguments(args, s, path) for s in schema[key]):
-                return f"{path}: matches none of the {key} schemas"
+        subs = schema.get(key)
+        if isinstance(subs, list) and subs and all(validate_arguments(args, s, path) for s in subs):
+            return f"{path}: matches none of the {key} schemas"
     if isinstance(args, dict):
         props = schema.get("properties") or {}
         for name in schema.get("required") or []:
@@ -362,7 +362,7 @@ def _parse_harmony(text: str, schemas: dict[str, dict], with_tools: bool) -> tup
         recipient = re.search(r"to=(\S+?)(?=\s|<\||$)", header)
         recipient = recipient.group(1) if recipient else None
         if recipient and with_tools:
-            name = recipient[len("functions."):] if recipient.startswith("functions.") else recipient
+            name = recipient.removeprefix("functions.")
             try:
                 args, err = json.loads(body), None
             except ValueError as exc:

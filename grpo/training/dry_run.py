@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpo.config import TINY_MODEL, JobConfig
+from grpo.config import TINY_MODEL, TINY_TOOLS_MODEL, JobConfig
 from grpo.errors import UserError
 
 #: The Bedrock models' architectures, copied from their config.json on the Hugging Face hub (retrieved
@@ -59,14 +59,16 @@ def model_config(name: str):
     """(transformers config, where it came from) for a model path, hub id or the embedded tiny model."""
     from transformers import AutoConfig, Qwen3Config
 
-    if name == TINY_MODEL:
-        from grpo.models.tiny import RECIPE, default_cache_dir, recipe_hash
+    if name in (TINY_MODEL, TINY_TOOLS_MODEL):
+        from grpo.models.tiny import RECIPE, TOOLS_RECIPE, default_cache_dir, recipe_hash
 
-        cached = default_cache_dir() / f"tiny-qwen3-{recipe_hash(RECIPE)}" / "config.json"
+        recipe, prefix, what = ((RECIPE, "tiny-qwen3", "RECIPE") if name == TINY_MODEL
+                                else (TOOLS_RECIPE, "tiny-tools", "TOOLS_RECIPE"))
+        cached = default_cache_dir() / f"{prefix}-{recipe_hash(recipe)}" / "config.json"
         if cached.is_file():
             return AutoConfig.from_pretrained(cached.parent), f"{cached.parent} (the cached tiny model)"
-        cfg = Qwen3Config(**RECIPE["model"], vocab_size=RECIPE["tokenizer_vocab_size"])
-        return cfg, "grpo.models.tiny.RECIPE (not built yet; vocabulary size approximate)"
+        cfg = Qwen3Config(**recipe["model"], vocab_size=recipe["tokenizer_vocab_size"])
+        return cfg, f"grpo.models.tiny.{what} (not built yet; vocabulary size approximate)"
     from grpo.models.gguf import gguf_source
 
     gguf = gguf_source(name)
