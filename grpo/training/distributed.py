@@ -147,7 +147,36 @@ def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int, max_grad_no
                             "accumulates micro-batches itself: engine.algorithm.micro_batch_size sequences per "
                             "backward, one optimizer step per mini-batch")
         ds["gradient_accumulation_steps"] = 1
+    if acc.distributed_type == DistributedType.FSDP:
+        retie_through_adapters(policy)
     return acc.prepare(policy, optimizer)
+
+
+def retie_through_adapters(model) -> int:
+    """Give `model` a `tie_weights` that re-ties its shared parameters where they really live; returns how many
+    names it re-ties.
+
+    accelerate's FSDP2 preparation moves the model to the meta device (which unties shared weights) and calls
+    `model.tie_weights()` to tie them again, twice. transformers' `tie_weights` sets `lm_head.weight`; with a LoRA
+    adapter on a tied lm_head (the quickstart's engine.lora), `lm_head` is peft's wrapper, whose `weight` is a
+    read-only view of `lm_head.base_layer.weight`, and the call died with `KeyError: "attribute 'weight' already
+    exists"`. This one records which parameter names share one tensor now (`named_parameters` with
+    duplicates: `model.embed_tokens.weight` and `lm_head.base_layer.weight`) and ties each later name to the first
+    name's tensor on the module that owns it."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    ties = [names for names in groups.values() if len(names) > 1]
+
+    def tie_weights(*_args, **_kwargs) -> None:
+        for first, *others in ties:
+            source = model.get_parameter(first)
+            for name in others:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, leaf, source)
+
+    model.tie_weights = tie_weights
+    return sum(len(names) - 1 for names in ties)
 
 
 def _fsdp_units(model) -> list:
@@ -184,7 +213,7 @@ def gathered_for_generation(acc, model):
         finally:
             for u, keep in zip(units, before):
                 u.set_reshard_after_forward(keep, recurse=False)
-                u.reshard()
+            reshard_all(model)
     elif mode == "deepspeed-zero3":
         import deepspeed
 
@@ -192,6 +221,25 @@ def gathered_for_generation(acc, model):
             yield
     else:
         yield
+
+
+def reshard_all(model) -> None:
+    """Every FSDP2 unit of `model` sharded again, its gathered copies freed and its sharded parameters the ones its
+    modules hold (a no-op for other models). `FSDPModule.reshard()` alone skips a unit whose
+    `reshard_after_forward` is False while its last forward is still its state (the lm_head unit after a no-grad
+    pass, whose post-forward hook does not run): such a unit is resharded with the flag set True for the call."""
+    for u in _fsdp_units(model):
+        state = u._get_fsdp_state()
+        if all(g is None for g in state._fsdp_param_groups):
+            continue
+        keep = _reshards_after_forward(u, root=u is model)
+        if not keep:
+            u.set_reshard_after_forward(True, recurse=False)
+        try:
+            u.reshard()
+        finally:
+            if not keep:
+                u.set_reshard_after_forward(False, recurse=False)
 
 
 class GatheringSampler:
