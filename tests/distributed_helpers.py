@@ -133,11 +133,13 @@ for name, run in plan["runs"].items():
     torch.manual_seed(rank)  # each rank its own LoRA A init, as the trainer seeds them: rank 0's must win
     targets = {"target_modules": run["targets"]} if "targets" in run else {}
     policy = load_policy(plan.get("models", {}).get(run.get("model"), model_dir), LoraConfig(rank=4, alpha=8, **targets),
-                         dtype=torch.float32)
+                         dtype=getattr(torch, run.get("dtype", plan.get("dtype", "float32"))))
     gb = torch.Generator().manual_seed(1)
     for n, p in sorted(policy.named_parameters()):
         if p.requires_grad and "lora_B" in n:  # nonzero B, so the A matrices get gradients from step one
             p.data.copy_(torch.randn(p.shape, generator=gb) * 0.05)
+        if p.requires_grad and run.get("bf16_init"):  # one start for fp32 and bf16 runs (peft inits A in the base dtype)
+            p.data.copy_(p.data.bfloat16().float())
     base = torch.zeros(mask.shape)
     with loaded_weights_whole(policy):  # ZeRO-3 (zero3_init_flag) partitions the base weights as they load
         if rank == 0:
@@ -159,7 +161,7 @@ for name, run in plan["runs"].items():
                        max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=M // world,
                        loss_scale_factor=12.0, micro_batch_seqs=run["micro"])
     m = update_policy(model, opt, batch, advantages[local] * batch.response_mask, s, accelerator=acc,
-                      old_logp=old, ref_logp=ref)
+                      old_logp=None if run.get("on_policy") else old, ref_logp=ref)
     vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
     m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))
     out = {"metrics": m, "before": before, "after": trainable(model), "head_chunks": [chunk_calls[0]]}

@@ -27,11 +27,14 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-                          top_p: float, ends: list[int], pad: int, ignore_eos: bool, device) -> list[list[int]]:
+                          top_p: float, ends: list[int], pad: int, ignore_eos: bool, device,
+                          logprobs: list | None = None) -> list[list[int]]:
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
-    transformers' sampling does. Finished rows get `pad` until every row is finished."""
+    transformers' sampling does. Finished rows get `pad` until every row is finished. `logprobs`: a list that gets
+    each step's [rows] log-probs of the drawn tokens under the distribution they were drawn from (the sampler's
+    own numerics: KV cache, decode batch; for measuring its mismatch with the trainer's forward)."""
     kw = cache_kwarg(model)
     ids, mask = left_pad(chunk, pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -49,8 +52,11 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     end_ids = torch.tensor(ends, device=device)
     one = torch.ones((rows, 1), dtype=mask.dtype, device=device)
     for step in range(max_new_tokens):
-        probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+        scores = _top_p_filter(logits.float() / temperature, top_p)
+        probs = scores.softmax(dim=-1)
         nxt = torch.multinomial(probs, 1).squeeze(1)
+        if logprobs is not None:
+            logprobs.append(scores.log_softmax(dim=-1).gather(1, nxt[:, None]).squeeze(1).cpu())
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, step] = nxt
         if not ignore_eos:
@@ -73,7 +79,8 @@ GEN_BATCH = 64
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False) -> RolloutBatch:
+             top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False,
+             sampler_logprobs: list | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
     (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
 
@@ -81,7 +88,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     each prompt's prefill once for its whole group and decode with their own loop
     (`_sample_shared_prefix`); others go through transformers' `generate` with `num_return_sequences`,
     which prefills every copy of the prompt. `ignore_eos`: every response is `max_new_tokens` long (end
-    tokens may be sampled and do not stop it), for benchmarks at equal work."""
+    tokens may be sampled and do not stop it), for benchmarks at equal work. `sampler_logprobs` (shared-prefix
+    decoders only): a list that gets, per response in order, the log-prob of each of its tokens under the
+    distribution the decode loop drew it from."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -103,9 +112,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
         with merged_lora(model) if shared else contextlib.nullcontext():
             for start in range(0, len(prompts), per_call):
                 chunk = prompts[start:start + per_call]
+                steps = [] if sampler_logprobs is not None else None
                 if shared:
                     new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                top_p=top_p, ends=ends, pad=pad, ignore_eos=ignore_eos, device=device)
+                                                top_p=top_p, ends=ends, pad=pad, ignore_eos=ignore_eos, device=device,
+                                                logprobs=steps)
+                elif steps is not None:
+                    raise ValueError(f"sampler_logprobs: {type(model).__name__} decodes through transformers' generate")
                 else:
                     ids, mask = left_pad(chunk, pad)
                     seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
@@ -122,6 +135,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
                         hit_end = True
                     out.add(tokenizer, chunk[row // n], resp, truncated=not hit_end, group=start + row // n,
                             sample=row % n, specials=specials)
+                    if steps is not None:
+                        sampler_logprobs.append([float(steps[j][row]) for j in range(len(resp))])
     finally:
         model.train(was_training)
     return out

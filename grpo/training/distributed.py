@@ -97,7 +97,7 @@ which every later `AcceleratorState()` copies). Everything after this is acceler
 
     plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment, as on a GPU
     if acc.mixed_precision != "no":
-        plugin.set_mixed_precision(acc.mixed_precision)
+        plugin.set_mixed_precision(acc.mixed_precision)  # bf16: replaced by fsdp2_bf16_policy in prepare_policy
     acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState.__init__ ends
@@ -149,7 +149,32 @@ def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int, max_grad_no
         ds["gradient_accumulation_steps"] = 1
     if acc.distributed_type == DistributedType.FSDP:
         retie_through_adapters(policy)
-    return acc.prepare(policy, optimizer)
+        if acc.mixed_precision == "bf16":
+            acc.state.fsdp_plugin.mixed_precision_policy = fsdp2_bf16_policy()
+    model, optimizer = acc.prepare(policy, optimizer)
+    if mode_name(acc) == "fsdp2":
+        _finish_fsdp2_setup(model)
+    return model, optimizer
+
+
+def fsdp2_bf16_policy():
+    """FSDP2 under `--mixed_precision bf16`: parameters all-gathered and computed in bf16, gradients reduced in fp32
+    (verl's FSDP policy; accelerate's own reduces in bf16, which adds a bf16 rounding of every gradient sum over
+    the processes). The sharded LoRA weights stay fp32 (accelerate upcasts trainable parameters), and so do the
+    optimizer's states."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def _finish_fsdp2_setup(model) -> None:
+    """FSDP2 finishes its setup at the first forward (lazy init), and reads there which parameters train: it casts
+    their reduced gradients back to their (fp32) dtype only if it saw them trainable. A first forward with the
+    adapter off (the reference pass) saw none, and under bf16 the next backward assigned bf16 gradients to fp32
+    parameters (a RuntimeError). Finished here, with the adapter on."""
+    state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    if state is not None and hasattr(state, "_lazy_init"):
+        state._lazy_init()
 
 
 def retie_through_adapters(model) -> int:
@@ -320,9 +345,7 @@ def load_full_trainable_state(acc, model, optimizer, adapter_weights: dict, opti
     weights = {names[k]: v for k, v in adapter_weights.items() if k in names}
     # FSDP2 finishes its setup (lazy init) at the first forward; written before that, the weights ended up where the
     # forward read them for the adapter but not for the reference pass (adapter off): finish it first
-    root_state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
-    if root_state is not None and hasattr(root_state, "_lazy_init"):
-        root_state._lazy_init()
+    _finish_fsdp2_setup(model)
     set_model_state_dict(model, weights, options=_dcp_options(strict=False))
     if optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state, options=_dcp_options(ignore_frozen_params=True))
