@@ -12,7 +12,8 @@ Launch modes (the accelerate config a job is started with, `configs/accelerate/*
   preparation (`fsdp2_prepare_model`, `_prepare_deepspeed`): for FSDP2 it sets the two fields of
   accelerate's shared state that its GPU path sets (`distributed_type = FSDP`, `fsdp_plugin`); for DeepSpeed
   it gives accelerate the gloo backend, and DeepSpeed's CPU accelerator does the rest. What differs from a
-  GPU run: the device (`cpu`), the collective backend (gloo instead of NCCL), and fp32 instead of bf16.
+  GPU run: the device (`cpu`) and the collective backend (gloo instead of NCCL); `--mixed_precision bf16` runs too
+  (FSDP2 with `fsdp2_bf16_policy`; tests/test_bf16_sharded.py).
 
 Sharded weights and generation: with FSDP2 every forward all-gathers each decoder layer and frees it after
 (`reshard_after_forward`), so `generate` would gather every layer once per decoded token; ZeRO-3's hooks do
