@@ -53,7 +53,7 @@ from grpo.batch import PackedBatch, pack
 from grpo.config import LoraConfig
 from grpo.models.loading import load_policy, load_tokenizer
 from grpo.rollout.generate import generate
-from grpo.training.actor import UpdateSettings, compute_logprobs, update_policy
+from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
 from grpo.training.checkpoint import save_checkpoint
 from grpo.training.distributed import (full_trainable_state, gathered_for_generation, make_accelerator, mode_name,
                                        prepare_policy)
@@ -131,11 +131,15 @@ if plan.get("logprob_chunk"):  # positions per lm_head chunk (grpo.models.forwar
 for name, run in plan["runs"].items():
     batch = PackedBatch(full.input_ids[local], full.attention_mask[local], mask[local])
     torch.manual_seed(rank)  # each rank its own LoRA A init, as the trainer seeds them: rank 0's must win
-    policy = load_policy(model_dir, LoraConfig(rank=4, alpha=8), dtype=torch.float32)
+    targets = {"target_modules": run["targets"]} if "targets" in run else {}
+    policy = load_policy(plan.get("models", {}).get(run.get("model"), model_dir), LoraConfig(rank=4, alpha=8, **targets),
+                         dtype=getattr(torch, run.get("dtype", plan.get("dtype", "float32"))))
     gb = torch.Generator().manual_seed(1)
     for n, p in sorted(policy.named_parameters()):
         if p.requires_grad and "lora_B" in n:  # nonzero B, so the A matrices get gradients from step one
             p.data.copy_(torch.randn(p.shape, generator=gb) * 0.05)
+        if p.requires_grad and run.get("bf16_init"):  # one start for fp32 and bf16 runs (peft inits A in the base dtype)
+            p.data.copy_(p.data.bfloat16().float())
     base = torch.zeros(mask.shape)
     with loaded_weights_whole(policy):  # ZeRO-3 (zero3_init_flag) partitions the base weights as they load
         if rank == 0:
@@ -149,12 +153,15 @@ for name, run in plan["runs"].items():
     torch_opt = opt  # the trainer's scheduler drives it (DeepSpeed's own optimizer is no torch Optimizer)
     model, opt = prepare_policy(acc, policy, opt, micro_batch_seqs=run["micro"], max_grad_norm=run["max_grad_norm"])
     before = trainable(model)
+    if run.get("ref_pass"):  # the trainer's reference pass (adapter off) before the update, as in every step
+        with adapter_disabled(acc.unwrap_model(model)):
+            compute_logprobs(model, batch, T, 5)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                        loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,
                        max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=M // world,
                        loss_scale_factor=12.0, micro_batch_seqs=run["micro"])
     m = update_policy(model, opt, batch, advantages[local] * batch.response_mask, s, accelerator=acc,
-                      old_logp=old, ref_logp=ref)
+                      old_logp=None if run.get("on_policy") else old, ref_logp=ref)
     vals = torch.tensor([m[k] for k in sorted(m)], dtype=torch.float64)
     m = dict(zip(sorted(m), acc.reduce(vals, reduction="mean").tolist()))
     out = {"metrics": m, "before": before, "after": trainable(model), "head_chunks": [chunk_calls[0]]}
@@ -209,6 +216,8 @@ def assert_same_update(one: dict, two: dict, name: str) -> None:
     for k in one["after"]:
         assert torch.equal(one["before"][k], two["before"][k]), f"{name}: different initial {k}"
         torch.testing.assert_close(two["after"][k], one["after"][k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        if "lm_head" in k:  # the LoRA on lm_head trained in both runs (FSDP2 once froze it after a reference pass)
+            assert not torch.equal(two["after"][k], two["before"][k]), f"{name}: {k} did not move"
     m1, m2 = one["metrics"], two["metrics"]
     for key in ("actor_pg_loss", "actor_kl_loss", "actor_entropy", "actor_grad_norm", "actor_pg_clipfrac", "actor_ppo_kl"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), f"{name}: {key}"
@@ -229,7 +238,27 @@ def update_runs(micro: int) -> dict:
     # into a whole step, so this only agrees when the gradients do to float precision
     runs["token-mean-adamw"] = {"mode": "token-mean", "micro": micro, "ppo_epochs": 2, "max_grad_norm": 1.0, "lr": 0.005,
                                 "optim": "adamw"}
+    runs.update(lm_head_runs(micro))
     return runs
+
+
+#: LoRA on lm_head too (the quickstart's engine.lora): the runs above use the model's tied embeddings with LoRA on
+#: the decoder only; a LoRA on a tied lm_head is what broke FSDP2's preparation (`tie_weights`), and the reference
+#: pass before the update (adapter off, then on) is what froze its sharded parameters (grpo.training.actor).
+LM_HEAD_TARGETS = ["q_proj", "v_proj", "down_proj", "lm_head"]
+
+
+def lm_head_runs(micro: int) -> dict:
+    """token-mean with LoRA on lm_head and a reference pass first, on the tied model and on an untied one (the plan's
+    `models: {"untied": dir}`, built by `untied_model`)."""
+    one = {"mode": "token-mean", "micro": micro, "ppo_epochs": 2, "max_grad_norm": 1e4, "lr": LR["token-mean"],
+           "targets": LM_HEAD_TARGETS, "ref_pass": True}
+    return {"tied-lm-head": one, "untied-lm-head": {**one, "model": "untied"}}
+
+
+def untied_model(directory: Path) -> Path:
+    """The same tiny Qwen3 as build_model_dir(seed=3), with separate input and output embeddings."""
+    return build_model_dir(directory, seed=3, tie_word_embeddings=False)
 
 
 def write_plan(path: Path, runs: dict, **extra) -> Path:
@@ -238,7 +267,7 @@ def write_plan(path: Path, runs: dict, **extra) -> Path:
 
 
 def launch_cmd(args: list[str], *, world: int = 1, config: str | None = None, port: int | None = None,
-               machines: int = 1, machine_rank: int = 0) -> list[str]:
+               machines: int = 1, machine_rank: int = 0, mixed_precision: str = "no") -> list[str]:
     """`accelerate launch` with `world` processes in all (over `machines` loopback "nodes"), with an accelerate
     config from configs/accelerate; plain python for one process."""
     if world == 1 and config is None:
@@ -249,7 +278,7 @@ def launch_cmd(args: list[str], *, world: int = 1, config: str | None = None, po
     else:
         cmd += ["--multi_gpu"]
     return cmd + ["--num_processes", str(world), "--num_machines", str(machines), "--machine_rank", str(machine_rank),
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                  "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
                   "--main_process_port", str(port or free_port()), *args]
 
 
@@ -276,9 +305,9 @@ def run_checked(cmds: list[list[str]], cwd: Path, timeout: float = 180, **env) -
 RESUME_STEPS = 4
 
 
-def _train_cmd(job, out, config, *extra):
+def _train_cmd(job, out, config, *extra, mixed_precision="no"):
     return launch_cmd(["-m", "grpo", "train", str(job), "--output-dir", str(out), "--no-progress", *extra],
-                      world=2, config=config)
+                      world=2, config=config, mixed_precision=mixed_precision)
 
 
 def ranks_of(out) -> list[int]:
@@ -296,7 +325,8 @@ def ranks_of(out) -> list[int]:
     return found
 
 
-def killed_and_resumed(tmp_path: Path, config: str, *, micro_batch_size: int) -> tuple[Path, Path]:
+def killed_and_resumed(tmp_path: Path, config: str, *, micro_batch_size: int, engine: dict | None = None,
+                       mixed_precision: str = "no") -> tuple[Path, Path]:
     """Run A: `grpo train` (2 ranks, `config`) for RESUME_STEPS steps uninterrupted. Run B: the same job,
     SIGKILLed as a whole process group once step 2's checkpoint is written (each reward call then takes 1 s, so
     the kill lands inside step 3): the ranks (torch's agent starts each in a session of its own) die with it;
@@ -307,11 +337,11 @@ def killed_and_resumed(tmp_path: Path, config: str, *, micro_batch_size: int) ->
     handler = write_varied_handler(tmp_path / "varied.py")
     job = write_job(tmp_path / "job.yaml", model, train, val, handler=handler,
                     hyper={"n_epochs": 1, "batch_size": 2, "eval_interval": 4},
-                    engine={"checkpoint_interval": 2, "micro_batch_size": micro_batch_size, "seed": 7})
+                    engine={"checkpoint_interval": 2, "micro_batch_size": micro_batch_size, "seed": 7, **(engine or {})})
     a, b = tmp_path / "A", tmp_path / "B"
-    run_checked([_train_cmd(job, a, config)], REPO, timeout=300)
+    run_checked([_train_cmd(job, a, config, mixed_precision=mixed_precision)], REPO, timeout=300)
     log = open(tmp_path / "B.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(_train_cmd(job, b, config), cwd=REPO,
+    proc = subprocess.Popen(_train_cmd(job, b, config, mixed_precision=mixed_precision), cwd=REPO,
                             env=cli_env(TEST_REWARD_SLEEP_S="1.0", MASTER_ADDR="127.0.0.1"),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -337,7 +367,7 @@ def killed_and_resumed(tmp_path: Path, config: str, *, micro_batch_size: int) ->
     killed = read_jsonl(b / "metrics.jsonl")
     assert not (b / "summary.json").exists() and 2 <= len(killed) < RESUME_STEPS
 
-    run_checked([_train_cmd(job, b, config, "--resume")], REPO, timeout=300)
+    run_checked([_train_cmd(job, b, config, "--resume", mixed_precision=mixed_precision)], REPO, timeout=300)
     rows = read_jsonl(b / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, RESUME_STEPS + 1))
     for x, y in zip(rows[:2], killed[:2]):

@@ -1,5 +1,5 @@
 """grpo.models.cpu_linear: frozen float32 Linear layers through oneDNN on the CPU give F.linear's values and input
-gradients (to float32 rounding), leave trainable and non-float32 layers on the standard path, re-pack when the
+gradients (to float32 rounding), bf16 ones F.linear's bit for bit, leave trainable layers on the standard path, re-pack when the
 weight is replaced or written to (the LoRA merge for decoding), and `aten` changes nothing."""
 
 from __future__ import annotations
@@ -51,10 +51,16 @@ def test_trainable_half_precision_and_aten_layers_keep_the_standard_path():
     y = trainable(x.requires_grad_(True))
     y.sum().backward()
     assert trainable.weight.grad is not None  # the weight's gradient still flows
-    half = _linear().to(torch.bfloat16)
-    use_onednn_linears(half, "onednn")
+    half = _linear().to(torch.bfloat16)  # bf16: the packed oneDNN product without grad where the CPU has native
+    use_onednn_linears(half, "onednn")   # bf16 (AVX512-BF16/AMX), F.linear itself otherwise: bit for bit either way
     xb = torch.randn(5, 48, dtype=torch.bfloat16)
-    assert torch.equal(half(xb), F.linear(xb, half.weight, half.bias))
+    with torch.no_grad():
+        assert torch.equal(half(xb), F.linear(xb, half.weight, half.bias))
+    assert torch.equal(half(xb.requires_grad_(True)), F.linear(xb, half.weight, half.bias))
+    fp16 = _linear().to(torch.float16)
+    use_onednn_linears(fp16, "onednn")
+    xh = torch.randn(5, 48, dtype=torch.float16)
+    assert torch.equal(fp16(xh), F.linear(xh, fp16.weight, fp16.bias))
     aten = _linear()
     assert use_onednn_linears(aten, "aten") == 0 and not _is_patched(aten)
     with pytest.raises(ValueError, match="cpu_linear"):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import lm_head_runs, untied_model
 from helpers_engine import (
     PYTHON,
     REPO,
@@ -51,7 +52,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from grpo.training.actor import UpdateSettings, compute_logprobs, update_policy
+from grpo.training.actor import UpdateSettings, adapter_disabled, compute_logprobs, update_policy
 from grpo.config import LoraConfig
 from grpo.models.loading import load_policy
 from grpo.batch import PackedBatch, pack
@@ -90,7 +91,9 @@ for name, run in plan["runs"].items():
     rmask[run.get("masked", [])] = 0.0
     batch = PackedBatch(full.input_ids[local], full.attention_mask[local], rmask[local])
     torch.manual_seed(0)
-    policy = load_policy(model_dir, LoraConfig(rank=4, alpha=8), dtype=torch.float32)
+    targets = {"target_modules": run["targets"]} if "targets" in run else {}
+    policy = load_policy(plan.get("models", {}).get(run.get("model"), model_dir), LoraConfig(rank=4, alpha=8, **targets),
+                         dtype=torch.float32)
     gb = torch.Generator().manual_seed(1)
     for n, p in sorted(policy.named_parameters()):
         if p.requires_grad and "lora_B" in n:  # nonzero B, so the A matrices get gradients from step one
@@ -102,6 +105,9 @@ for name, run in plan["runs"].items():
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=run["lr"])
     model, opt = acc.prepare(policy, opt)
+    if run.get("ref_pass"):  # the trainer's reference pass (adapter off) before the update
+        with adapter_disabled(acc.unwrap_model(model)):
+            compute_logprobs(model, batch, T, 5)
     s = UpdateSettings(temperature=T, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                        loss_agg_mode=run["mode"], kl_coef=0.1, kl_penalty="low_var_kl", entropy_coef=0.01,
                        max_grad_norm=run["max_grad_norm"], ppo_epochs=run["ppo_epochs"], mini_batch_seqs=run_mini // world,
@@ -135,6 +141,7 @@ def _runs(micro: int) -> dict:
         one = {"mode": mode, "micro": micro, "ppo_epochs": 1, "max_grad_norm": 1e4, "lr": LR[mode]}
         runs[f"masked-{mode}"] = {**one, "masked": [3, 12], "mini": ROWS}
         runs[f"dropped-{mode}"] = {**one, "dropped": [3, 12], "mini": ROWS - 2}
+    runs.update(lm_head_runs(micro))  # LoRA on lm_head too, tied and untied embeddings
     return runs
 
 
@@ -163,12 +170,13 @@ def updates(tmp_path_factory) -> dict:
     """Run the update script with 1 process (micro-batch 5) and with 2 processes (micro-batch 3)."""
     d = tmp_path_factory.mktemp("ddp")
     model = build_model_dir(d / "model", seed=3)
+    models = {"untied": str(untied_model(d / "untied"))}
     script = d / "update.py"
     script.write_text(UPDATE_SCRIPT, encoding="utf-8")
     out = {}
     for world, micro in ((1, 5), (2, 3)):
         plan = d / f"plan{world}.json"
-        plan.write_text(json.dumps({"world": world, "rows": ROWS, "mini": MINI, "runs": _runs(micro)}))
+        plan.write_text(json.dumps({"world": world, "rows": ROWS, "mini": MINI, "runs": _runs(micro), "models": models}))
         _launch([str(script), str(model), str(plan), str(d / f"out{world}.pt")], world, d)
         out[world] = torch.load(d / f"out{world}.pt", weights_only=False)
     return out
@@ -179,7 +187,7 @@ def test_two_processes_really_ran_ddp(updates):
     assert updates[2]["distributed_type"] == "DistributedType.MULTI_CPU"
 
 
-@pytest.mark.parametrize("name", [*MODES, "token-mean-clipped", *(f"masked-{m}" for m in MASK_MODES)])
+@pytest.mark.parametrize("name", [*MODES, "token-mean-clipped", *(f"masked-{m}" for m in MASK_MODES), *lm_head_runs(1)])
 def test_same_update_with_one_or_two_processes(updates, name):
     one, two = updates[1]["runs"][name], updates[2]["runs"][name]
     moved = max(float((one["after"][k] - one["before"][k]).abs().max()) for k in one["after"])

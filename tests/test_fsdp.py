@@ -2,7 +2,8 @@
 reached by `grpo.training.distributed.make_accelerator` from `accelerate launch --config_file
 configs/accelerate/fsdp2.yaml`, the file a GPU run uses; only `--mixed_precision no` is added, fp32 on CPU).
 
-- the same update as one process, in every loss-aggregation mode, with a binding grad-norm clip too;
+- the same update as one process, in every loss-aggregation mode, with a binding grad-norm clip too, and with LoRA
+  on lm_head after a reference pass, on the tied-embedding model and on an untied one;
 - each rank starts from its own random LoRA init and the update still agrees (rank 0's is broadcast);
 - the parameters really are sharded (each rank holds half of each LoRA matrix);
 - a checkpoint written under FSDP2 holds a plain peft adapter: loaded in this one process, it gives the
@@ -10,7 +11,8 @@ configs/accelerate/fsdp2.yaml`, the file a GPU run uses; only `--mixed_precision
 - a `generate` call under `gathered_for_generation` all-gathers each layer once, not once per decoded token
   (all-gather calls counted);
 - SIGKILL of the launcher's process group kills the ranks too, and `--resume` under FSDP2 ends with the same
-  adapter, optimizer state and metrics as an uninterrupted run.
+  adapter, optimizer state and metrics as an uninterrupted run (`grpo train` with LoRA on the tied lm_head, as the
+  quickstart's job has it).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import pytest
 import torch
 from distributed_helpers import (
+    LM_HEAD_TARGETS,
     RESUME_STEPS,
     UPDATE_SCRIPT,
     assert_same_update,
     killed_and_resumed,
     launch_cmd,
     run_checked,
+    untied_model,
     update_runs,
     write_plan,
 )
@@ -38,13 +42,14 @@ def updates(tmp_path_factory) -> dict:
     """The update script with one process (micro-batch 5) and under FSDP2 with two (micro-batch 3)."""
     d = tmp_path_factory.mktemp("fsdp")
     model = build_model_dir(d / "model", seed=3)
+    models = {"untied": str(untied_model(d / "untied"))}
     script = d / "update.py"
     script.write_text(UPDATE_SCRIPT, encoding="utf-8")
     out = {"model": model, "dir": d}
     cmds = []
     for world, micro in ((1, 5), (2, 3)):
         plan = write_plan(d / f"plan{world}.json", update_runs(micro), probe="token-mean",
-                          ckpt_dir=str(d / f"ckpt{world}"), new_tokens=NEW_TOKENS)
+                          ckpt_dir=str(d / f"ckpt{world}"), new_tokens=NEW_TOKENS, models=models)
         args = [str(script), str(model), str(plan), str(d / f"out{world}.pt")]
         cmds.append(launch_cmd(args, world=world, config="fsdp2.yaml" if world == 2 else None))
     run_checked(cmds, d, timeout=240)
@@ -110,7 +115,8 @@ def test_fsdp2_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
     """`accelerate launch` (FSDP2, two ranks) SIGKILLed as a whole process group once step 2's checkpoint is
     written: the ranks die with it, and `--resume` under FSDP2 ends with the same adapter, optimizer state and
     metrics as an uninterrupted run, bit for bit (distributed_helpers.killed_and_resumed)."""
-    a, b = killed_and_resumed(tmp_path, "fsdp2.yaml", micro_batch_size=3)
+    a, b = killed_and_resumed(tmp_path, "fsdp2.yaml", micro_batch_size=3,  # LoRA on the tied lm_head too (quickstart)
+                              engine={"lora": {"rank": 4, "alpha": 8, "target_modules": LM_HEAD_TARGETS}})
     final = b / f"checkpoints/step-{RESUME_STEPS:06d}"
     state = torch.load(final / "trainer_state.pt", weights_only=False)
     assert state["mode"] == "fsdp2" and all(".default." in k for k in state["optimizer"]["state"])
@@ -118,6 +124,7 @@ def test_fsdp2_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
     wa = load_file(str(a / final.relative_to(b) / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(final / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and any(float(v.abs().sum()) > 0 for k, v in wb.items() if "lora_B" in k)
+    assert float(wb["base_model.model.lm_head.lora_B.weight"].abs().sum()) > 0, "the LoRA on lm_head did not train"
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"adapter tensor {k} differs after an FSDP2 resume"
     sa = torch.load(a / final.relative_to(b) / "trainer_state.pt", weights_only=False)["optimizer"]["state"]

@@ -20,10 +20,18 @@ re-packed only when the weight tensor is replaced or written to (grpo.models.mer
 for each `generate` call). Memory: the packed copy stays with its module, so a run holds about one more copy of
 the frozen Linear weights (not in grpo.training.dry_run's estimate; docs/scale.md). `engine.cpu_linear: aten` (or
 GRPO_CPU_LINEAR=aten) turns all of this off.
+
+bfloat16 (engine.dtype bfloat16), where oneDNN computes bf16 natively (AVX512-BF16 or AMX; `bf16_native`): frozen
+bf16 Linear layers without grad (decoding, reference and old log-probs) take the same packed oneDNN product, bit
+for bit F.linear's (aten already runs bf16 products through oneDNN; the packed weight saves its re-layout per
+call: measured 1.6-1.8x at decode shapes, scripts/bench_bf16.py); with grad they stay on F.linear, whose backward
+product reaches ~1 TFLOP/s on one AMX core where the transposed-weight oneDNN call gave half that. float16 and
+emulated bf16 keep the standard path.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import weakref
@@ -57,11 +65,21 @@ class _FrozenLinear(torch.autograd.Function):
         return _onednn(grad.contiguous(), weight.t(), None), None, None
 
 
+@functools.cache
+def bf16_native() -> bool:
+    """Whether oneDNN computes bfloat16 products natively here (AVX512-BF16 or AMX), not by emulation."""
+    return onednn_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _dtypes() -> tuple[torch.dtype, ...]:
+    return (torch.float32, torch.bfloat16) if bf16_native() else (torch.float32,)
+
+
 def _applies(weight: torch.Tensor, bias, x: torch.Tensor) -> bool:
     return (type(weight) is torch.nn.Parameter or type(weight) is torch.Tensor) and weight.device.type == "cpu" \
-        and weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.dim() == 2 \
+        and weight.dtype in _dtypes() and x.dtype == weight.dtype and weight.dim() == 2 \
         and not weight.requires_grad and not hasattr(weight, "ds_id") and x.dim() >= 2 \
-        and (bias is None or (not bias.requires_grad and bias.dtype == torch.float32))
+        and (bias is None or (not bias.requires_grad and bias.dtype == weight.dtype))
 
 
 def _packed(module, weight: torch.Tensor) -> torch.Tensor:
@@ -80,6 +98,8 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, bias)
     x = x if x.is_contiguous() else x.contiguous()
     if torch.is_grad_enabled() and x.requires_grad:
+        if weight.dtype == torch.bfloat16:  # aten already runs bf16 products (and their backward) through oneDNN
+            return F.linear(x, weight, bias)
         return _FrozenLinear.apply(x, weight, bias)
     return _onednn(x, _packed(self, weight), bias)
 

@@ -30,13 +30,15 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
                           top_p: float, ends: list[int], pad: int, ignore_eos: bool, device,
-                          constraints=None) -> list[list[int]]:
+                          constraints=None, logprobs: list | None = None) -> list[list[int]]:
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
     transformers' sampling does; temperature 0 takes the argmax (greedy). Finished rows get `pad` until every row
     is finished. `constraints`: a grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before
-    temperature and top-p; a row whose grammar has finished is done."""
+    temperature and top-p; a row whose grammar has finished is done. `logprobs`: a list that gets each step's
+    [rows] log-probs of the drawn tokens under the distribution they were drawn from (the sampler's own numerics:
+    KV cache, decode batch; for measuring its mismatch with the trainer's forward)."""
     kw = cache_kwarg(model)
     ids, mask = left_pad(chunk, pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -58,10 +60,14 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
             logits = logits.float()
             mask_logits_(logits, [c if not d else None for c, d in zip(constraints, done.tolist())])
         if temperature == 0:  # greedy (remax's baseline response)
-            nxt = logits.float().argmax(dim=-1)
+            scores = logits.float().log_softmax(dim=-1)
+            nxt = scores.argmax(dim=-1)
         else:
-            probs = _top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+            scores = _top_p_filter(logits.float() / temperature, top_p)
+            probs = scores.softmax(dim=-1)
             nxt = torch.multinomial(probs, 1).squeeze(1)
+        if logprobs is not None:
+            logprobs.append(scores.log_softmax(dim=-1).gather(1, nxt[:, None]).squeeze(1).cpu())
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens[:, step] = nxt
         if constraints is not None:
@@ -93,7 +99,7 @@ GEN_BATCH = 64
 def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
              top_p: float = 1.0, batch_size: int = GEN_BATCH, ignore_eos: bool = False,
              stop_ids: list[int] | None = None, grammars: list[str | None] | None = None,
-             progress: Callable[[int], None] | None = None) -> RolloutBatch:
+             progress: Callable[[int], None] | None = None, sampler_logprobs: list | None = None) -> RolloutBatch:
     """Sample `n` responses for each prompt (ids). Sampling is from the full tempered distribution
     (top_k off), so that the trainer's log-probs describe exactly the distribution sampled from.
 
@@ -104,7 +110,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     tokens may be sampled and do not stop it), for benchmarks at equal work. `grammars`: one per prompt (None:
     unconstrained), from grpo.rollout.constrain.rollout_grammars (`engine.rollout.tool_choice`): that prompt's
     responses are sampled from the policy masked to the grammar's tool calls. `progress(k)`, when given, is
-    called with the number of prompts each chunk finished (a progress bar's update)."""
+    called with the number of prompts each chunk finished (a progress bar's update). `sampler_logprobs`
+    (shared-prefix decoders only): a list that gets, per response in order, the log-prob of each of its tokens
+    under the distribution the decode loop drew it from."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -132,10 +140,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
                 chunk = prompts[start:start + per_call]
                 rows = row_constraints(tokenizer, model, grammars[start:start + per_call] if grammars else None, n,
                                        ends)
+                steps = [] if sampler_logprobs is not None else None
                 if shared:
                     new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens,
                                                 temperature=temperature, top_p=top_p, ends=ends, pad=pad,
-                                                ignore_eos=ignore_eos, device=device, constraints=rows)
+                                                ignore_eos=ignore_eos, device=device, constraints=rows, logprobs=steps)
+                elif steps is not None:
+                    raise ValueError(f"sampler_logprobs: {type(model).__name__} decodes through transformers' generate")
                 else:
                     ids, mask = left_pad(chunk, pad)
                     procs = LogitsProcessorList([GrammarLogitsProcessor(rows, ids.shape[1])]) if rows else None
@@ -154,6 +165,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
                         hit_end = True
                     out.add(tokenizer, chunk[row // n], resp, truncated=not hit_end, group=start + row // n,
                             sample=row % n, specials=specials)
+                    if steps is not None:
+                        sampler_logprobs.append([float(steps[j][row]) for j in range(len(resp))])
                 if progress is not None:
                     progress(len(chunk))
     finally:

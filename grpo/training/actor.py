@@ -72,9 +72,22 @@ def compute_logprobs(model, batch: PackedBatch, temperature: float, micro_batch_
 
 @contextlib.contextmanager
 def adapter_disabled(model):
-    """The reference policy: the base weights, with the LoRA adapter switched off (no second copy)."""
+    """The reference policy: the base weights, with the LoRA adapter switched off (no second copy).
+
+    FSDP2: peft switches the adapter off and on by setting `requires_grad` on the parameters its modules hold,
+    and FSDP2 swaps a module's parameters between its sharded ones (what the optimizer steps, and whose
+    `requires_grad` FSDP2 reads) and gathered copies. The lm_head unit stays gathered after its forward
+    (`reshard_after_forward=False`), so a LoRA on lm_head was switched back on in the gathered copy only: its
+    sharded parameters kept `requires_grad=False`, got no gradient and never trained again, and the checkpoint
+    left them out. Every unit is resharded before each switch (grpo.training.distributed.reshard_all)."""
+    from grpo.training.distributed import reshard_all
+
+    reshard_all(model)
     with model.disable_adapter():
-        yield
+        try:
+            yield
+        finally:
+            reshard_all(model)
 
 
 @contextlib.contextmanager

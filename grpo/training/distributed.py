@@ -12,7 +12,8 @@ Launch modes (the accelerate config a job is started with, `configs/accelerate/*
   preparation (`fsdp2_prepare_model`, `_prepare_deepspeed`): for FSDP2 it sets the two fields of
   accelerate's shared state that its GPU path sets (`distributed_type = FSDP`, `fsdp_plugin`); for DeepSpeed
   it gives accelerate the gloo backend, and DeepSpeed's CPU accelerator does the rest. What differs from a
-  GPU run: the device (`cpu`), the collective backend (gloo instead of NCCL), and fp32 instead of bf16.
+  GPU run: the device (`cpu`) and the collective backend (gloo instead of NCCL); `--mixed_precision bf16` runs too
+  (FSDP2 with `fsdp2_bf16_policy`; tests/test_bf16_sharded.py).
 
 Sharded weights and generation: with FSDP2 every forward all-gathers each decoder layer and frees it after
 (`reshard_after_forward`), so `generate` would gather every layer once per decoded token; ZeRO-3's hooks do
@@ -97,7 +98,7 @@ which every later `AcceleratorState()` copies). Everything after this is acceler
 
     plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment, as on a GPU
     if acc.mixed_precision != "no":
-        plugin.set_mixed_precision(acc.mixed_precision)
+        plugin.set_mixed_precision(acc.mixed_precision)  # bf16: replaced by fsdp2_bf16_policy in prepare_policy
     acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState.__init__ ends
@@ -147,7 +148,61 @@ def prepare_policy(acc, policy, optimizer, *, micro_batch_seqs: int, max_grad_no
                             "accumulates micro-batches itself: engine.algorithm.micro_batch_size sequences per "
                             "backward, one optimizer step per mini-batch")
         ds["gradient_accumulation_steps"] = 1
-    return acc.prepare(policy, optimizer)
+    if acc.distributed_type == DistributedType.FSDP:
+        retie_through_adapters(policy)
+        if acc.mixed_precision == "bf16":
+            acc.state.fsdp_plugin.mixed_precision_policy = fsdp2_bf16_policy()
+    model, optimizer = acc.prepare(policy, optimizer)
+    if mode_name(acc) == "fsdp2":
+        _finish_fsdp2_setup(model)
+    return model, optimizer
+
+
+def fsdp2_bf16_policy():
+    """FSDP2 under `--mixed_precision bf16`: parameters all-gathered and computed in bf16, gradients reduced in fp32
+    (verl's FSDP policy; accelerate's own reduces in bf16, which adds a bf16 rounding of every gradient sum over
+    the processes). The sharded LoRA weights stay fp32 (accelerate upcasts trainable parameters), and so do the
+    optimizer's states."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def _finish_fsdp2_setup(model) -> None:
+    """FSDP2 finishes its setup at the first forward (lazy init), and reads there which parameters train: it casts
+    their reduced gradients back to their (fp32) dtype only if it saw them trainable. A first forward with the
+    adapter off (the reference pass) saw none, and under bf16 the next backward assigned bf16 gradients to fp32
+    parameters (a RuntimeError). Finished here, with the adapter on."""
+    state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    if state is not None and hasattr(state, "_lazy_init"):
+        state._lazy_init()
+
+
+def retie_through_adapters(model) -> int:
+    """Give `model` a `tie_weights` that re-ties its shared parameters where they really live; returns how many
+    names it re-ties.
+
+    accelerate's FSDP2 preparation moves the model to the meta device (which unties shared weights) and calls
+    `model.tie_weights()` to tie them again, twice. transformers' `tie_weights` sets `lm_head.weight`; with a LoRA
+    adapter on a tied lm_head (the quickstart's engine.lora), `lm_head` is peft's wrapper, whose `weight` is a
+    read-only view of `lm_head.base_layer.weight`, and the call died with `KeyError: "attribute 'weight' already
+    exists"`. This one records which parameter names share one tensor now (`named_parameters` with
+    duplicates: `model.embed_tokens.weight` and `lm_head.base_layer.weight`) and ties each later name to the first
+    name's tensor on the module that owns it."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    ties = [names for names in groups.values() if len(names) > 1]
+
+    def tie_weights(*_args, **_kwargs) -> None:
+        for first, *others in ties:
+            source = model.get_parameter(first)
+            for name in others:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, leaf, source)
+
+    model.tie_weights = tie_weights
+    return sum(len(names) - 1 for names in ties)
 
 
 def _fsdp_units(model) -> list:
@@ -184,7 +239,7 @@ def gathered_for_generation(acc, model):
         finally:
             for u, keep in zip(units, before):
                 u.set_reshard_after_forward(keep, recurse=False)
-                u.reshard()
+            reshard_all(model)
     elif mode == "deepspeed-zero3":
         import deepspeed
 
@@ -192,6 +247,25 @@ def gathered_for_generation(acc, model):
             yield
     else:
         yield
+
+
+def reshard_all(model) -> None:
+    """Every FSDP2 unit of `model` sharded again, its gathered copies freed and its sharded parameters the ones its
+    modules hold (a no-op for other models). `FSDPModule.reshard()` alone skips a unit whose
+    `reshard_after_forward` is False while its last forward is still its state (the lm_head unit after a no-grad
+    pass, whose post-forward hook does not run): such a unit is resharded with the flag set True for the call."""
+    for u in _fsdp_units(model):
+        state = u._get_fsdp_state()
+        if all(g is None for g in state._fsdp_param_groups):
+            continue
+        keep = _reshards_after_forward(u, root=u is model)
+        if not keep:
+            u.set_reshard_after_forward(True, recurse=False)
+        try:
+            u.reshard()
+        finally:
+            if not keep:
+                u.set_reshard_after_forward(False, recurse=False)
 
 
 class GatheringSampler:
@@ -272,9 +346,7 @@ def load_full_trainable_state(acc, model, optimizer, adapter_weights: dict, opti
     weights = {names[k]: v for k, v in adapter_weights.items() if k in names}
     # FSDP2 finishes its setup (lazy init) at the first forward; written before that, the weights ended up where the
     # forward read them for the adapter but not for the reference pass (adapter off): finish it first
-    root_state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
-    if root_state is not None and hasattr(root_state, "_lazy_init"):
-        root_state._lazy_init()
+    _finish_fsdp2_setup(model)
     set_model_state_dict(model, weights, options=_dcp_options(strict=False))
     if optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state, options=_dcp_options(ignore_frozen_params=True))
