@@ -41,7 +41,7 @@ from grpo.jsonl import MAX_SHOWN, capped, json_kind, open_lines, parse_line
 MIN_RECORDS = 100
 MAX_RECORDS = 20_000
 MAX_KEPT_PROBLEMS = 1_000  # problems kept in a report (all are counted): validating any file takes bounded memory
-MAX_DISTINCT = 1_000  # distinct message shapes / metadata fields a summary counts by name (the rest: "(other)")
+MAX_DISTINCT = 10_000  # distinct message shapes / metadata fields a summary counts by name (the rest: "(other)")
 ROLES = ("system", "user", "assistant")
 KNOWN_FIELDS = ("messages", "reference_answer", "id", "tools")
 GSM8K_SUFFIX = " Let's think step by step and output the final answer after '####'."

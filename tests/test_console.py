@@ -65,7 +65,9 @@ def site(tmp_path_factory):
     state = d / "state"
     # the tiny model is served under its own path (--model PATH=PATH), so jobs naming it pass a server that
     # lets jobs train only the models it serves
-    with start_server(state, handlers, KEY, ["--max-jobs", "3", "--model", f"{model}={model}"]) as (url, key, _proc):
+    # --show-handler-errors: the broken handler's own (hostile) text reaches the page, which must show it as text
+    with start_server(state, handlers, KEY, ["--max-jobs", "3", "--model", f"{model}={model}",
+                                             "--show-handler-errors"]) as (url, key, _proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         tid = client.files.create(file=train.open("rb"), purpose="fine-tune").id
         vid = client.files.create(file=val.open("rb"), purpose="fine-tune").id

@@ -251,7 +251,8 @@ def test_submit_uploads_the_files_and_creates_the_job(served):
     assert job["training_file"] in files and job["validation_file"] in files
     assert files[job["training_file"]].filename == "train.jsonl"
     assert "uploaded training_file" in served["submit"].stderr and "(8 records)" in served["submit"].stderr
-    assert job["method"]["reinforcement"]["grader"] == {"type": "lambda", "lambda": {"function": str(served["handler"])}}
+    # the handler's path under --handlers-dir, shown as $HANDLERS: no server path reaches a client (issue 20)
+    assert job["method"]["reinforcement"]["grader"] == {"type": "lambda", "lambda": {"function": "$HANDLERS/varied.py"}}
     hyper = job["method"]["reinforcement"]["hyperparameters"]
     assert hyper["batch_size"] == 2 and hyper["training_sample_per_prompt"] == 4 and hyper["eval_interval"] == 2
     # --with-engine: the server's job ran our engine section (LoRA rank 4, no trackers)

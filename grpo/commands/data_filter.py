@@ -66,7 +66,7 @@ def read_scores(path: Path) -> tuple[list[str], list[float | None], set[str]]:
                                            or not _finite(score))
         if bad_score:
             shown = repr(score) if len(repr(score)) <= 40 else repr(score)[:40] + "..."
-            problems.append(f"{path}:{n}: score: expected a finite number or null (grading failed), got {shown}")
+            problems.append(f"{path}:{n}: score: expected a number or null (grading failed; finite, within a float's range), got {shown}")
         if isinstance(row.get("data"), str):
             datas.add(row["data"])
         if isinstance(tid, str) and not bad_score:
