@@ -171,9 +171,19 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved fp32/bf16 rounds; each row is the minimum")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--continuous", action="store_true", help="also the continuous backend's mismatch")
+    p.add_argument("--quick", action="store_true", help="1 prompt x 2, 4 new tokens, 1 round, 1 thread: the checks on "
+                   "(bf16 products within bf16's rounding, fp32 sampler = trainer, finite log-probs), timings printed but "
+                   "no figure (tests/test_bench_quick.py)")
     a = p.parse_args()
+    if a.quick:
+        a.prompts, a.group, a.new, a.micro, a.rounds, a.threads = 1, 2, 4, 4, 1, 1
 
     import torch
+
+    from grpo.bench import LoadWatch
+
+    LoadWatch(a.threads).at_exit()
+    problems = []
 
     from grpo.models.cpu_linear import bf16_native
     from grpo.training.distributed import make_accelerator
@@ -194,6 +204,8 @@ def main() -> int:
                                       cfg.vocab_size, repeats=10):
         print(f"  {shape:<42} " + "  ".join(f"{k} {v:7.1f}" for k, v in rates.items())
               + f"   rel. error fp32 {err[torch.float32]:.1e}, bf16 {err[torch.bfloat16]:.1e}")
+        if not (err[torch.float32] < 1e-4 and err[torch.bfloat16] < 2e-2):
+            problems.append(f"{shape}: relative errors fp32 {err[torch.float32]:.1e}, bf16 {err[torch.bfloat16]:.1e}")
 
     best: dict = {k: {} for k in dtypes}
     kept: dict = {}
@@ -216,6 +228,8 @@ def main() -> int:
     mask = batch.response_mask.bool()
     d = (lp["bf16"] - lp["fp32"])[mask].double()
     k3 = float((d.exp() - 1 - d).mean())
+    if not torch.isfinite(d).all():
+        problems.append("non-finite log-probs")
     print(f"\n3. lossy: log-probs of the same {int(mask.sum())} sampled tokens, bf16 - fp32 policy: mean |d| "
           f"{float(d.abs().mean()):.4f}, max |d| {float(d.abs().max()):.4f}, mean d {float(d.mean()):+.5f}, "
           f"k3 KL(fp32 || bf16) {k3:.2e}; mean token log-prob (fp32) {float(lp['fp32'][mask].mean()):.3f}")
@@ -223,6 +237,8 @@ def main() -> int:
     print("\n4. sampler vs trainer (the trainer's metrics for a sampler that returns its log-probs):")
     for k in dtypes:
         m = mismatch(models[k][0], kept[k])
+        if k == "fp32" and not abs(m["rollout_kl_k3"]) < 1e-6:
+            problems.append(f"fp32 sampler vs trainer: rollout_kl_k3 {m['rollout_kl_k3']:.2e} (expected ~0)")
         print(f"  transformers backend (KV cache decode), {k}: rollout_kl_k3 {m['rollout_kl_k3']:.2e}, "
               f"rollout_kl_k1 {m['rollout_kl_k1']:+.2e}, TIS weight mean {m['rollout_tis_weight_mean']:.4f}, "
               f"clipped {m['rollout_tis_clipfrac']:.4f}")
@@ -233,7 +249,10 @@ def main() -> int:
                   f"{m['rollout_kl_k1']:+.2e}, TIS weight mean {m['rollout_tis_weight_mean']:.4f}, "
                   f"clipped {m['rollout_tis_clipfrac']:.4f}")
     print(f"\n{load_line()}")
-    return 0
+    for p_ in problems:
+        print(f"check failed: {p_}")
+    print("checks: " + ("FAILED" if problems else "products within rounding, fp32 sampler = trainer, finite: OK"))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

