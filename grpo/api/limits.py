@@ -5,7 +5,11 @@ a lone surrogate (valid JSON, but not text: it could be neither tokenized nor ec
 
 from __future__ import annotations
 
+import collections
 import json
+import os
+import threading
+import time
 
 from grpo.api.errors import ApiError, bad_request
 from grpo.jsonl import SURROGATE_ESCAPE, lone_surrogate
@@ -110,10 +114,6 @@ class AuthThrottle:
     The table is bounded (`max_addresses`, least recently failed dropped first)."""
 
     def __init__(self, limit: int = 20, window_s: float = 60.0, max_addresses: int = 10_000, clock=None):
-        import collections
-        import threading
-        import time
-
         self.limit, self.window_s, self.max_addresses = limit, window_s, max_addresses
         self.clock = clock or time.monotonic
         self._fails: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
@@ -142,8 +142,6 @@ class AuthThrottle:
     def failed(self, addr: str) -> None:
         if self.limit <= 0:
             return
-        import collections
-
         with self._lock:
             now = self.clock()
             fails = self._recent(addr, now)
@@ -178,7 +176,7 @@ class PathMask:
         self.app = app
         pairs = []
         for path, name in paths.items():
-            for p in {path, str(__import__("os").path.realpath(path))}:
+            for p in {path, os.path.realpath(path)}:
                 if p and p != "/":
                     pairs.append((json.dumps(p)[1:-1].encode(), name.encode()))
         self.pairs = sorted(pairs, key=lambda kv: -len(kv[0]))  # the longest first: a path inside another
