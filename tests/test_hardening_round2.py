@@ -376,6 +376,8 @@ def test_11_validation_memory_does_not_grow_with_the_file(tmp_path):
 
 # -- 12 ---------------------------------------------------------------------------------------------------------
 def test_12_bench_reward_runs_and_its_check_holds():
+    if not any((d / "data" / "gsm8k" / "example_model_solutions.jsonl").is_file() for d in (REPO / "shared", REPO.parent / "shared")):
+        pytest.skip("needs shared/data/gsm8k next to the repository (where bench_reward.py looks)")
     out = subprocess.run([PYTHON, str(REPO / "scripts" / "bench_reward.py"), "--repeats", "1"], capture_output=True,
                          text=True, env=cli_env(), timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
