@@ -163,7 +163,8 @@ class StepBatch:
             scores=None if self.scores is None else self.scores[idx], scored=None if self.scored is None else self.scored[idx],
             advantages=cut(self.advantages), ref_logprobs=cut(self.ref_logprobs), old_logprobs=cut(self.old_logprobs),
             messages=None if self.messages is None else [self.messages[i] for i in rows],
-            parse_errors=None if self.parse_errors is None else [self.parse_errors[i] for i in rows])
+            parse_errors=None if self.parse_errors is None else [self.parse_errors[i] for i in rows],
+            tool_stats=_select_tool_stats(self.tool_stats, rows))
 
     @staticmethod
     def concat(parts: Sequence["StepBatch"], pad_id: int) -> "StepBatch":
@@ -195,7 +196,26 @@ class StepBatch:
             messages=None if all(p.messages is None for p in parts) else
             [m for p in parts for m in (p.messages or [None] * len(p))],
             parse_errors=None if all(p.parse_errors is None for p in parts) else
-            [e for p in parts for e in (p.parse_errors or [None] * len(p))])
+            [e for p in parts for e in (p.parse_errors or [None] * len(p))],
+            tool_stats=_concat_tool_stats([p.tool_stats for p in parts]))
+
+
+# engine.environment's per-row tool counters (grpo.rollout.multiturn); "seconds" and "error_messages" are the batch's
+_TOOL_ROWS = ("turns", "calls", "errors", "max_turns")
+
+
+def _select_tool_stats(stats: dict | None, rows: list[int]) -> dict | None:
+    if stats is None:
+        return None
+    return {**stats, **{k: [stats[k][i] for i in rows] for k in _TOOL_ROWS}}
+
+
+def _concat_tool_stats(parts: list[dict | None]) -> dict | None:
+    if any(p is None for p in parts):
+        return None
+    return {**{k: [v for p in parts for v in p[k]] for k in _TOOL_ROWS},
+            "seconds": sum(p["seconds"] for p in parts),
+            "error_messages": [m for p in parts for m in p["error_messages"]][:3]}
 
 
 def pack_step(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, *, group: list[int],

@@ -188,9 +188,6 @@ class EngineConfig(_Strict):
         if self.environment and self.rollout.backend != "transformers":
             raise ValueError(f"engine.environment (multi-turn rollouts with tools) runs on the transformers rollout "
                              f"backend, not {self.rollout.backend}")
-        if self.environment and self.algorithm.filter_groups.enable:
-            raise ValueError("engine.algorithm.filter_groups (DAPO's dynamic sampling) does not combine with "
-                             "engine.environment (multi-turn rollouts) yet; turn one of them off")
         return self
 
     @model_validator(mode="before")

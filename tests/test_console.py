@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers_engine import VARIED_HANDLER, build_model_dir, run_grpo, write_data
+from helpers_engine import REPO, VARIED_HANDLER, build_model_dir, run_grpo, write_data, write_records
+from helpers_tools import QUESTION, teach_one_tool_conversation
 from server_helpers import server_log, start_server, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,6 +36,7 @@ KEY = "console-test-key-0123456789"
 XSS_NAME = "<img src=x onerror=\"window.__xss='name'\">"
 XSS_METRIC = "<b onmouseover=\"window.__xss='metric'\">len</b>"
 XSS_ERROR = "<script>window.__xss='error'</script> the grader could not parse the answer"
+XSS_PROMPT = "<img src=x onerror=\"window.__xss='prompt'\"> " + QUESTION
 HYPER = {"n_epochs": 1, "batch_size": 2, "training_sample_per_prompt": 4, "inference_max_tokens": 8}
 ENGINE = {"checkpoint_interval": 2, "micro_batch_size": 4, "reward": {"concurrency": 1}, "log_with": ["none"],
           "lora": {"rank": 4, "alpha": 8}, "base_learning_rate": 5e-3}
@@ -52,12 +54,22 @@ def body(handler: str, hyper=None, metadata=None) -> dict:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A server with a finished, a failed and a running job, and a pulled copy of the finished one."""
+    """A server with a finished, a failed and a running job, a finished job with tools that run (a tiny model
+    taught one calculator conversation, engine.environment), and a pulled copy of the first finished one."""
     d = tmp_path_factory.mktemp("console")
     model = build_model_dir(d / "model", seed=3)
     train, val = write_data(d / "data", n_train=8, n_val=2)
+    tool_model, tool_tok, _ = teach_one_tool_conversation()
+    tool_model.save_pretrained(d / "tool_model")
+    tool_tok.save_pretrained(d / "tool_model")
+    tool_records = [{"messages": [{"role": "user", "content": q}], "reference_answer": "#### 408"}
+                    for q in (XSS_PROMPT, QUESTION, QUESTION, XSS_PROMPT)]  # 2 steps of 2 prompts
+    tool_train = write_records(d / "tools.jsonl", tool_records)
     handlers = d / "handlers"
     handlers.mkdir()
+    (handlers / "envs").mkdir()
+    shutil.copy(REPO / "envs" / "calculator.py", handlers / "envs" / "calculator.py")
+    shutil.copy(REPO / "rewards" / "final_number.py", handlers / "final_number.py")
     (handlers / "named.py").write_text(VARIED_HANDLER.replace('"name": "length_mod3"', f'"name": {XSS_METRIC!r}'))
     (handlers / "paced.py").write_text(VARIED_HANDLER.replace(
         'time.sleep(float(os.environ.get("TEST_REWARD_SLEEP_S", "0")))', "time.sleep(1.5)"))
@@ -67,6 +79,7 @@ def site(tmp_path_factory):
     # lets jobs train only the models it serves
     # --show-handler-errors: the broken handler's own (hostile) text reaches the page, which must show it as text
     with start_server(state, handlers, KEY, ["--max-jobs", "3", "--model", f"{model}={model}",
+                                             "--model", f"{d / 'tool_model'}={d / 'tool_model'}",
                                              "--show-handler-errors"]) as (url, key, _proc):
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
         tid = client.files.create(file=train.open("rb"), purpose="fine-tune").id
@@ -76,17 +89,24 @@ def site(tmp_path_factory):
         done = create("named.py", hyper={"eval_interval": 2}, metadata={"name": XSS_NAME})
         failed = create("broken.py")
         running = create("paced.py", hyper={"n_epochs": 6})
+        tools = client.fine_tuning.jobs.create(
+            model=str(d / "tool_model"), training_file=client.files.create(file=tool_train.open("rb"), purpose="fine-tune").id,
+            extra_body={**body("final_number.py", hyper={"inference_max_tokens": 80}),
+                        "engine": {**ENGINE, "environment": "envs/calculator.py", "rollout": {"max_turns": 2}}}).id
         status = lambda j: client.fine_tuning.jobs.retrieve(j).status
         final = wait_for(lambda: (s := status(done)) in ("succeeded", "failed", "cancelled") and s, 240,
                          "the first job to finish")
         assert final == "succeeded", server_log(state)[-3000:]
         wait_for(lambda: status(failed) == "failed", 120, "the failing job to fail")
+        assert wait_for(lambda: (s := status(tools)) in ("succeeded", "failed", "cancelled") and s, 240,
+                        "the job with tools to finish") == "succeeded", server_log(state)[-3000:]
         run_metrics = state / "jobs" / running / "run" / "metrics.jsonl"
         wait_for(lambda: run_metrics.is_file() and run_metrics.read_text().count("\n") >= 1, 120,
                  "the running job's first step")
         pulled = run_grpo("pull", done, "--out", state / "runs" / "pulled", "--base-url", url, "--api-key", key)
         assert pulled.returncode == 0, pulled.stderr
         yield {"url": url.removesuffix("/v1"), "client": client, "done": done, "failed": failed, "running": running,
+               "tools": tools,
                "state": state, "dir": d}
 
 
@@ -134,7 +154,9 @@ def wait(driver, fn, timeout: float = 20):
         return WebDriverWait(driver, timeout, poll_frequency=0.1).until(fn)
     except TimeoutException:
         logs = "\n".join(e["message"] for e in driver.get_log("browser"))
-        raise AssertionError(f"timed out after {timeout:g} s on {driver.current_url}; browser console:\n{logs}") from None
+        page = driver.find_element("tag name", "body").text[:2000]
+        raise AssertionError(f"timed out after {timeout:g} s on {driver.current_url}; browser console:\n{logs}\n"
+                             f"the page shows:\n{page}") from None
 
 
 def texts(driver, css: str) -> list[str]:
@@ -216,10 +238,11 @@ def test_nothing_without_the_key_and_csrf_on_state_changes(site):
 # -- in the browser ---------------------------------------------------------------------------------------
 def test_jobs_list_shows_every_job_with_user_text_as_text(site, browser, shots):
     browser.get(site["url"] + "/console/")
-    wait(browser, lambda d: len(d.find_elements("css selector", "#jobs-table tbody tr")) == 3)
+    wait(browser, lambda d: len(d.find_elements("css selector", "#jobs-table tbody tr")) == 4)
     rows = {r.get_attribute("data-job"): r.text for r in browser.find_elements("css selector", "#jobs-table tbody tr")}
     assert "succeeded" in rows[site["done"]] and "4/4" in rows[site["done"]]
     assert "failed" in rows[site["failed"]] and "running" in rows[site["running"]]
+    assert "succeeded" in rows[site["tools"]] and "2/2" in rows[site["tools"]]
     name = browser.find_element("css selector", f"tr[data-job='{site['done']}'] td.name")
     assert name.text == XSS_NAME
     assert "runs/pulled" in browser.find_element("id", "runs-table").text
@@ -257,6 +280,35 @@ def test_finished_job_page(site, browser, shots):
     assert browser.find_elements("id", "cancel") == [] and browser.find_elements("id", "job-error") == []
     no_injection(browser)
     browser.save_screenshot(str(shots / "console_job_finished.png"))
+
+
+def test_a_trajectory_with_tools_shows_turn_by_turn(site, browser, shots):
+    """The samples card of a job with engine.environment: the prompt (a user's HTML shown as text), the model's
+    call, the tool's result and the answer, with the reward; the step selector reloads another step."""
+    from selenium.webdriver.support.ui import Select
+
+    job = site["tools"]
+    api = httpx.get(f"{site['url']}/console/api/jobs/{job}/samples", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert api["steps"] == [1, 2] and api["step"] == 2 and api["samples"]
+    open_job(browser, site, job)
+    samples = browser.find_elements("css selector", "#samples .sample")
+    assert len(samples) == len(api["samples"])
+    roles = [[e.get_attribute("textContent") for e in s.find_elements("css selector", ".turn .role")] for s in samples]
+    # the taught model calls the calculator, reads 408 and answers (at temperature 1 nearly always)
+    called = [i for i, r in enumerate(roles) if r[:4] == ["user", "assistant", "tool multiply", "assistant"]]
+    assert called, roles
+    first = samples[called[0]]
+    assert first.find_element("css selector", ".tool-call").text == '→ multiply({"a": 12, "b": 34})'
+    assert first.find_elements("css selector", ".turn-tool .content")[0].text == "408"
+    assert float(first.find_element("css selector", ".score").text) == api["samples"][called[0]]["score"]
+    prompts = {s.find_element("css selector", ".turn-user .content").text for s in samples}
+    assert prompts <= {XSS_PROMPT, QUESTION}
+    Select(browser.find_element("id", "sample-step")).select_by_value("1")
+    wait(browser, lambda d: d.find_element("id", "samples").get_attribute("data-step") == "1")
+    assert browser.find_elements("css selector", "#samples .sample")
+    no_injection(browser)
+    browser.execute_script("document.getElementById('samples').scrollIntoView()")
+    browser.save_screenshot(str(shots / "console_job_tools.png"))
 
 
 def test_failed_job_shows_its_error_as_text(site, browser, shots):

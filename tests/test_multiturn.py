@@ -12,13 +12,13 @@ import torch
 from grpo.algorithms import core as alg
 from grpo.errors import UserError
 from grpo.models.forward import forward_logprobs
-from grpo.models.tiny import build_random_qwen3
-from grpo.models.tiny_tools import CALCULATOR_TOOLS, build_tools_tokenizer, encode_example, example_segments
+from grpo.models.tiny_tools import CALCULATOR_TOOLS
 from grpo.rollout.multiturn import Conversation, ToolEnvironment, rollout_with_tools
 from grpo.rollout.prompts import encode_prompt
+from helpers_tools import QUESTION, teach_one_tool_conversation
 
 torch.set_num_threads(1)
-Q = "What is 12 * 34?"
+Q = QUESTION
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +31,7 @@ def env():
 def taught():
     """A tiny random Qwen3 (the tool model's tokenizer) trained on one conversation until it repeats it: a call
     of multiply(12, 34), then, after the result, the answer."""
-    tok = build_tools_tokenizer(512, corpus_examples=300)
-    segments = example_segments(tok, 12, 34, Q, call=True)
-    ids, labels = encode_example(tok, segments)
-    torch.manual_seed(0)
-    model = build_random_qwen3(tok).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1.5e-2)
-    x, y = torch.tensor([ids]), torch.tensor([labels])
-    for _ in range(50):
-        loss = model(input_ids=x, labels=y).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
-    parts = [tok(text, add_special_tokens=False)["input_ids"] for text, _ in segments]
-    return model.eval(), tok, parts
+    return teach_one_tool_conversation()
 
 
 def _rollout(taught, env, **kw):
@@ -205,3 +191,53 @@ def test_the_tool_models_data_splits_never_share_a_problem():
     pairs = lambda recs: {tuple(r["operands"]) for r in recs}
     assert not (pairs(train) & pairs(val)) and not (pairs(train) & pre) and not (pairs(val) & pre)
     assert all(r["reference_answer"] == f"#### {r['operands'][0] * r['operands'][1]}" for r in train + val)
+
+
+HALF_TIED_HANDLER = '''\
+"""Test reward: 0 for every response to a product ending in 4 (those groups tie), spread inside the others."""
+import re
+
+
+def lambda_handler(event, context):
+    out = []
+    for t in (event["trajectories"] if isinstance(event, dict) else event):
+        product = re.findall(r"\\d+", str(t["reference_answer"]))[-1]
+        text = "".join(m.get("content") or "" for m in t["messages"] if m["role"] == "assistant")
+        out.append({"id": t["id"], "aggregate_reward_score": 0.0 if product.endswith("4") else 0.3 * (len(text) % 4)})
+    return out
+'''
+
+
+def test_dynamic_sampling_combines_with_tools_that_run(taught, tmp_path):
+    """engine.environment with engine.algorithm.filter_groups: the rounds' trajectories are joined group by group
+    with their tool counters, so the step trains on groups with signal and still logs the tools' metrics."""
+    import yaml
+
+    from grpo.models.tiny_tools import make_tool_records
+    from helpers_engine import job_dict, read_jsonl, run_grpo, write_records
+
+    model, tok, _ = taught
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    records = make_tool_records(8, seed=0, split="train")  # 2 steps of 4 prompts
+    train = write_records(tmp_path / "train.jsonl", records)
+    handler = tmp_path / "half_tied.py"
+    handler.write_text(HALF_TIED_HANDLER, encoding="utf-8")
+    job = job_dict(tmp_path / "model", train, None, handler=handler,
+                   hyper={"batch_size": 4, "inference_max_tokens": 40},
+                   engine={"environment": "envs/calculator.py", "temperature": 1.0, "rollout": {"max_turns": 2},
+                           "algorithm": {"filter_groups": {"enable": True, "max_num_gen_batches": 4}},
+                           "checkpoint_interval": 10})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+    r = run_grpo("train", tmp_path / "job.yaml", "--output-dir", tmp_path / "run", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    train_rows = [row for row in rows if "train_num_gen_batches" in row]
+    assert len(train_rows) == 2
+    # half the products end in 4 (their groups tie), so some step needed a second round and joined batches
+    assert max(row["train_num_gen_batches"] for row in train_rows) >= 2
+    for row in train_rows:
+        assert row["dynamic_sampling_frac_tied_before"] > 0
+        assert row["tools_turns_mean"] >= 1 and row["timing_s_tools"] >= 0 and "tools_calls_mean" in row
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert samples and all(s["messages"][0]["role"] == "assistant" for s in samples)

@@ -301,6 +301,10 @@ def add_console(app: FastAPI, cfg) -> None:
     def job_metrics(job_id: str):
         return reader.chart_data(job_id)
 
+    @app.get("/console/api/jobs/{job_id}/samples", include_in_schema=False)
+    def job_samples(job_id: str, step: int | None = None):
+        return reader.samples(job_id, step)
+
     @app.get("/console/api/compare", include_in_schema=False)
     def compare(a: str = "", b: str = ""):
         return reader.compare(a, b)

@@ -32,6 +32,9 @@ HANDLER_METRIC = re.compile(r"^reward_(?P<name>.+)_mean$")
 MAX_HANDLER_METRICS = 12
 TAIL_BYTES = 1 << 16
 MAX_CONFIG_BYTES = 256 << 10
+SAMPLES_TAIL_BYTES = 1 << 20  # the samples view reads the last MiB of samples.jsonl
+MAX_SAMPLES_SHOWN = 16
+MAX_TEXT_CHARS = 4000  # per message text on the page (the file keeps all of it)
 
 
 def _num(v) -> float | None:
@@ -207,6 +210,35 @@ class RunReader:
             self._cache[job_id] = (key, out)
         return out
 
+    def samples(self, job_id: str, step: int | None = None) -> dict:
+        """A logged step's samples (samples.jsonl: engine.log_samples per step), the last one unless `step` is given,
+        each with its trajectory's turns (`messages`: assistant turns with their tool calls, tool results) or its
+        response; {"steps": the steps in the file's last MiB, "step", "samples"}."""
+        path = RunDir(J.run_dir(self.store, self.job(job_id)["id"])).samples
+        if not path.is_file():
+            return {"steps": [], "step": None, "samples": []}
+        if not self._inside(path):
+            raise ApiError(403, "samples.jsonl resolves outside the state directory; the console reads nothing there",
+                           param="job", code="outside_state_dir")
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - SAMPLES_TAIL_BYTES))
+            lines = f.read().decode("utf-8", "replace").splitlines()[1 if size > SAMPLES_TAIL_BYTES else 0:]
+        by_step: dict[int, list[dict]] = {}
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                by_step.setdefault(row["step"], []).append(row)
+        steps = sorted(by_step)
+        if not steps:
+            return {"steps": [], "step": None, "samples": []}
+        if step is None or step not in by_step:
+            step = steps[-1]
+        return {"steps": steps, "step": step, "samples": [_sample(r) for r in by_step[step][:MAX_SAMPLES_SHOWN]]}
+
     def compare(self, spec_a: str, spec_b: str) -> dict:
         """`grpo compare A B`'s report (with both runs' health alarms) and both runs' chart columns."""
         from grpo.remote.parity import compare_runs
@@ -224,6 +256,38 @@ class RunReader:
         for key, run in (("run_a", a), ("run_b", b)):
             report[key]["path"] = run.label
         return {"report": J.finite(report), "a": self.series(a), "b": self.series(b)}
+
+
+def _text(v) -> str | None:
+    if v is None:
+        return None
+    v = v if isinstance(v, str) else json.dumps(v)
+    return v if len(v) <= MAX_TEXT_CHARS else v[:MAX_TEXT_CHARS] + f" [... {len(v) - MAX_TEXT_CHARS} more characters]"
+
+
+def _turn(m) -> dict | None:
+    """One message of a trajectory for the page: role, content, reasoning, tool calls (name, arguments), the tool
+    result's name and call id; strings only, each cut at MAX_TEXT_CHARS."""
+    if not isinstance(m, dict):
+        return None
+    calls = []
+    for c in m.get("tool_calls") or []:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if isinstance(fn, dict):
+            calls.append({"id": _text(c.get("id")), "name": _text(fn.get("name")), "arguments": _text(fn.get("arguments"))})
+    return {"role": _text(m.get("role")), "content": _text(m.get("content")), "reasoning": _text(m.get("reasoning_content")),
+            "tool_calls": calls, "name": _text(m.get("name")), "tool_call_id": _text(m.get("tool_call_id"))}
+
+
+def _sample(row: dict) -> dict:
+    turns = row.get("messages")
+    if isinstance(turns, list) and turns:
+        turns = [t for t in map(_turn, turns) if t]
+    else:  # single turn without tools: the response is the one assistant turn
+        turns = [_turn({"role": "assistant", "content": row.get("response"), "reasoning_content": row.get("reasoning_content")})]
+    return {"id": _text(row.get("id")), "sample": row.get("sample") if isinstance(row.get("sample"), int) else None,
+            "score": _num(row.get("score")), "truncated": bool(row.get("truncated")), "prompt": _text(row.get("prompt")),
+            "turns": turns}
 
 
 def _alarm(a) -> dict:

@@ -432,7 +432,8 @@ class Trainer:
         n = min(self.cfg.engine.log_samples, len(batch))
         if not (self.is_main and n):
             return
-        rows = [{"step": step, "id": records[int(batch.group[i])].id, "sample": int(batch.sample[i]),
+        rows = [{"step": step, "id": records[int(batch.group[i])].id, "prompt": _last_user_text(records[int(batch.group[i])]),
+                 "sample": int(batch.sample[i]),
                  "score": float(batch.scores[i]) if batch.scored[i] else None, "response": batch.contents[i],
                  "reasoning_content": batch.reasoning[i], "truncated": bool(batch.truncated[i]),
                  **({"messages": batch.messages[i]} if batch.messages is not None and batch.messages[i] else {})}
@@ -602,3 +603,10 @@ class Trainer:
             self.log.event(f"The job was paused after step {step}; it resumes from its checkpoint" if paused
                            else "The job has successfully completed", data={"step": step})
         return summary
+
+
+def _last_user_text(record) -> str | None:
+    """The prompt's last user message (samples.jsonl shows it beside each response)."""
+    m = next((m for m in reversed(record.messages) if m.get("role") == "user"), None)
+    c = m.get("content") if m else None
+    return c if isinstance(c, str) else (json.dumps(c) if c is not None else None)

@@ -1,12 +1,14 @@
 "use strict";
 // One job: its facts, live charts of the six step metrics (+ validation reward, + the handler's own
-// metrics) with health alarms marked, checkpoints, events (newest first), config, and its actions.
+// metrics) with health alarms marked, a step's samples (each trajectory's turns: assistant text, tool calls, tool
+// results), checkpoints, events (newest first), config, and its actions.
 (async function () {
   C.header("jobs");
   const jobId = decodeURIComponent(location.pathname.split("/").pop());
   const $ = (id) => document.getElementById(id);
   const api = "/v1/fine_tuning/jobs/" + encodeURIComponent(jobId);
-  const state = { job: null, charts: {}, chartKeys: "", alarms: [], events: [], olderCursor: null, armed: null };
+  const state = { job: null, charts: {}, chartKeys: "", alarms: [], events: [], olderCursor: null, armed: null,
+    sampleStep: null, sampleKey: "" };
   document.title = "grpo console: " + jobId;
 
   // -- facts, error, actions ------------------------------------------------------------------------------
@@ -124,6 +126,47 @@
         C.el("td", { text: a.message }))))));
   }
 
+  // -- samples: a step's trajectories, turn by turn -----------------------------------------------------------
+  function renderTurn(t) {
+    const parts = [C.el("span", { class: "role", text: t.role === "tool" ? `tool ${t.name || ""}` : t.role })];
+    if (t.reasoning) parts.push(C.el("details", {}, C.el("summary", { text: "reasoning" }), C.el("pre", { text: t.reasoning })));
+    if (t.content) parts.push(C.el("pre", { class: "content", text: t.content }));
+    for (const c of t.tool_calls || []) {
+      parts.push(C.el("div", { class: "tool-call mono" }, "→ ", C.el("b", { text: c.name || "?" }), C.el("span", { text: `(${c.arguments || ""})` })));
+    }
+    if (!t.content && !(t.tool_calls || []).length) parts.push(C.el("pre", { class: "content muted", text: "(empty)" }));
+    return C.el("div", { class: "turn turn-" + String(t.role).replace(/[^a-z]/g, "") }, parts);
+  }
+
+  function renderSamples(d) {
+    const key = JSON.stringify([d.step, d.steps.length, d.samples.length]);
+    if (key === state.sampleKey) return;
+    state.sampleKey = key;
+    const select = $("sample-step");
+    C.clear(select, d.steps.slice().reverse().map((s) => C.el("option", { value: String(s), text: String(s) })));
+    if (d.step !== null) select.value = String(d.step);
+    $("samples").dataset.step = d.step === null ? "" : String(d.step);
+    if (!d.samples.length) {
+      C.clear($("samples"), C.el("p", { class: "muted", text: "No samples yet (written once a step ends)." }));
+      return;
+    }
+    C.clear($("samples"), d.samples.map((s) => C.el("div", { class: "sample" },
+      C.el("div", { class: "row muted" }, C.el("span", { class: "grow mono", text: `${s.id} #${s.sample}` }),
+        C.el("span", { text: (s.truncated ? "truncated · " : "") + `${s.turns.length} message${s.turns.length === 1 ? "" : "s"} · reward ` }),
+        C.el("b", { class: "score", text: s.score === null ? "not scored" : C.num(s.score) })),
+      s.prompt ? C.el("div", { class: "turn turn-user" }, C.el("span", { class: "role", text: "user" }), C.el("pre", { class: "content", text: s.prompt })) : "",
+      s.turns.map(renderTurn))));
+  }
+
+  async function loadSamples() {
+    const q = state.sampleStep === null ? "" : `?step=${state.sampleStep}`;
+    renderSamples(await C.getJSON(`/console/api/jobs/${encodeURIComponent(jobId)}/samples${q}`));
+  }
+  $("sample-step").addEventListener("change", async (ev) => {
+    state.sampleStep = Number(ev.target.value);
+    await loadSamples();
+  });
+
   // -- checkpoints and events -------------------------------------------------------------------------------
   function renderCheckpoints(list) {
     if (!list.length) {
@@ -188,6 +231,7 @@
       renderCharts(m);
       renderAlarms();
       renderCheckpoints(ck.data);
+      await loadSamples();
       await loadEvents();
       $("updated").textContent = C.TERMINAL.has(d.job.status) ? "" : "live: updated " + C.time(Date.now() / 1000).slice(11);
       document.body.dataset.refreshes = String(+(document.body.dataset.refreshes || 0) + 1);  // all of it drawn
