@@ -105,3 +105,64 @@ def test_gpt_oss_expert_lora_in_bf16(tmp_path):
     batch = step.pack(tok.pad_token_id).packed
     assert batch.response_mask.sum() == 16
     _check_dtypes_and_update(policy, batch)
+
+
+def test_a_bf16_job_on_the_server_then_bf16_inference_and_grpo_eval(tmp_path):
+    """`grpo serve --dtype bfloat16` trains a job in bf16 (the operator's engine.dtype), then answers chat completions with
+    its fine-tuned model (the bf16 base with the job's fp32 adapter): the same greedy text as the adapter loaded in
+    bf16 in this process; and `grpo eval --dtype bfloat16 --adapter` grades the adapter."""
+    import json
+
+    import openai
+    from helpers_engine import read_jsonl, run_grpo, write_data, write_varied_handler
+    from server_helpers import server_log, start_server, wait_for
+    from safetensors.torch import load_file
+
+    from grpo.rollout.prompts import encode_prompt
+
+    model = build_model_dir(tmp_path / "model", seed=3)
+    train, val = write_data(tmp_path / "data", n_train=4, n_val=2)
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    write_varied_handler(handlers / "varied.py")
+    hyper = {"n_epochs": 1, "batch_size": 2, "training_sample_per_prompt": 4, "inference_max_tokens": 8}
+    engine = {"checkpoint_interval": 2, "micro_batch_size": 4, "log_with": ["none"],
+              "reward": {"concurrency": 1}, "lora": {"rank": 4, "alpha": 8, "target_modules": TARGETS},
+              "base_learning_rate": 5e-2}
+    state = tmp_path / "state"
+    with start_server(state, handlers, "bf16-test-key-0123456789", ["--model", f"{model}={model}",
+                                                                     "--dtype", "bfloat16"]) as (url, key, _):
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=120)
+        tid = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model=str(model), training_file=tid, extra_body={"method": {
+            "type": "reinforcement", "reinforcement": {"grader": {"type": "lambda", "lambda": {"function": "varied.py"}},
+                                                       "hyperparameters": hyper}}, "engine": engine}).id
+        done = wait_for(lambda: (s := client.fine_tuning.jobs.retrieve(job).status) in ("succeeded", "failed") and s,
+                        240, "the bf16 job")
+        assert done == "succeeded", server_log(state)[-3000:]
+        run = state / "jobs" / job / "run"
+        assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == 2
+        adapter = run / "checkpoints" / "step-000002" / "adapter"
+        weights = load_file(str(adapter / "adapter_model.safetensors"))
+        # the LoRA tensors in fp32, as peft saves them from a bf16 GPU run; peft also saves the tied lm_head's base
+        # weight (LoRA on a tied lm_head: save_embedding_layers), in the base's bf16
+        assert {k: v.dtype for k, v in weights.items() if "lora_" not in k} == {
+            "base_model.model.lm_head.base_layer.weight": torch.bfloat16}
+        assert {v.dtype for k, v in weights.items() if "lora_" in k} == {torch.float32}
+        messages = [{"role": "user", "content": "What is 3 + 4?"}]
+        answer = client.chat.completions.create(model=client.fine_tuning.jobs.retrieve(job).fine_tuned_model,
+                                                messages=messages, max_tokens=8, temperature=0)
+    tok = load_tokenizer(str(model))
+    local = load_for_inference(str(model), str(adapter), dtype=torch.bfloat16)
+    ids = torch.tensor([encode_prompt(tok, messages)])
+    with torch.no_grad():
+        out = local.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8)
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answer.choices[0].message.content == expected.strip() or answer.choices[0].message.content == expected
+    assert answer.usage.completion_tokens == out.shape[1] - ids.shape[1]
+
+    res = run_grpo("eval", "--model", model, "--adapter", adapter, "--dtype", "bfloat16", "--data", val,
+                   "--handler", handlers / "varied.py", "--max-tokens", "8", "--json", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout)
+    assert result["samples"] == 2 and result["failures"] == 0 and 0 <= result["reward_mean"] <= 1

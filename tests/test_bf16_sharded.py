@@ -27,8 +27,20 @@ import importlib.util
 
 import pytest
 import torch
-from distributed_helpers import LR, UPDATE_SCRIPT, launch_cmd, lm_head_runs, run_checked, untied_model, write_plan
+from distributed_helpers import (
+    LM_HEAD_TARGETS,
+    LR,
+    RESUME_STEPS,
+    UPDATE_SCRIPT,
+    killed_and_resumed,
+    launch_cmd,
+    lm_head_runs,
+    run_checked,
+    untied_model,
+    write_plan,
+)
 from helpers_engine import build_model_dir
+from safetensors.torch import load_file
 
 U = 2.0 ** -8  # bf16's unit roundoff
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -104,3 +116,28 @@ def test_bf16_update_matches_one_bf16_process_within_derived_tolerance(bf16, mod
     assert abs(g2 - g1) <= tol * g1, (g1, g2, tol)
     if name == "token-mean-clipped":
         assert g1 > 0.1, "the clip did not bind"
+
+
+def test_fsdp2_bf16_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
+    """`accelerate launch --mixed_precision bf16` (FSDP2's MixedPrecisionPolicy, base weights in bf16, LoRA on the
+    tied lm_head too) SIGKILLed once step 2's checkpoint is written, then `--resume`: the same metrics as an
+    uninterrupted bf16 run and the same adapter and optimizer state, bit for bit; the adapter's LoRA tensors and
+    AdamW's moments in fp32 (distributed_helpers.killed_and_resumed)."""
+    a, b = killed_and_resumed(tmp_path, "fsdp2.yaml", micro_batch_size=3, mixed_precision="bf16",
+                              engine={"dtype": "bfloat16",
+                                      "lora": {"rank": 4, "alpha": 8, "target_modules": LM_HEAD_TARGETS}})
+    final = b / f"checkpoints/step-{RESUME_STEPS:06d}"
+    wa = load_file(str(a / final.relative_to(b) / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    lora = [k for k in wb if "lora_" in k]
+    assert wa.keys() == wb.keys() and lora and {wb[k].dtype for k in lora} == {torch.float32}
+    assert float(wb["base_model.model.lm_head.lora_B.weight"].abs().sum()) > 0, "the LoRA on lm_head did not train"
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"adapter tensor {k} differs after a bf16 FSDP2 resume"
+    sa = torch.load(a / final.relative_to(b) / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    sb = torch.load(final / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    moments = [t for st in sb.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    for name, st in sa.items():
+        for key, t in st.items():
+            assert torch.equal(t, sb[name][key]), f"optimizer state {name}.{key} differs"

@@ -48,6 +48,7 @@ class ServerConfig:
     max_jobs: int = 1
     max_upload_bytes: int = 512 * 2**20
     max_loaded_models: int = 2
+    inference_dtype: str = "auto"  # grpo serve --dtype: the weights' dtype of jobs (engine.dtype) and of inference
     default_max_tokens: int = 1024
     max_tokens: int = 32768
     job_env: dict | None = None  # environment of trainer subprocesses (default: the server's, without its key)
@@ -73,12 +74,13 @@ class ServerConfig:
 
     def policy(self, pool=None) -> ServerPolicy:
         size = (pool or self.device_pool()).size
-        return ServerPolicy(max_processes_per_job=min(self.max_processes_per_job or size, size),handlers_dir=Path(self.handlers_dir), base_models=dict(self.base_models),
+        return ServerPolicy(max_processes_per_job=min(self.max_processes_per_job or size, size),
+                            handlers_dir=Path(self.handlers_dir), base_models=dict(self.base_models),
                             lambdas=dict(self.lambdas), invoke_lambdas=self.invoke_lambdas,
                             lambda_endpoint_url=self.lambda_endpoint_url, handler_env=dict(self.handler_env),
                             handler_pass_env=list(self.handler_pass_env), client_env=list(self.client_env),
                             show_handler_errors=self.show_handler_errors, max_tokens=self.max_tokens,
-                            max_reward_concurrency=self.max_reward_concurrency)
+                            max_reward_concurrency=self.max_reward_concurrency, dtype=self.inference_dtype)
 
 
 class AbortingStream(StreamingResponse):
@@ -130,7 +132,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     pool = cfg.device_pool()
     manager = JobManager(store, max_jobs=cfg.max_jobs, env=cfg.job_env, devices=pool,
                          accelerate_config=cfg.accelerate_config)
-    cache = ModelCache(cfg.max_loaded_models)
+    cache = ModelCache(cfg.max_loaded_models, dtype=cfg.inference_dtype)
     started = int(time.time())
     policy = cfg.policy(pool)
     for orphan in store.files_dir.glob(".upload-*"):  # an upload cut short by a killed server

@@ -29,8 +29,9 @@ class Loaded:
 
 
 class ModelCache:
-    def __init__(self, max_models: int = 2):
+    def __init__(self, max_models: int = 2, *, dtype: str = "auto"):
         self.max_models = max(1, max_models)
+        self.dtype = dtype  # grpo.models.loading.pick_dtype's names
         self._models: OrderedDict[tuple, Loaded] = OrderedDict()
         self._lock = threading.Lock()
         self.generate_lock = threading.Lock()
@@ -48,7 +49,7 @@ class ModelCache:
 
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             tok = load_tokenizer(base)
-            model = load_for_inference(base, adapter, dtype=pick_dtype("auto", device)).to(device)
+            model = load_for_inference(base, adapter, dtype=pick_dtype(self.dtype, device)).to(device)
             loaded = Loaded(model, tok, special_tokens(tok), end_token_ids(tok, model))
             self._models[key] = loaded
             while len(self._models) > self.max_models:

@@ -154,6 +154,7 @@ def validate_body(store: Store, body, policy: ServerPolicy) -> tuple[dict, JobCo
         raise bad_request(f"engine.model: this server's operator decides what trains for model {cfg.model!r} (grpo "
                           "serve --model NAME=PATH); leave engine.model out", "engine.model")
     engine["model"] = local
+    engine["dtype"] = policy.dtype  # the operator's precision (grpo serve --dtype)
     grader = raw["method"]["reinforcement"]["grader"]
     key = "lambda" if "lambda" in grader else "lambda_"
     if cfg.engine.handler:  # a client's engine.handler: a file under --handlers-dir

@@ -119,6 +119,7 @@ class ServerPolicy:
     max_tokens: int = 32768
     max_reward_concurrency: int = 8
     max_processes_per_job: int = 1                              # --max-processes-per-job (at most the devices)
+    dtype: str = "auto"                                         # --dtype: jobs' engine.dtype and inference
 
     def served_models(self) -> dict[str, str]:
         """Model id -> what runs locally: the --model names, or Bedrock's ids when none was given."""

@@ -77,6 +77,10 @@ def add_arguments(p):
     p.add_argument("--max-request-mb", type=float, default=16,
                    help="largest JSON request body (jobs, chat, responses), in MiB (default 16)")
     p.add_argument("--max-loaded-models", type=int, default=2, help="models kept loaded for inference (LRU, default 2)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the base weights' dtype of training jobs (their engine.dtype) and of inference (auto: bf16 on "
+                        "a GPU, fp32 on the CPU; bfloat16 on a CPU with AVX512-BF16 runs the numbers a GPU runs); "
+                        "LoRA adapters train and are saved in fp32")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="tokens generated when a request sets no max_tokens / max_output_tokens (default 1024)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -199,7 +203,8 @@ def run(args) -> int:
                        max_jobs=args.max_jobs, devices=args.devices,
                        accelerate_config=str(args.accelerate_config.resolve()) if args.accelerate_config else None,
                        max_processes_per_job=args.max_processes_per_job,
-                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_json_bytes=int(args.max_request_mb * 2**20), max_loaded_models=args.max_loaded_models,
+                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_json_bytes=int(args.max_request_mb * 2**20),
+                       max_loaded_models=args.max_loaded_models, inference_dtype=args.dtype,
                        default_max_tokens=args.default_max_tokens)
     try:
         if not ipaddress.ip_address(args.host).is_loopback:
