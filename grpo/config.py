@@ -115,6 +115,10 @@ class RolloutConfig(_Strict):
         "of the record's tools) or a function name (a call of it, where the record has it); required and a name "
         "constrain decoding to the template's call format with the schema's arguments (grpo.rollout.constrain, "
         "needs llguidance: pip install 'grpo[tools]'; transformers backend)")
+    parallel_tool_calls: bool = Field(
+        True, description="with tool_choice required: a response may hold several calls (OpenAI's default); false: "
+        "exactly one call, then the response ends (a task that expects one call: no tokens spent on a second, "
+        "truncated one)")
 
     @field_validator("tool_choice")
     @classmethod

@@ -46,18 +46,29 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG of the curves")
+    p.add_argument("--seconds-from", type=Path, default=None, metavar="DIR",
+                   help="the presets' seconds per step from these runs (the same seeded runs repeated on a quiet "
+                        "machine: scripts/run_algorithm_table.sh with OUT=DIR); their validation rewards must equal "
+                        "ROOT's, or the table says so")
     a = p.parse_args()
     runs = {name: load(a.root / name) for name in (*PRESETS, "grpo_seed1", "ds_seed0", "ds_seed1")}
+    quiet = {name: load(a.seconds_from / name) for name in PRESETS} if a.seconds_from else {}
 
-    print("| preset | val @0 | @10 | @20 | @30 | s/step (contended) |")
+    print(f"| preset | val @0 | @10 | @20 | @30 | s/step{' (quiet rerun)' if quiet else ' (contended)'} |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in PRESETS:
         r = runs[name]
         if r is None:
             print(f"| {name} | not run | | | | |")
             continue
-        v = r["val"]
-        print(f"| {name} | {fmt(v.get(0))} | {fmt(v.get(10))} | {fmt(v.get(20))} | {fmt(v.get(30))} | {fmt(r['sec_per_step'], 1)} |")
+        v, secs = r["val"], r["sec_per_step"]
+        if quiet:
+            q = quiet.get(name)
+            secs = q["sec_per_step"] if q else math.nan
+            if q and q["val"] != v:
+                secs_note = f" (rerun's validation differs: {q['val']})"
+                print(f"<!-- {name}{secs_note} -->")
+        print(f"| {name} | {fmt(v.get(0))} | {fmt(v.get(10))} | {fmt(v.get(20))} | {fmt(v.get(30))} | {fmt(secs, 1)} |")
 
     print()
     print("| run | seed | tied groups sampled (mean/step) | tied groups trained | generation rounds (mean, max) | cap hit (steps) "

@@ -280,6 +280,17 @@ def test_constrained_rollouts_and_their_errors(one_thread):
                 valid_call("get_weather", call["function"]["arguments"])
             else:
                 assert parsed["tool_calls"] == []
+    # tool_choice required: several calls allowed (OpenAI's parallel_tool_calls default), or with
+    # engine.rollout.parallel_tool_calls false exactly one, after which the row ends (finished, not truncated)
+    tok, model = _tiny("qwen3", seed=5)
+    assert '("\\n" call)*' in rollout_grammars(tok, recs, "required")[0]
+    single = rollout_grammars(tok, recs, "required", parallel=False)
+    assert '("\\n" call)*' not in single[0]
+    out = generate(model, tok, [encode_prompt(tok, recs[0].messages, tools=TOOLS)], n=4, max_new_tokens=120,
+                   temperature=1.0, grammars=single[:1])
+    for i in range(len(out)):
+        parsed = parse_assistant(tok.decode(out.response_ids[i]), template_family(tok), TOOLS)
+        assert not out.truncated[i] and parsed["parse_error"] is None and len(parsed["tool_calls"]) == 1, parsed
     with pytest.raises(UserError, match="no record has a tool named 'nope'"):
         rollout_grammars(tok, recs, "nope")
     with pytest.raises(ValueError, match="expected 'auto', 'required' or a function name"):

@@ -79,7 +79,8 @@ CLIENT_ENGINE: dict = {
     "early_stopping_min_delta": (0, NUMBER_CAP), "log_samples": (0, 64), "log_with": {"none", "tensorboard"},
     "reward": {"batch_size": (1, 1024), "concurrency": "max_reward_concurrency", "timeout_s": (0, 900.0),
                "on_failure": ANY, "env": ENV},
-    "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0), "tool_choice": ANY, "max_turns": (1, 64),
+    "rollout": {"backend": ANY, "tis": ANY, "tis_cap": (0, 100.0), "tool_choice": ANY, "parallel_tool_calls": ANY,
+                "max_turns": (1, 64),
                 "tool_timeout_s": (0, 900.0), "tool_concurrency": "max_reward_concurrency"},
     "environment": ANY,  # a tools file under --handlers-dir (checked by jobs.resolve_handler), like handler
     "health": "knobs", "algorithm": CLIENT_ALGORITHM,

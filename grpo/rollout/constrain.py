@@ -273,10 +273,10 @@ class GrammarLogitsProcessor:
 
 # -- rollouts ------------------------------------------------------------------------------------------------
 def rollout_grammars(tokenizer, records, tool_choice: str, *, reasoning_effort: str = "low",
-                     strict: bool = True) -> list[str | None] | None:
+                     strict: bool = True, parallel: bool = True) -> list[str | None] | None:
     """One grammar per record for `engine.rollout.tool_choice` (None for `auto`): `required` constrains every
-    record that has tools to a call of one of them; a function name, every record whose tools include it. Other
-    records sample freely. A setting that constrains no record is a UserError when `strict` (the training data:
+    record that has tools to a call of one of them (several calls when `parallel`: engine.rollout.
+    parallel_tool_calls); a function name, every record whose tools include it. Other records sample freely. A setting that constrains no record is a UserError when `strict` (the training data:
     the job would not do what it says), else None (validation data without such records)."""
     if tool_choice == "auto":
         return None
@@ -289,8 +289,8 @@ def rollout_grammars(tokenizer, records, tool_choice: str, *, reasoning_effort: 
         choice = ("required" if names else None) if tool_choice == "required" else (
             ("function", tool_choice) if tool_choice in names else None)
         try:
-            out.append(call_grammar(tokenizer, family, tools, choice, thinking=reasoning_effort != "low")
-                       if choice else None)
+            out.append(call_grammar(tokenizer, family, tools, choice, parallel=parallel,
+                                    thinking=reasoning_effort != "low") if choice else None)
         except ToolChoiceError as e:
             raise UserError(f"engine.rollout.tool_choice={tool_choice!r}, record {r.id!r}: {e}") from None
     if not any(out):

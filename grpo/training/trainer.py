@@ -114,9 +114,11 @@ class Trainer:
             self.val_records, self.val_prompts = recs[:cap], ids[:cap]
         # engine.rollout.tool_choice: a tool-call grammar per prompt (None: sampled freely; grpo.rollout.constrain)
         self.train_grammars = rollout_grammars(self.tok, self.train_records, e.rollout.tool_choice,
-                                               reasoning_effort=h.reasoning_effort)
+                                               reasoning_effort=h.reasoning_effort,
+                                               parallel=e.rollout.parallel_tool_calls)
         self.val_grammars = rollout_grammars(self.tok, self.val_records, e.rollout.tool_choice,
-                                             reasoning_effort=h.reasoning_effort, strict=False)
+                                             reasoning_effort=h.reasoning_effort, strict=False,
+                                             parallel=e.rollout.parallel_tool_calls)
         n = len(self.train_records)
         self.steps_per_epoch = math.ceil(n / h.batch_size)
         self.total_steps = cfg.total_steps(n)
