@@ -21,7 +21,7 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the plan (model, parameter "
                    "counts, trainable parameters, memory per GPU, steps, and the time plan: tokens and FLOPs per "
-                   "step, seconds predicted on this CPU from a sub-second measured probe, and on GPUs from "
+                   "step, seconds predicted on this CPU from a measured probe of a few seconds, and on GPUs from "
                    "datasheet peaks and stated MFU assumptions) without loading any weights")
     p.add_argument("--lengths", type=Path, default=None, metavar="FILE",
                    help="with --dry-run: response lengths for the time plan from `grpo eval ... --out FILE` (the "

@@ -40,7 +40,9 @@ def resolve_model_path(name: str, *, progress: bool = True) -> str:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    """`auto`: bf16 on a GPU that supports it, fp32 elsewhere. On a CPU with AVX512-BF16/AMX, bf16 products run 3-6x
+    faster, but a whole step only 0.8-1.25x (slower on the tiny models) and the numbers would depend on the
+    processor; CPU runs stay fp32 unless `bfloat16` is asked for (measured: docs/scale.md, "bf16 against fp32")."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

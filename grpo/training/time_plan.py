@@ -20,13 +20,17 @@ Work per step (`step_work`), from the job's sizes and the model's shapes (grpo.t
 
 Seconds (`predict_cpu`, `predict_gpu`):
 
-- this CPU: `cpu_probe` measures the machine as it is now (other processes included) in well under a second:
-  the engine's own Linear product (oneDNN for fp32, grpo.models.cpu_linear) at the decode rows, the
-  log-prob micro-batch and the update (forward + input gradient), lm_head with log-softmax at a chunk, the
-  sampling at the vocabulary, and a one- and a two-layer copy of the model at width 64 (its own classes, LoRA
-  by peft as configured) for the fixed cost of a forward call and of each decoder layer in it (Python,
-  dispatch, the small operations). Predicted seconds = FLOPs / the measured rate of the phase's shape + calls x
-  the measured fixed costs. Checked against measured runs in docs/scale.md ("Time plan").
+- this CPU: `cpu_probe` measures the machine as it is now (other processes included) in 1-3 s for models up to
+  SmolLM2's size: a one- and a two-layer copy of the model at width 64 (its own classes, LoRA by peft as
+  configured) for the fixed cost of a forward call and of each decoder layer in it (Python, dispatch, the
+  small operations); the same copies at the model's own width (layers up to REAL_LAYER_MAX_PARAMETERS) at the
+  phase's shapes (a decode step of the generation's rows over a prompt-long KV cache, a log-prob micro-batch,
+  its forward + backward), whose two-minus-one-layer time less the width-64 layer's is a decoder layer's
+  compute: the rate of each phase kind, attention, norms and the LoRA products included (larger layers: the
+  engine's Linear product at the MLP's shape instead, which overstates a layer's rate); lm_head with
+  log-softmax at a chunk; the sampling at the vocabulary. Predicted seconds = FLOPs / the measured rate of the
+  phase's kind (a generation's prefills at the forward rate) + calls x the measured fixed costs. Checked against
+  measured runs in docs/scale.md ("Time plan").
 - a GPU (`--gpu`): peak dense bf16 FLOP/s and HBM bandwidth from the vendors' datasheets (GPUS), and these
   assumptions, not measured here (no GPU has run this project): the forward passes at MFU_FORWARD of the
   peak, the update at MFU_UPDATE; a decode step takes the longer of its FLOPs at MFU_FORWARD and its bytes
@@ -241,11 +245,12 @@ class Phase:
     head_positions: float = 0.0  # log-probs: lm_head + log-softmax positions
     bytes: float = 0.0  # GPU: HBM bytes read/written by the decode steps
     decode_flops: float = 0.0  # GPU: the part of `flops` in decode steps (bandwidth-bound)
+    prefill_flops: float = 0.0  # CPU: the part of a generation phase's `flops` in prefills (at the forward rate)
     tokens: float = 0.0
 
     def add(self, other: "Phase") -> "Phase":
         for k in ("flops", "calls", "backward_calls", "decode_steps", "decode_rows", "head_positions", "bytes",
-                  "decode_flops", "tokens"):
+                  "decode_flops", "prefill_flops", "tokens"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         return self
 
@@ -293,6 +298,7 @@ def generation_work(info, lengths: Lengths, job, prompts: int, samples: int, *, 
         pre = Phase(kind="decode", calls=1)
         pre.flops = (2 * (body + lora) * pre_rows * p_pad + pre_rows * attention_flops(info, round(p_pad), 0)
                      + 2 * head * pre_rows + fold)
+        pre.prefill_flops = pre.flops
         pre.tokens = pre_rows * p_pad
         out.add(pre)
         steps = expected_max(responses, rows)  # the call runs until its longest response ends
@@ -450,8 +456,93 @@ def _tiny_copy(config, layers: int):
     return c
 
 
+#: Decoder layers up to this many parameters are probed at the model's own width (tiny, SmolLM2, Qwen3 up to
+#: ~1.7B): the rates then include everything a layer runs (attention, norms, activations, the LoRA products),
+#: not only its largest matrix product. Larger layers fall back to one Linear product at the MLP's shape.
+REAL_LAYER_MAX_PARAMETERS = 60e6
+
+
+def _layer_copy(config, layers: int):
+    """`config` with `layers` decoder layers at its own width and a 256-token vocabulary."""
+    import copy
+
+    c = copy.deepcopy(config)
+    c.num_hidden_layers, c.vocab_size = layers, 256
+    if getattr(c, "layer_types", None):
+        c.layer_types = (list(c.layer_types) * layers)[:layers]
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(c, name, None), int) and getattr(c, name) >= 256:
+            setattr(c, name, None)
+    return c
+
+
+def _layer_times(config, info, job, setup, dtype, *, rows: int, prompt: int, tokens: int, merged: bool) -> dict:
+    """Seconds of one decoder layer at the model's width, per kind: `decode` (rows x 1 token after `prompt` cached
+    positions), `forward` and `update` (4 rows of tokens / 4 positions; update = forward + backward), measured as
+    a two-layer copy minus a one-layer copy (the embedding, the 256-token head and the call's Python cancel),
+    each with LoRA as configured (decode without it when the engine merges it for decoding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from grpo.models.cpu_linear import use_onednn_linears
+    from grpo.models.kv_cache import cache_kwarg, cache_of, preallocate
+    from grpo.models.loading import add_lora, enable_gradient_checkpointing
+
+    e = job.engine
+    seq = max(4, tokens // 4)
+    times: dict[tuple[str, int], float] = {}
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_layer_copy(config, layers), dtype=dtype)
+        if setup.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        policy = add_lora(model, e.lora)
+        if setup.gradient_checkpointing:
+            policy.enable_input_require_grads()
+        if e.cpu_linear == "onednn":
+            use_onednn_linears(policy)
+        policy.eval()
+        with torch.no_grad(), (policy.disable_adapter() if merged else _nullcontext()):
+            # one row's prompt prefilled and its cache repeated to `rows`, as the engine does for a group
+            cache = cache_of(policy(input_ids=torch.randint(0, 256, (1, prompt)), use_cache=True, logits_to_keep=1))
+            cache.batch_repeat_interleave(rows)
+            preallocate(cache, 8)  # in-place KV writes per token, as the decode loop does
+            kw = cache_kwarg(policy)
+            one = torch.randint(0, 256, (rows, 1))
+            times[("decode", layers)] = _timed(lambda: policy(input_ids=one, use_cache=True, logits_to_keep=1,
+                                                              **{kw: cache}), 5)
+        ids = torch.randint(0, 256, (4, seq))
+        with torch.no_grad():
+            times[("forward", layers)] = _timed(lambda: policy(input_ids=ids, use_cache=False, logits_to_keep=1), 3)
+        policy.train()
+        times[("update", layers)] = _timed(
+            lambda: policy(input_ids=ids, use_cache=False, logits_to_keep=1).logits.sum().backward(), 3)
+        del policy, model
+    return {k: max(0.0, times[(k, 2)] - times[(k, 1)]) for k in ("decode", "forward", "update")}
+
+
+def _layer_flops(info, kind: str, *, rows: int, prompt: int, tokens: int, merged: bool) -> float:
+    """The FLOPs `_layer_times` times for one decoder layer (the counting of generation_work / logprob_work)."""
+    body, lora, _, _ = _sizes(info, merged and kind == "decode")
+    w = (body + lora) / info.layers
+    per_pos = 4 * info.heads * info.head_dim  # QK^T and AV, per query per attended position, one layer
+    if kind == "decode":
+        return rows * (2 * w + per_pos * (prompt + 1))
+    seq = max(4, tokens // 4)
+    fwd = 4 * (2 * w * seq + per_pos * seq * (seq + 1) / 2)
+    if kind == "forward":
+        return fwd
+    return 2 * fwd + 2 * (lora / info.layers) * 4 * seq + 4 * per_pos * seq * (seq + 1) / 2
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
-    """Measure this machine now (see the module docstring); well under a second for small models."""
+    """Measure this machine now (see the module docstring); 1-3 s for models up to SmolLM2's size."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -539,19 +630,34 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
         del policy, model
     layer_s = {k: max(0.0, times[(k, 2)] - times[(k, 1)]) for k in ("decode", "forward", "update")}
     call_s = {k: max(0.0, times[(k, 1)] - layer_s[k]) for k in ("decode", "forward", "update")}
+    per_layer = (info.active - info.lm_head) / max(1, info.layers)
+    if per_layer <= REAL_LAYER_MAX_PARAMETERS and not info.experts:
+        # a whole decoder layer at the model's width: its compute (the layer's time at width 64, the
+        # operations' fixed costs, taken out: predict_cpu adds those per call) at the phase's shape
+        merged = (e.rollout.backend == "transformers" and info.shares_prefix and setup.dtype_bytes == 4
+                  and not setup.load_in_4bit)
+        prompt = max(1, round(_mean(lengths.prompts)))
+        shape = {"rows": rows, "prompt": prompt, "tokens": tokens, "merged": merged}
+        real = _layer_times(config, info, job, setup, dtype, **shape)
+        for k, t in real.items():
+            compute = t - layer_s[k]
+            if compute > 0:
+                rate[k] = _layer_flops(info, k, **shape) / compute
     return Probe(rate=rate, call_s=call_s, layer_s=layer_s, sample_s=sample_s, head_s=head_s,
                  seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, load=os.getloadavg(),
                  threads=torch.get_num_threads())
 
 
 def predict_cpu(phase: Phase, info, probe: Probe) -> float:
-    """Seconds for one phase on this CPU: matrix FLOPs at the phase's measured rate, plus its calls' fixed costs,
+    """Seconds for one phase on this CPU: matrix FLOPs at the phase's measured rate (a generation's prefills at the
+    forward rate: many positions per call, like a log-prob pass), plus its calls' fixed costs,
     plus sampling (generation) and the log-prob head's per-position cost beyond its matrix product."""
     k = phase.kind
     rate = probe.rate[k]
     head_flops_per_pos = 2 * info.vocab * info.hidden
     head_extra = max(0.0, probe.head_s - head_flops_per_pos / probe.rate["forward"]) * phase.head_positions
-    return (phase.flops / rate + phase.calls * (probe.call_s[k] + info.layers * probe.layer_s[k])
+    matmul_s = (phase.flops - phase.prefill_flops) / rate + phase.prefill_flops / probe.rate["forward"]
+    return (matmul_s + phase.calls * (probe.call_s[k] + info.layers * probe.layer_s[k])
             + phase.decode_steps * probe.sample_s + head_extra)
 
 
