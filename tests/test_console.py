@@ -183,7 +183,8 @@ def test_nothing_without_the_key_and_csrf_on_state_changes(site):
         r = anon.get("/console/jobs/" + running)
         assert r.status_code == 303 and r.headers["location"].startswith("/console/login?next=")
         for path in ("/console/api/jobs", "/console/static/console.js", "/console/static/vendor/uPlot.iife.min.js",
-                     f"/console/api/jobs/{running}/metrics", "/console/api/compare?a=run:pulled&b=run:pulled"):
+                     f"/console/api/jobs/{running}/metrics", f"/console/api/jobs/{running}/samples",
+                     "/console/api/compare?a=run:pulled&b=run:pulled"):
             assert anon.get(path).status_code == 401, path
         assert anon.get("/console/login").status_code == 200  # the form and its stylesheet only
         assert anon.get("/console/static/console.css").status_code == 200
