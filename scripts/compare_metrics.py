@@ -4,7 +4,8 @@ Reads two runs' metrics.jsonl (run directories or the files), pairs the rows by 
 metric the two runs share, bit for bit by default (`--tol` for an absolute tolerance). Wall-clock metrics
 (timing_s_*, timing_per_token_ms_*, perf_*, reward_seconds) differ run to run even with the same seed and are
 left out; keys only one run has (a metric added or removed) are listed, not compared. When both are run
-directories, their samples.jsonl rows (the logged responses and scores) of the paired steps are compared too.
+directories, their samples.jsonl rows (the logged responses and scores) of the paired steps are compared too (the
+fields both log; a field only one logs is listed).
 
     python scripts/compare_metrics.py /work/baseline/qs /tmp/batch/qs [--min-steps 30] [--tol 1e-6]
 
@@ -83,7 +84,13 @@ def main(argv=None) -> int:
     report = compare(base, new, a.tol)
     steps = set(base) & set(new)
     sa, sb = samples_of(a.base, steps), samples_of(a.new, steps)
-    report["samples_equal"] = None if sa is None or sb is None else sa == sb
+    report["samples_equal"], report["sample_fields_only_in_one"] = None, []
+    if sa is not None and sb is not None:  # fields both runs log are compared; a field one adds is listed
+        shared = {k for r in sa for k in r} & {k for r in sb for k in r}
+        report["sample_fields_only_in_one"] = sorted(({k for r in sa for k in r} | {k for r in sb for k in r}) - shared)
+        report["samples_equal"] = len(sa) == len(sb) and all(
+            {k: v for k, v in x.items() if k in shared} == {k: v for k, v in y.items() if k in shared}
+            for x, y in zip(sa, sb))
     ok = report["steps_paired"] >= a.min_steps and not report["differing"] and report["samples_equal"] is not False
     if a.json:
         print(json.dumps({**report, "ok": ok}, indent=2))
@@ -93,7 +100,9 @@ def main(argv=None) -> int:
     print(f"only in base: {', '.join(report['only_in_base']) or 'none'}")
     print(f"only in new: {', '.join(report['only_in_new']) or 'none'}")
     if report["samples_equal"] is not None:
-        print(f"samples.jsonl rows of the paired steps: {'identical' if report['samples_equal'] else 'DIFFER'}")
+        only = report["sample_fields_only_in_one"]
+        print(f"samples.jsonl rows of the paired steps: {'identical' if report['samples_equal'] else 'DIFFER'}"
+              + (f" (fields only one run logs, not compared: {', '.join(only)})" if only else ""))
     for k, d in sorted(report["differing"].items()):
         print(f"DIFFERS {k}: {d['steps']} step(s), first at step {d['first_step']}, max |diff| {d['max_abs_diff']:.3g}")
     print("SAME" if ok else "TOO FEW STEPS" if report["steps_paired"] < a.min_steps else "NOT THE SAME")
