@@ -476,31 +476,40 @@ def _layer_copy(config, layers: int):
     return c
 
 
+def _probe_policy(config, dtype, setup, lora_cfg, cpu_linear: str):
+    """The model of `config` with LoRA as the job configures it (and its gradient checkpointing and CPU kernels),
+    for the probe's timings."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo.models.cpu_linear import use_onednn_linears
+    from grpo.models.loading import add_lora, enable_gradient_checkpointing
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if setup.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    policy = add_lora(model, lora_cfg)
+    if setup.gradient_checkpointing:
+        policy.enable_input_require_grads()
+    if cpu_linear == "onednn":
+        use_onednn_linears(policy)
+    return policy
+
+
 def _layer_times(config, info, job, setup, dtype, *, rows: int, prompt: int, tokens: int, merged: bool) -> dict:
     """Seconds of one decoder layer at the model's width, per kind: `decode` (rows x 1 token after `prompt` cached
     positions), `forward` and `update` (4 rows of tokens / 4 positions; update = forward + backward), measured as
     a two-layer copy minus a one-layer copy (the embedding, the 256-token head and the call's Python cancel),
     each with LoRA as configured (decode without it when the engine merges it for decoding)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from grpo.models.cpu_linear import use_onednn_linears
     from grpo.models.kv_cache import cache_kwarg, cache_of, preallocate
-    from grpo.models.loading import add_lora, enable_gradient_checkpointing
 
     e = job.engine
     seq = max(4, tokens // 4)
     times: dict[tuple[str, int], float] = {}
     for layers in (1, 2):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(_layer_copy(config, layers), dtype=dtype)
-        if setup.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        policy = add_lora(model, e.lora)
-        if setup.gradient_checkpointing:
-            policy.enable_input_require_grads()
-        if e.cpu_linear == "onednn":
-            use_onednn_linears(policy)
+        policy = _probe_policy(_layer_copy(config, layers), dtype, setup, e.lora, e.cpu_linear)
         policy.eval()
         with torch.no_grad(), (policy.disable_adapter() if merged else _nullcontext()):
             # one row's prompt prefilled and its cache repeated to `rows`, as the engine does for a group
@@ -517,7 +526,7 @@ def _layer_times(config, info, job, setup, dtype, *, rows: int, prompt: int, tok
         policy.train()
         times[("update", layers)] = _timed(
             lambda: policy(input_ids=ids, use_cache=False, logits_to_keep=1).logits.sum().backward(), 3)
-        del policy, model
+        del policy
     return {k: max(0.0, times[(k, 2)] - times[(k, 1)]) for k in ("decode", "forward", "update")}
 
 
@@ -545,11 +554,10 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     """Measure this machine now (see the module docstring); 1-3 s for models up to SmolLM2's size."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
     from grpo.models.cpu_linear import use_onednn_linears
     from grpo.models.kv_cache import cache_kwarg, cache_of
-    from grpo.models.loading import add_lora, enable_gradient_checkpointing, quiet_transformers
+    from grpo.models.loading import quiet_transformers
     from grpo.rollout.generate import GEN_BATCH
 
     quiet_transformers()
@@ -601,14 +609,7 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     # fixed costs: the model's own classes at width 64, one and two layers, LoRA as configured
     times = {}
     for layers in (1, 2):
-        model = AutoModelForCausalLM.from_config(_tiny_copy(config, layers), dtype=dtype)
-        if setup.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        policy = add_lora(model, e.lora)
-        if setup.gradient_checkpointing:
-            policy.enable_input_require_grads()
-        if e.cpu_linear == "onednn":
-            use_onednn_linears(policy)
+        policy = _probe_policy(_tiny_copy(config, layers), dtype, setup, e.lora, e.cpu_linear)
         ids = torch.randint(0, 256, (4, 16))
         one = torch.randint(0, 256, (4, 1))
         policy.eval()
@@ -627,7 +628,7 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
             policy(input_ids=ids, use_cache=False, logits_to_keep=1).logits.sum().backward()
 
         times[("update", layers)] = _timed(update, 3)
-        del policy, model
+        del policy
     layer_s = {k: max(0.0, times[(k, 2)] - times[(k, 1)]) for k in ("decode", "forward", "update")}
     call_s = {k: max(0.0, times[(k, 1)] - layer_s[k]) for k in ("decode", "forward", "update")}
     per_layer = (info.active - info.lm_head) / max(1, info.layers)
