@@ -99,10 +99,7 @@ class RunReader:
         if not self._inside(path):
             return None, None
         try:
-            with open(path, "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - TAIL_BYTES))
-                lines = f.read().decode("utf-8", "replace").splitlines()
+            lines = _tail_lines(path, TAIL_BYTES)
         except OSError:
             return None, None
         for line in reversed(lines):
@@ -220,12 +217,8 @@ class RunReader:
         if not self._inside(path):
             raise ApiError(403, "samples.jsonl resolves outside the state directory; the console reads nothing there",
                            param="job", code="outside_state_dir")
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - SAMPLES_TAIL_BYTES))
-            lines = f.read().decode("utf-8", "replace").splitlines()[1 if size > SAMPLES_TAIL_BYTES else 0:]
         by_step: dict[int, list[dict]] = {}
-        for line in lines:
+        for line in _tail_lines(path, SAMPLES_TAIL_BYTES):
             try:
                 row = json.loads(line)
             except ValueError:
@@ -256,6 +249,15 @@ class RunReader:
         for key, run in (("run_a", a), ("run_b", b)):
             report[key]["path"] = run.label
         return {"report": J.finite(report), "a": self.series(a), "b": self.series(b)}
+
+
+def _tail_lines(path: Path, limit: int) -> list[str]:
+    """The whole lines among a file's last `limit` bytes (a line cut by the limit is left out)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return lines[1:] if size > limit else lines
 
 
 def _text(v) -> str | None:

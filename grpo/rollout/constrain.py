@@ -275,9 +275,10 @@ class GrammarLogitsProcessor:
 def rollout_grammars(tokenizer, records, tool_choice: str, *, reasoning_effort: str = "low",
                      strict: bool = True, parallel: bool = True) -> list[str | None] | None:
     """One grammar per record for `engine.rollout.tool_choice` (None for `auto`): `required` constrains every
-    record that has tools to a call of one of them (several calls when `parallel`: engine.rollout.
-    parallel_tool_calls); a function name, every record whose tools include it. Other records sample freely. A setting that constrains no record is a UserError when `strict` (the training data:
-    the job would not do what it says), else None (validation data without such records)."""
+    record that has tools to a call of one of them (several calls when `parallel`:
+    engine.rollout.parallel_tool_calls); a function name, every record whose tools include it. Other records
+    sample freely. A setting that constrains no record is a UserError when `strict` (the training data: the job
+    would not do what it says), else None (validation data without such records)."""
     if tool_choice == "auto":
         return None
     from grpo.rollout.tools import template_family

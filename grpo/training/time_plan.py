@@ -44,6 +44,7 @@ first step's warm-up; with several processes the plan is the one-process plan (D
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -511,7 +512,7 @@ def _layer_times(config, info, job, setup, dtype, *, rows: int, prompt: int, tok
         torch.manual_seed(0)
         policy = _probe_policy(_layer_copy(config, layers), dtype, setup, e.lora, e.cpu_linear)
         policy.eval()
-        with torch.no_grad(), (policy.disable_adapter() if merged else _nullcontext()):
+        with torch.no_grad(), (policy.disable_adapter() if merged else contextlib.nullcontext()):
             # one row's prompt prefilled and its cache repeated to `rows`, as the engine does for a group
             cache = cache_of(policy(input_ids=torch.randint(0, 256, (1, prompt)), use_cache=True, logits_to_keep=1))
             cache.batch_repeat_interleave(rows)
@@ -542,12 +543,6 @@ def _layer_flops(info, kind: str, *, rows: int, prompt: int, tokens: int, merged
     if kind == "forward":
         return fwd
     return 2 * fwd + 2 * (lora / info.layers) * 4 * seq + 4 * per_pos * seq * (seq + 1) / 2
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
