@@ -8,9 +8,11 @@ One invocation loads the model with a LoRA adapter (rank 32, all linear layers; 
 trainer samples), then for each Linear kernel choice (`engine.cpu_linear`: PyTorch's `aten` = MKL, and
 `onednn`) runs `grpo.rollout.generate.generate` on `--prompts` prompts x `--group` samples (ignore_eos, so every
 row decodes `--new` tokens) under torch.profiler and prints, per decode step: the Linear products, attention,
-sampling (softmax, multinomial), the rest of the operators, and Python/dispatch (wall time not inside any
+sampling (softmax, the draw), the rest of the operators, and Python/dispatch (wall time not inside any
 operator); then the floor: 2 x parameters x rows FLOPs per step at the rate a single large product reaches on
-this machine (measured here), and last the ratio aten/onednn of the whole `generate` call.
+this machine (measured here), and last the ratio aten/onednn of the whole `generate` call. With oneDNN it also
+runs the decode loop drawing with `torch.multinomial` (an exponential per vocabulary entry) in place of the
+one-uniform inverse-CDF sampler (grpo.rollout.sampling), and prints that ratio too (issue #24).
 
 Checked every run (exit 1 otherwise): the two kernel choices give the same next-token logits on the prompts (to
 fp32 rounding, 1e-3), and each `generate` call returns prompts x group responses of exactly --new tokens.
@@ -28,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LINEAR = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
 ATTENTION = ("scaled_dot_product",)
-SAMPLING = ("aten::multinomial", "aten::exponential_", "aten::_softmax", "aten::sort", "aten::cumsum")
+SAMPLING = ("aten::multinomial", "aten::exponential_", "aten::_softmax", "aten::sort", "aten::cumsum", "aten::searchsorted",
+            "aten::uniform_", "aten::nextafter")
 
 
 def build(a):
@@ -150,18 +153,29 @@ def main() -> int:
     print(f"floor: 2 x {params / 1e6:.1f}M x {rows} rows = {2 * params * rows / 1e9:.2f} GFLOP per decode step; one large "
           f"product reaches {rate:.0f} GFLOP/s here -> {floor_ms:.1f} ms per step (weights {params * 4 / 2**20:.0f} MiB read "
           "per step besides)")
+    import grpo.rollout.generate as decode_loop
+
     res, logits = {}, {}
-    for choice in ("aten", "onednn"):
+    inverse_cdf = decode_loop.sample_rows
+    for choice in ("aten", "onednn", "onednn+multinomial"):
         if choice == "onednn":
             use_onednn_linears(policy, "onednn")
-        with torch.no_grad():
-            logits[choice] = policy(input_ids=torch.tensor(prompts)).logits[:, -1]
-        r = res[choice] = profile_generate(policy, tok, prompts, a)
+        if choice == "onednn+multinomial":
+            decode_loop.sample_rows = lambda probs: torch.multinomial(probs, 1).squeeze(1)
+        else:
+            with torch.no_grad():
+                logits[choice] = policy(input_ids=torch.tensor(prompts)).logits[:, -1]
+        try:
+            r = res[choice] = profile_generate(policy, tok, prompts, a)
+        finally:
+            decode_loop.sample_rows = inverse_cdf
         per = {k: v / a.new * 1e3 for k, v in r["split"].items()}
-        print(f"  {choice:7s} generate {r['wall']:.2f} s = {r['wall'] / a.new * 1e3:.1f} ms per decode step (prefill "
+        print(f"  {choice:18s} generate {r['wall']:.2f} s = {r['wall'] / a.new * 1e3:.1f} ms per decode step (prefill "
               f"included); profiled split, ms per step: " + "  ".join(f"{k} {v:.1f}" for k, v in per.items()))
     print("  " + spread_line("aten/onednn, whole generate call,", [x / y for x, y in zip(res["aten"]["walls"],
                                                                                        res["onednn"]["walls"])]))
+    print("  " + spread_line("multinomial/inverse-CDF sampler (onednn), whole generate call,",
+                             [x / y for x, y in zip(res["onednn+multinomial"]["walls"], res["onednn"]["walls"])]))
     print("  " + spread_line("onednn vs the floor,", [w / a.new * 1e3 / floor_ms for w in res["onednn"]["walls"]]))
     print(f"ratio aten/onednn, whole generate call: {res['aten']['wall'] / res['onednn']['wall']:.2f}x; "
           f"onednn vs the floor: {res['onednn']['wall'] / a.new * 1e3 / floor_ms:.1f}x")

@@ -16,6 +16,7 @@ from grpo.models.merge import merged_lora
 from grpo.rollout.batch import RolloutBatch
 from grpo.rollout.constrain import GrammarLogitsProcessor, call_end_ids, mask_logits_, row_constraints
 from grpo.rollout.prompts import end_token_ids, special_tokens
+from grpo.rollout.sampling import sample_rows
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -34,7 +35,7 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
-    transformers' sampling does; temperature 0 takes the argmax (greedy). Finished rows get `pad` until every row
+    transformers' sampling does, with one uniform per row (grpo.rollout.sampling); temperature 0 takes the argmax (greedy). Finished rows get `pad` until every row
     is finished. `constraints`: a grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before
     temperature and top-p; a row whose grammar has finished is done. `logprobs`: a list that gets each step's
     [rows] log-probs of the drawn tokens under the distribution they were drawn from (the sampler's own numerics:
@@ -65,7 +66,7 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
         else:
             scores = _top_p_filter(logits.float() / temperature, top_p)
             probs = scores.softmax(dim=-1)
-            nxt = torch.multinomial(probs, 1).squeeze(1)
+            nxt = sample_rows(probs)
         if logprobs is not None:
             logprobs.append(scores.log_softmax(dim=-1).gather(1, nxt[:, None]).squeeze(1).cpu())
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
