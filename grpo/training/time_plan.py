@@ -554,6 +554,7 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     from grpo.models.kv_cache import cache_kwarg, cache_of
     from grpo.models.loading import quiet_transformers
     from grpo.rollout.generate import GEN_BATCH
+    from grpo.rollout.sampling import sample_rows
 
     quiet_transformers()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -599,7 +600,7 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     with torch.no_grad():
         head_s = _timed(head_chunk) / pos * (info.vocab / V) * (info.hidden / H)
         last = torch.randn(rows, V)
-        sample_s = _timed(lambda: torch.multinomial(last.softmax(-1), 1)) * info.vocab / V
+        sample_s = _timed(lambda: sample_rows(last.softmax(-1))) * info.vocab / V  # the decode loop's sampler
     del head_w, lin
     # fixed costs: the model's own classes at width 64, one and two layers, LoRA as configured
     times = {}
