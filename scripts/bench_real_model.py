@@ -49,7 +49,8 @@ def job_config(a):
         ("batch_size", a.prompts), ("training_sample_per_prompt", a.group), ("inference_max_tokens", a.max_tokens),
         ("early_stopping", "false"))] + [
         f"engine.{k}={v}" for k, v in (("seed", a.seed), ("dtype", "float32"), ("micro_batch_size", a.prompts * a.group),
-                                        ("log_samples", 0), ("checkpoint_interval", 10_000), ("lora.dropout", 0.0))]
+                                        ("log_samples", 0), ("checkpoint_interval", 10_000), ("lora.dropout", 0.0),
+                                        ("cpu_linear", getattr(a, "cpu_linear", "onednn")))]
     sets += [f"training_file={a.data}"] if getattr(a, "data", None) else []
     return load_config(CONFIG, sets + ["engine.log_with=[none]", "validation_file=null"])
 
@@ -229,6 +230,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", default="ours,trl")
+    p.add_argument("--cpu-linear", choices=["onednn", "aten"], default="onednn",
+                   help="our engine's engine.cpu_linear (the frozen Linear kernels; TRL always runs PyTorch's)")
     p.add_argument("--png", type=Path, default=None, help="write both engines' reward curves here")
     p.add_argument("--json", type=Path, default=None, help="write every step's numbers here")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -278,7 +281,8 @@ def main() -> int:
             for eng in (engines if k % 2 == 0 else engines[::-1]):
                 cmd = [sys.executable, __file__, "--worker", eng, "--model-dir", model_dir, "--seed", str(seed),
                        "--out-dir", str(Path(tmp) / f"out-{eng}-{seed}"), "--steps", str(a.steps), "--prompts",
-                       str(a.prompts), "--group", str(a.group), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads)]
+                       str(a.prompts), "--group", str(a.group), "--max-tokens", str(a.max_tokens), "--threads", str(a.threads),
+                       "--cpu-linear", a.cpu_linear]
                 cmd += ["--data", a.data] if a.data else []
                 t = time.perf_counter()
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, check=False)

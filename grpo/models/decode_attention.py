@@ -31,18 +31,19 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
             or kwargs.get("position_bias") is not None or getattr(module, "sinks", None) is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    rep = heads // kv_heads
-    scale = scaling if scaling is not None else d ** -0.5
-    scores = torch.matmul(query.view(b, kv_heads, rep, d), key.transpose(-1, -2))  # [b, kv_heads, rep, keys]
-    scores.mul_(scale)
-    if attention_mask is not None:
-        mask = attention_mask[:, :, -1:, :key.shape[2]]  # [b, 1, 1, keys]: one row per sequence
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores.add_(mask)
-    out = torch.matmul(scores.softmax(dim=-1), value)  # [b, kv_heads, rep, d]
-    return out.view(b, heads, 1, d).transpose(1, 2), None
+    with torch.profiler.record_function(NAME):  # scripts/bench_decode.py counts what runs inside as attention
+        rep = heads // kv_heads
+        scale = scaling if scaling is not None else d ** -0.5
+        scores = torch.matmul(query.view(b, kv_heads, rep, d), key.transpose(-1, -2))  # [b, kv_heads, rep, keys]
+        scores.mul_(scale)
+        if attention_mask is not None:
+            mask = attention_mask[:, :, -1:, :key.shape[2]]  # [b, 1, 1, keys]: one row per sequence
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, float("-inf"))
+            else:
+                scores.add_(mask)
+        out = torch.matmul(scores.softmax(dim=-1), value)  # [b, kv_heads, rep, d]
+        return out.view(b, heads, 1, d).transpose(1, 2), None
 
 
 @functools.cache
