@@ -12,8 +12,7 @@ sampling (softmax, the draw), the rest of the operators, and Python/dispatch (wa
 operator); then the floor: 2 x parameters x rows FLOPs per step at the rate a single large product reaches on
 this machine (measured here), and last the ratio aten/onednn of the whole `generate` call. With oneDNN it also
 runs the decode loop drawing with `torch.multinomial` (an exponential per vocabulary entry) in place of the
-one-uniform inverse-CDF sampler (grpo.rollout.sampling), and with one-token attention through SDPA in place of
-grpo.models.decode_attention's batched products, and prints those ratios too (issue #24).
+one-uniform inverse-CDF sampler (grpo.rollout.sampling), and prints that ratio too (issue #24).
 
 Checked every run (exit 1 otherwise): the two kernel choices give the same next-token logits on the prompts (to
 fp32 rounding, 1e-3), and each `generate` call returns prompts x group responses of exactly --new tokens.
@@ -22,7 +21,6 @@ fp32 rounding, 1e-3), and each `generate` call returns prompts x group responses
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -32,18 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LINEAR = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
 ATTENTION = ("scaled_dot_product",)
-DECODE_ATTENTION = "grpo_decode"  # grpo.models.decode_attention's record_function: one-token attention
 SAMPLING = ("aten::multinomial", "aten::exponential_", "aten::_softmax", "aten::sort", "aten::cumsum", "aten::searchsorted",
             "aten::uniform_", "aten::nextafter")
-
-
-def _inside(ev, name: str) -> bool:
-    parent = ev.cpu_parent
-    while parent is not None:
-        if parent.name == name:
-            return True
-        parent = parent.cpu_parent
-    return False
 
 
 def build(a):
@@ -99,9 +87,7 @@ def profile_generate(policy, tok, prompts, a) -> dict:
     buckets = {"linear": 0.0, "attention": 0.0, "sampling": 0.0, "other ops": 0.0}
     for ev in prof.events():
         us = ev.self_cpu_time_total
-        if ev.name == DECODE_ATTENTION or _inside(ev, DECODE_ATTENTION):  # grpo.models.decode_attention's products
-            buckets["attention"] += us
-        elif ev.name.startswith(LINEAR):
+        if ev.name.startswith(LINEAR):
             buckets["linear"] += us
         elif any(k in ev.name for k in ATTENTION):
             buckets["attention"] += us
@@ -171,21 +157,18 @@ def main() -> int:
 
     res, logits = {}, {}
     inverse_cdf = decode_loop.sample_rows
-    batched_attention = decode_loop.decode_attention
-    for choice in ("aten", "onednn", "onednn+multinomial", "onednn+sdpa"):
+    for choice in ("aten", "onednn", "onednn+multinomial"):
         if choice == "onednn":
             use_onednn_linears(policy, "onednn")
         if choice == "onednn+multinomial":
             decode_loop.sample_rows = lambda probs: torch.multinomial(probs, 1).squeeze(1)
-        elif choice == "onednn+sdpa":  # one-token attention through SDPA, as before grpo.models.decode_attention
-            decode_loop.decode_attention = lambda model: contextlib.nullcontext()
         else:
             with torch.no_grad():
                 logits[choice] = policy(input_ids=torch.tensor(prompts)).logits[:, -1]
         try:
             r = res[choice] = profile_generate(policy, tok, prompts, a)
         finally:
-            decode_loop.sample_rows, decode_loop.decode_attention = inverse_cdf, batched_attention
+            decode_loop.sample_rows = inverse_cdf
         per = {k: v / a.new * 1e3 for k, v in r["split"].items()}
         print(f"  {choice:18s} generate {r['wall']:.2f} s = {r['wall'] / a.new * 1e3:.1f} ms per decode step (prefill "
               f"included); profiled split, ms per step: " + "  ".join(f"{k} {v:.1f}" for k, v in per.items()))
@@ -193,8 +176,6 @@ def main() -> int:
                                                                                        res["onednn"]["walls"])]))
     print("  " + spread_line("multinomial/inverse-CDF sampler (onednn), whole generate call,",
                              [x / y for x, y in zip(res["onednn+multinomial"]["walls"], res["onednn"]["walls"])]))
-    print("  " + spread_line("SDPA/batched one-token attention (onednn), whole generate call,",
-                             [x / y for x, y in zip(res["onednn+sdpa"]["walls"], res["onednn"]["walls"])]))
     print("  " + spread_line("onednn vs the floor,", [w / a.new * 1e3 / floor_ms for w in res["onednn"]["walls"]]))
     print(f"ratio aten/onednn, whole generate call: {res['aten']['wall'] / res['onednn']['wall']:.2f}x; "
           f"onednn vs the floor: {res['onednn']['wall'] / a.new * 1e3 / floor_ms:.1f}x")

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import torch
 
 from grpo.batch import left_pad
-from grpo.models.decode_attention import decode_attention
 from grpo.models.kv_cache import cache_kwarg, cache_of, preallocate, shares_prefix
 from grpo.models.merge import merged_lora
 from grpo.rollout.batch import RolloutBatch
@@ -136,10 +135,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     per_call = max(1, batch_size // n)
     shared = shares_prefix(model)
     try:
-        # The LoRA merge (shared-prefix decoders) once for the whole call: the weights do not change within it;
-        # one-token attention as batched products (grpo.models.decode_attention) for the decode loop's steps.
-        with merged_lora(model) if shared else contextlib.nullcontext(), \
-                decode_attention(model) if shared else contextlib.nullcontext():
+        # The LoRA merge (shared-prefix decoders) once for the whole call: the weights do not change within it.
+        with merged_lora(model) if shared else contextlib.nullcontext():
             for start in range(0, len(prompts), per_call):
                 chunk = prompts[start:start + per_call]
                 rows = row_constraints(tokenizer, model, grammars[start:start + per_call] if grammars else None, n,
