@@ -54,7 +54,7 @@ def main() -> int:
     runs = {name: load(a.root / name) for name in (*PRESETS, "grpo_seed1", "ds_seed0", "ds_seed1")}
     quiet = {name: load(a.seconds_from / name) for name in PRESETS} if a.seconds_from else {}
 
-    print(f"| preset | val @0 | @10 | @20 | @30 | s/step{' (quiet rerun)' if quiet else ' (contended)'} |")
+    print(f"| preset | val @0 | @10 | @20 | @30 | s/step{f' (from {a.seconds_from})' if quiet else ''} |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in PRESETS:
         r = runs[name]
@@ -115,7 +115,7 @@ def main() -> int:
                 t = [0.0] + [r["elapsed"][s - 1] for s in steps if s > 0]
                 ax[2].plot(t, [r["val"][s] for s in steps], style, color=color, marker="o", label=f"{label}, seed {seed}")
         ax[1].set(title="dynamic sampling: per step", xlabel="step")
-        ax[2].set(title="per second (contended CPU)", xlabel="seconds of training and validation")
+        ax[2].set(title="per second (as the runs were timed)", xlabel="seconds of training and validation")
         ax[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(a.out)

@@ -41,7 +41,7 @@ def test_short_quickstart_starts_in_range_and_the_reward_rises(tiny_model, tmp_p
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     first = statistics.mean(r["critic_rewards_mean"] for r in rows[:4])
     last = statistics.mean(r["critic_rewards_mean"] for r in rows[-4:])
-    assert last > first + 0.15, (first, last)  # measured: 0.41 -> 0.80 over these 12 steps
+    assert last > first + 0.15, (first, last)  # measured: 0.41 -> 0.80 over these 12 steps (torch.multinomial sampling, before 2026-12-06)
     assert rows[-1]["val_score_rewards_mean"] > summary["baseline_val_score_rewards_mean"]
     assert rows[-1]["reward_format_ok_mean"] > rows[0]["reward_format_ok_mean"]
     assert summary["health"]["ok"], summary["health"]["alarms"]  # a healthy run raises no training-health alarm
