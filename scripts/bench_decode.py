@@ -85,13 +85,13 @@ def profile_generate(policy, tok, prompts, a) -> dict:
         run()
         prof_wall = time.perf_counter() - t
     buckets = {"linear": 0.0, "attention": 0.0, "sampling": 0.0, "other ops": 0.0}
-    for ev in prof.events():
+    for ev in prof.key_averages():
         us = ev.self_cpu_time_total
-        if ev.name.startswith(LINEAR):
+        if ev.key.startswith(LINEAR):
             buckets["linear"] += us
-        elif any(k in ev.name for k in ATTENTION):
+        elif any(k in ev.key for k in ATTENTION):
             buckets["attention"] += us
-        elif ev.name.startswith(SAMPLING):
+        elif ev.key.startswith(SAMPLING):
             buckets["sampling"] += us
         else:
             buckets["other ops"] += us

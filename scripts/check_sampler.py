@@ -63,7 +63,7 @@ def main() -> int:
 
     samplers = {"inverse-CDF": decode_loop.sample_rows,
                 "multinomial": lambda probs: torch.multinomial(probs, 1).squeeze(1)}
-    per = {name: {"reward": [], "truncated": [], "length": [], "scores": [], "lengths": []} for name in samplers}
+    per = {name: {"reward": [], "truncated": [], "length": [], "lengths": []} for name in samplers}
     print(f"{e.model}: {len(prompts)} prompts x {a.group}, {h.inference_max_tokens} tokens, temperature "
           f"{e.temperature}, {a.seeds} seeds per sampler")
     start = time.perf_counter()
@@ -80,12 +80,10 @@ def main() -> int:
                      for k, (g, text) in enumerate(zip(out.group, out.contents))]
             scores = [float(x["aggregate_reward_score"]) for x in handler.lambda_handler(event, None)]
             d = per[name]
-            d["scores"] += scores
             d["lengths"] += out.response_lengths
             d["reward"].append(statistics.fmean(scores))
             d["truncated"].append(statistics.fmean(map(float, out.truncated)))
             d["length"].append(statistics.fmean(out.response_lengths))
-            d.setdefault("trunc_rows", []).extend(map(float, out.truncated))
         print(f"  seed {seed}: " + "   ".join(f"{n} reward {per[n]['reward'][-1]:.3f} truncated "
                                              f"{per[n]['truncated'][-1]:.3f} length {per[n]['length'][-1]:.1f}"
                                              for n in samplers) + f"   ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -94,7 +92,7 @@ def main() -> int:
         return statistics.fmean(xs), statistics.stdev(xs) / math.sqrt(len(xs))
 
     failures = []
-    for key, rows_key in (("reward", "scores"), ("truncated", "trunc_rows"), ("length", "lengths")):
+    for key in ("reward", "truncated", "length"):
         # standard errors over the seeds' means (rows within a seed share prompts, so they are not independent)
         (ma, sa), (mb, sb) = mean_se(per["inverse-CDF"][key]), mean_se(per["multinomial"][key])
         z = (ma - mb) / math.sqrt(sa ** 2 + sb ** 2) if sa + sb > 0 else 0.0

@@ -35,9 +35,10 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
-    transformers' sampling does, with one uniform per row (grpo.rollout.sampling); temperature 0 takes the argmax (greedy). Finished rows get `pad` until every row
-    is finished. `constraints`: a grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before
-    temperature and top-p; a row whose grammar has finished is done. `logprobs`: a list that gets each step's
+    transformers' sampling does, with one uniform per row (grpo.rollout.sampling); temperature 0 takes the argmax
+    (greedy). Finished rows get `pad` until every row is finished. `constraints`: a
+    grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before temperature and top-p; a row
+    whose grammar has finished is done. `logprobs`: a list that gets each step's
     [rows] log-probs of the drawn tokens under the distribution they were drawn from (the sampler's own numerics:
     KV cache, decode batch; for measuring its mismatch with the trainer's forward)."""
     kw = cache_kwarg(model)
