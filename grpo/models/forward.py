@@ -184,6 +184,56 @@ def _head_chunk(head, hidden, labels, temperature: float, with_entropy: bool):
     return (logp, entropy_from_logits(logits)) if with_entropy else (logp,)
 
 
+class _HeadLogprob(torch.autograd.Function):
+    """log pi(label | hidden) through a frozen head, whose backward recomputes the logits and forms their gradient
+    in place: exp(z - lse) * (-g), plus g at the label. The same numbers, gradient included, as autograd through
+    `_head_chunk` under a checkpoint (the path it replaces), which recomputes the log-softmax and the entropy in
+    the backward, then builds the gradient from a gather's zero-filled scatter, logsumexp's backward and their sum;
+    here only the head's product (and the temperature's division) are recomputed and their own backward runs as
+    before. Saved between the passes: the hidden states and the log-normaliser (one float per position), as the
+    checkpoint saved the hidden states. The entropy (a metric here) is computed once, without gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head, temperature, entropy_out):
+        _, logits = _head_logits(head, hidden, temperature)
+        logits = logits.detach()
+        with torch.no_grad():
+            lse = torch.logsumexp(logits, dim=-1)
+            logp = logits.gather(-1, labels.reshape(-1, 1).long()).squeeze(-1) - lse
+            if entropy_out is not None:
+                entropy_out.append(entropy_from_logits(logits))
+        ctx.save_for_backward(hidden, labels, lse)
+        ctx.head, ctx.temperature = head, temperature
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, labels, lse = ctx.saved_tensors
+        h, logits = _head_logits(ctx.head, hidden, ctx.temperature)
+        # logsumexp's backward, grad * exp(z - lse), with the subtraction's negated gradient; then the gather's
+        gz = (-grad).unsqueeze(-1) * (logits.detach() - lse.unsqueeze(-1)).exp()
+        gz.scatter_add_(-1, labels.reshape(-1, 1).long(), grad.unsqueeze(-1))
+        (gh,) = torch.autograd.grad(logits, h, gz)
+        return gh, None, None, None, None
+
+
+def _head_logits(head, hidden, temperature: float):
+    """(input, logits / temperature) as the checkpointed path computes them: under autograd, from an input that
+    requires grad, so the head takes the same kernel (grpo.models.cpu_linear picks by that) in both passes."""
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_(True)
+        logits = head(h).float()
+        return h, (logits / temperature if temperature != 1.0 else logits)
+
+
+def _fused_head_applies(head) -> bool:
+    """A plain frozen Linear head of plain tensors (not FSDP2's DTensors, not ZeRO-3's partitions): the head
+    `_HeadLogprob` may call again in the backward on its own, outside any wrapper's hooks."""
+    params = list(head.parameters()) if isinstance(head, torch.nn.Module) else []
+    return isinstance(head, torch.nn.Linear) and bool(params) and not any(
+        p.requires_grad or hasattr(p, "ds_id") or type(p.data) is not torch.Tensor for p in params)
+
+
 def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bool):
     """The reference path: the model's own [N, L, V] logits (models whose logits are more than lm_head(h))."""
     device = next(model.parameters()).device
@@ -196,7 +246,7 @@ def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bo
 
 
 def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entropy: bool = False,
-                     chunk_size: int | None = None, share_prefix: bool = True):
+                     chunk_size: int | None = None, share_prefix: bool = True, entropy_grad: bool = True):
     """log pi(token_{t+1} | <= t) at every response position t ([N, L-1]; 0 elsewhere), from logits divided by
     the sampling temperature (as verl does, so the log-probs are those of the distribution the rollout sampled
     from), and the token entropy at the same positions if asked.
@@ -205,7 +255,10 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
     gradient hooks, ZeRO-3's parameter gathering and peft's adapters all work as usual) with
     `logits_to_keep=1`; a forward hook on the decoder keeps its last hidden state; lm_head is then applied to
     the response positions `chunk_size` at a time. Under autograd each chunk is checkpointed, so only its
-    hidden states are kept and its logits are recomputed in the backward pass (one extra lm_head pass).
+    hidden states are kept and its logits are recomputed in the backward pass (one extra lm_head pass); with
+    a frozen plain Linear head and `entropy_grad=False` (the entropy a metric, not a loss term) the chunk is
+    `_HeadLogprob` instead: the same values and gradients, without recomputing the log-softmax and the
+    entropy in the backward.
     Models whose logits are not plain lm_head(hidden) take the full-logits path instead. `chunk_size`: default
     LOGPROB_CHUNK (read at call time). ZeRO-3: the head is gathered once per call (`_gathered_head`).
 
@@ -234,7 +287,12 @@ def forward_logprobs(model, batch: PackedBatch, temperature: float, *, with_entr
     if _zero3_partitioned(head):  # after the model's forward: every rank gathers it here exactly once
         head = _gathered_head(head)
     logps, ents = [], []
+    fused = grad and not (with_entropy and entropy_grad) and _fused_head_applies(head)
     for i in range(0, max(len(h_sel), 1), chunk_size):  # at least one (maybe empty) chunk keeps the graph whole
+        if fused:
+            logps.append(_HeadLogprob.apply(h_sel[i:i + chunk_size], lab_sel[i:i + chunk_size], head, temperature,
+                                            ents if with_entropy else None))
+            continue
         args = (head, h_sel[i:i + chunk_size], lab_sel[i:i + chunk_size], temperature, with_entropy)
         out = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args)
         logps.append(out[0])

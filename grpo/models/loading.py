@@ -210,14 +210,19 @@ def add_lora(model, lora: LoraConfig, *, adapter_path: str | None = None):
     """Wrap `model` in a peft LoRA adapter (new, or loaded trainable from `adapter_path`)."""
     from peft import PeftModel, get_peft_model
 
+    from grpo.models.lora_forward import scale_on_rank_side
+
     quiet_transformers()
     if adapter_path:
-        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    cfg = peft_lora_config(lora, getattr(model.config, "model_type", None))
-    try:
-        return get_peft_model(model, cfg)
-    except ValueError as e:  # e.g. a target that matches nothing: the user's engine.lora is wrong
-        raise UserError(f"engine.lora: {str(e).splitlines()[0]}") from None
+        policy = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    else:
+        cfg = peft_lora_config(lora, getattr(model.config, "model_type", None))
+        try:
+            policy = get_peft_model(model, cfg)
+        except ValueError as e:  # e.g. a target that matches nothing: the user's engine.lora is wrong
+            raise UserError(f"engine.lora: {str(e).splitlines()[0]}") from None
+    scale_on_rank_side(policy)  # the adapter's scaling on its rank-r side where that is exact (same numbers)
+    return policy
 
 
 def load_policy(path: str, lora: LoraConfig, *, dtype: torch.dtype, gradient_checkpointing: bool = False,

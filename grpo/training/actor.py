@@ -140,7 +140,8 @@ def update_policy(model, optimizer, batch: PackedBatch, advantages: torch.Tensor
                     mb = batch.select(idx)
                     w = mb.response_mask.shape[1]
                     mask = mb.response_mask.to(accelerator.device)
-                    logp, entropy = forward_logprobs(model, mb, s.temperature, with_entropy=True)
+                    logp, entropy = forward_logprobs(model, mb, s.temperature, with_entropy=True,
+                                                     entropy_grad=bool(s.entropy_coef))
                     old = logp.detach() if old_logp is None else old_logp[idx, :w].to(logp.device)
                     adv = advantages[idx, :w].to(logp.device)
                     agg = dict(loss_agg_mode=s.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs,
