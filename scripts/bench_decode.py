@@ -12,10 +12,13 @@ sampling (softmax, the draw), the rest of the operators, and Python/dispatch (wa
 operator); then the floor: 2 x parameters x rows FLOPs per step at the rate a single large product reaches on
 this machine (measured here), and last the ratio aten/onednn of the whole `generate` call. With oneDNN it also
 runs the decode loop drawing with `torch.multinomial` (an exponential per vocabulary entry) in place of the
-one-uniform inverse-CDF sampler (grpo.rollout.sampling), and prints that ratio too (issue #24).
+one-uniform inverse-CDF sampler (grpo.rollout.sampling), and prints that ratio too (issue #24); and the loop
+calling the model's own forward per step instead of grpo.models.decode_step.LeanDecoder (bit for bit the same
+tokens; `onednn+transformers`), with that ratio.
 
 Checked every run (exit 1 otherwise): the two kernel choices give the same next-token logits on the prompts (to
-fp32 rounding, 1e-3), and each `generate` call returns prompts x group responses of exactly --new tokens.
+fp32 rounding, 1e-3), each `generate` call returns prompts x group responses of exactly --new tokens, and the
+lean decoder draws the same tokens as the model's own forward.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def profile_generate(policy, tok, prompts, a) -> dict:
     ops = sum(buckets.values()) / 1e6
     buckets = {k: v / 1e6 for k, v in buckets.items()}
     buckets["python/dispatch"] = max(prof_wall - ops, 0.0)
-    return {"wall": statistics.median(walls), "walls": walls, "split": buckets, "prof_wall": prof_wall}
+    return {"wall": statistics.median(walls), "walls": walls, "split": buckets, "prof_wall": prof_wall,
+            "tokens": first.response_ids}
 
 
 def gemm_rate(threads: int, k: int, n: int) -> float:
@@ -157,11 +161,13 @@ def main() -> int:
 
     res, logits = {}, {}
     inverse_cdf = decode_loop.sample_rows
-    for choice in ("aten", "onednn", "onednn+multinomial"):
+    for choice in ("aten", "onednn", "onednn+multinomial", "onednn+transformers"):
         if choice == "onednn":
             use_onednn_linears(policy, "onednn")
         if choice == "onednn+multinomial":
             decode_loop.sample_rows = lambda probs: torch.multinomial(probs, 1).squeeze(1)
+        elif choice == "onednn+transformers":
+            decode_loop.LEAN_DECODE = False
         else:
             with torch.no_grad():
                 logits[choice] = policy(input_ids=torch.tensor(prompts)).logits[:, -1]
@@ -169,6 +175,7 @@ def main() -> int:
             r = res[choice] = profile_generate(policy, tok, prompts, a)
         finally:
             decode_loop.sample_rows = inverse_cdf
+            decode_loop.LEAN_DECODE = True
         per = {k: v / a.new * 1e3 for k, v in r["split"].items()}
         print(f"  {choice:18s} generate {r['wall']:.2f} s = {r['wall'] / a.new * 1e3:.1f} ms per decode step (prefill "
               f"included); profiled split, ms per step: " + "  ".join(f"{k} {v:.1f}" for k, v in per.items()))
@@ -176,12 +183,16 @@ def main() -> int:
                                                                                        res["onednn"]["walls"])]))
     print("  " + spread_line("multinomial/inverse-CDF sampler (onednn), whole generate call,",
                              [x / y for x, y in zip(res["onednn+multinomial"]["walls"], res["onednn"]["walls"])]))
+    print("  " + spread_line("transformers' forward/lean decoder (onednn), whole generate call,",
+                             [x / y for x, y in zip(res["onednn+transformers"]["walls"], res["onednn"]["walls"])]))
     print("  " + spread_line("onednn vs the floor,", [w / a.new * 1e3 / floor_ms for w in res["onednn"]["walls"]]))
     print(f"ratio aten/onednn, whole generate call: {res['aten']['wall'] / res['onednn']['wall']:.2f}x; "
           f"onednn vs the floor: {res['onednn']['wall'] / a.new * 1e3 / floor_ms:.1f}x")
     diff = (logits["aten"] - logits["onednn"]).abs().max().item()
     print(f"check: next-token logits, aten vs onednn: max |difference| {diff:.2e} (limit 1e-3)")
-    return 0 if diff <= 1e-3 else 1
+    same = res["onednn"]["tokens"] == res["onednn+transformers"]["tokens"]
+    print(f"check: the lean decoder and transformers' forward drew the same tokens (seed 0): {same}")
+    return 0 if diff <= 1e-3 and same else 1
 
 
 if __name__ == "__main__":

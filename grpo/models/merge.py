@@ -23,12 +23,15 @@ def merged_lora(model):
         yield
         return
     saved = []
+    rows = _fused_rows(model, plan)
     try:
         for mod, name in plan:
             base = mod.base_layer
             saved.append((mod, base.weight))
             with torch.no_grad():  # one layer's delta at a time: the call holds one merged copy, no deltas besides
-                merged = base.weight.detach() + (mod.lora_B[name].weight @ mod.lora_A[name].weight) * mod.scaling[name]
+                delta = (mod.lora_B[name].weight @ mod.lora_A[name].weight) * mod.scaling[name]
+                merged = torch.add(base.weight.detach(), delta, out=rows[mod]) if mod in rows else \
+                    base.weight.detach() + delta
             base.weight = torch.nn.Parameter(merged, requires_grad=False)
             mod.merged_adapters.append(name)
         yield
@@ -36,6 +39,33 @@ def merged_lora(model):
         for mod, weight in saved:
             mod.base_layer.weight = weight
             mod.merged_adapters.clear()
+
+
+#: Sibling projections that read the same input; merged, each group's weights are consecutive rows of one
+#: buffer, so a decoder may run the group as one product (grpo.models.decode_step).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fused_rows(model, plan) -> dict:
+    """{LoRA module: its rows of a new buffer} for the FUSED_GROUPS whose members are all in `plan` with the same
+    input width, dtype and device and no bias: their merged copies are written there instead of into separate
+    tensors (the same memory, the same numbers)."""
+    planned = {m for m, _ in plan}
+    rows = {}
+    for parent in model.modules():
+        for group in FUSED_GROUPS:
+            mods = [getattr(parent, n, None) for n in group]
+            if not all(m in planned for m in mods):
+                continue
+            ws = [m.base_layer.weight for m in mods]
+            if len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1 or any(m.base_layer.bias is not None for m in mods):
+                continue
+            buf = ws[0].new_empty((sum(w.shape[0] for w in ws), ws[0].shape[1]))
+            start = 0
+            for m, w in zip(mods, ws):
+                rows[m] = buf[start:start + w.shape[0]]
+                start += w.shape[0]
+    return rows
 
 
 def _merge_plan(model):

@@ -12,6 +12,7 @@ import torch
 
 from grpo.batch import left_pad
 from grpo.models.kv_cache import cache_kwarg, cache_of, preallocate, shares_prefix
+from grpo.models.decode_step import LeanDecoder
 from grpo.models.merge import merged_lora
 from grpo.rollout.batch import RolloutBatch
 from grpo.rollout.constrain import GrammarLogitsProcessor, call_end_ids, mask_logits_, row_constraints
@@ -31,7 +32,7 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
                           top_p: float, ends: list[int], pad: int, ignore_eos: bool, device,
-                          constraints=None, logprobs: list | None = None) -> list[list[int]]:
+                          constraints=None, logprobs: list | None = None, decoder=None) -> list[list[int]]:
     """`n` samples of each prompt in `chunk` (rows grouped by prompt), token lists of max_new_tokens (pad after
     an end token). One prefill per prompt; its KV cache is repeated n times; then one token per step for
     every row, drawn from softmax(logits / temperature) in float32 (top-p filtered if top_p < 1), as
@@ -40,16 +41,21 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
     grpo.rollout.constrain.RowConstraint (or None) per row, masking its logits before temperature and top-p; a row
     whose grammar has finished is done. `logprobs`: a list that gets each step's
     [rows] log-probs of the drawn tokens under the distribution they were drawn from (the sampler's own numerics:
-    KV cache, decode batch; for measuring its mismatch with the trainer's forward)."""
+    KV cache, decode batch; for measuring its mismatch with the trainer's forward). `decoder`: a
+    grpo.models.decode_step.LeanDecoder of `model` (the same logits without transformers' per-call machinery), or
+    None to call the model."""
     kw = cache_kwarg(model)
     ids, mask = left_pad(chunk, pad)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = cache_of(out)
+    if decoder is not None:
+        logits, cache = decoder(ids, mask, pos)
+    else:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits = cache_of(out), out.logits
     cache.batch_repeat_interleave(n)
     preallocate(cache, max_new_tokens)  # in-place KV writes per token instead of a full-cache concatenation
-    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+    logits = logits[:, -1].repeat_interleave(n, dim=0)
     mask = mask.repeat_interleave(n, dim=0)
     next_pos = mask.sum(dim=1, keepdim=True)
     rows = mask.shape[0]
@@ -86,12 +92,18 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
         if step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, one], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                    logits_to_keep=1, **{kw: cache})
+        if decoder is not None:
+            logits = decoder(nxt[:, None], mask, next_pos, cache)[:, -1]
+        else:
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                           logits_to_keep=1, **{kw: cache}).logits[:, -1]
         next_pos = next_pos + 1
-        logits = out.logits[:, -1]
     return tokens.tolist()
 
+
+#: Whether `generate` decodes shared-prefix models through grpo.models.decode_step.LeanDecoder (bit for bit the
+#: model's own forward; scripts/bench_decode.py flips it for its A/B row).
+LEAN_DECODE = True
 
 #: Sequences (prompts x samples) per decode call of `generate`; grpo.training.dry_run sizes the KV cache from it.
 GEN_BATCH = 64
@@ -138,6 +150,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
     try:
         # The LoRA merge (shared-prefix decoders) once for the whole call: the weights do not change within it.
         with merged_lora(model) if shared else contextlib.nullcontext():
+            decoder = LeanDecoder.make(model) if shared and LEAN_DECODE else None
             for start in range(0, len(prompts), per_call):
                 chunk = prompts[start:start + per_call]
                 rows = row_constraints(tokenizer, model, grammars[start:start + per_call] if grammars else None, n,
@@ -146,7 +159,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_toke
                 if shared:
                     new = _sample_shared_prefix(model, chunk, n=n, max_new_tokens=max_new_tokens,
                                                 temperature=temperature, top_p=top_p, ends=ends, pad=pad,
-                                                ignore_eos=ignore_eos, device=device, constraints=rows, logprobs=steps)
+                                                ignore_eos=ignore_eos, device=device, constraints=rows, logprobs=steps,
+                                                decoder=decoder)
                 elif steps is not None:
                     raise ValueError(f"sampler_logprobs: {type(model).__name__} decodes through transformers' generate")
                 else:
