@@ -115,3 +115,24 @@ def test_a_lora_model_gives_the_same_logprobs_gradients_and_merged_decoding(tmp_
     assert g_o.keys() == g_a.keys() and len(g_a) > 0
     for n in g_a:
         torch.testing.assert_close(g_o[n], g_a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_cpu_linear_overrides_the_job_setting(tmp_path, monkeypatch):
+    from helpers_engine import build_model_dir
+
+    from grpo.models.cpu_linear import configured_choice
+    from grpo.models.loading import load_base_model
+
+    model_dir = str(build_model_dir(tmp_path / "model", seed=3))
+    patched = lambda m: sum(_is_patched(x) for x in m.modules() if type(x) is torch.nn.Linear)  # noqa: E731
+    monkeypatch.delenv("GRPO_CPU_LINEAR", raising=False)
+    assert configured_choice(None) == "onednn" and configured_choice("aten") == "aten"
+    assert patched(load_base_model(model_dir, torch.float32, cpu_linear="onednn")) > 0
+    monkeypatch.setenv("GRPO_CPU_LINEAR", "aten")  # `grpo train` passes engine.cpu_linear (default onednn)
+    assert configured_choice("onednn") == "aten"
+    assert patched(load_base_model(model_dir, torch.float32, cpu_linear="onednn")) == 0
+    monkeypatch.setenv("GRPO_CPU_LINEAR", "mkl")
+    from grpo.errors import UserError
+
+    with pytest.raises(UserError, match="GRPO_CPU_LINEAR=mkl: must be"):
+        configured_choice("onednn")

@@ -19,7 +19,7 @@ product with the transposed weight, also through oneDNN), never to the frozen we
 re-packed only when the weight tensor is replaced or written to (grpo.models.merge swaps in merged copies
 for each `generate` call). Memory: the packed copy stays with its module, so a run holds about one more copy of
 the frozen Linear weights (not in grpo.training.dry_run's estimate; docs/scale.md). `engine.cpu_linear: aten` (or
-GRPO_CPU_LINEAR=aten) turns all of this off.
+GRPO_CPU_LINEAR=aten, which overrides the job's setting) turns all of this off.
 
 bfloat16 (engine.dtype bfloat16), where oneDNN computes bf16 natively (AVX512-BF16 or AMX; `bf16_native`): frozen
 bf16 Linear layers without grad (decoding, reference and old log-probs) take the same packed oneDNN product, bit
@@ -104,11 +104,22 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return _onednn(x, _packed(self, weight), bias)
 
 
+def configured_choice(configured: str | None) -> str:
+    """The kernel choice a job runs with: GRPO_CPU_LINEAR when it is set (it overrides the job's
+    engine.cpu_linear, for a run or a benchmark without editing the file), else `configured`, else "onednn"."""
+    env = os.environ.get("GRPO_CPU_LINEAR")
+    if env and env not in ("onednn", "aten"):
+        from grpo.errors import UserError
+
+        raise UserError(f"GRPO_CPU_LINEAR={env}: must be 'onednn' or 'aten' (or unset, to use engine.cpu_linear)")
+    return env or configured or "onednn"
+
+
 def use_onednn_linears(model: torch.nn.Module, choice: str | None = None) -> int:
     """Route the model's frozen float32 Linear layers through oneDNN (see the module docstring); returns how
-    many Linear modules got the forward. `choice` ("onednn" or "aten", else GRPO_CPU_LINEAR, else "onednn")
+    many Linear modules got the forward. `choice` ("onednn" or "aten"; None: `configured_choice(None)`):
     "aten" changes nothing. Idempotent."""
-    choice = choice or os.environ.get("GRPO_CPU_LINEAR") or "onednn"
+    choice = choice or configured_choice(None)
     if choice not in ("onednn", "aten"):
         raise ValueError(f"cpu_linear must be 'onednn' or 'aten', got {choice!r}")
     if choice == "aten" or not onednn_available():

@@ -13,7 +13,7 @@ import torch
 
 from grpo.config import TINY_MODEL, TINY_TOOLS_MODEL, LoraConfig
 from grpo.errors import UserError
-from grpo.models.cpu_linear import use_onednn_linears
+from grpo.models.cpu_linear import configured_choice, use_onednn_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,7 +134,7 @@ def load_base_model(path: str, dtype: torch.dtype, *, gradient_checkpointing: bo
         _unpack_on_cpu(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    use_onednn_linears(model, cpu_linear)
+    use_onednn_linears(model, configured_choice(cpu_linear))
     return model
 
 

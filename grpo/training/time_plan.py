@@ -482,7 +482,7 @@ def _probe_policy(config, dtype, setup, lora_cfg, cpu_linear: str):
     for the probe's timings."""
     from transformers import AutoModelForCausalLM
 
-    from grpo.models.cpu_linear import use_onednn_linears
+    from grpo.models.cpu_linear import configured_choice, use_onednn_linears
     from grpo.models.loading import add_lora, enable_gradient_checkpointing
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -491,8 +491,8 @@ def _probe_policy(config, dtype, setup, lora_cfg, cpu_linear: str):
     policy = add_lora(model, lora_cfg)
     if setup.gradient_checkpointing:
         policy.enable_input_require_grads()
-    if cpu_linear == "onednn":
-        use_onednn_linears(policy)
+    if configured_choice(cpu_linear) == "onednn":
+        use_onednn_linears(policy, "onednn")
     return policy
 
 
@@ -550,7 +550,7 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     import torch
     import torch.nn.functional as F
 
-    from grpo.models.cpu_linear import use_onednn_linears
+    from grpo.models.cpu_linear import configured_choice, use_onednn_linears
     from grpo.models.kv_cache import cache_kwarg, cache_of
     from grpo.models.loading import quiet_transformers
     from grpo.rollout.generate import GEN_BATCH
@@ -567,11 +567,11 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     micro = min(e.micro_batch_size, h.batch_size * G)
     per_row = _mean(lengths.prompts) / G + _mean(lengths.responses or [h.inference_max_tokens])
     tokens = min(512, max(16, round(micro * per_row)))
-    onednn = e.cpu_linear == "onednn" and dtype == torch.float32 and os.environ.get("GRPO_CPU_LINEAR") != "aten"
+    onednn = configured_choice(e.cpu_linear) == "onednn" and dtype == torch.float32
     torch.manual_seed(0)
     lin = torch.nn.Linear(H, inter, bias=False).to(dtype).requires_grad_(False)
     if onednn:
-        use_onednn_linears(lin)
+        use_onednn_linears(lin, "onednn")
     rate = {}
     with torch.no_grad():
         x = torch.randn(rows, H, dtype=dtype)
@@ -589,7 +589,7 @@ def cpu_probe(config, info, job, setup, lengths: Lengths) -> Probe:
     pos = min(128, tokens)
     head_w = torch.nn.Linear(H, V, bias=False).to(dtype).requires_grad_(False)
     if onednn:
-        use_onednn_linears(head_w)
+        use_onednn_linears(head_w, "onednn")
     hid = torch.randn(pos, H, dtype=dtype)
 
     def head_chunk():
