@@ -69,6 +69,13 @@ class LeanDecoder:
     a DynamicCache is made (the prefill) and returned as the second value."""
 
     def __init__(self, model, base, inner):
+        from transformers.cache_utils import DynamicCache
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._cache_class, self._attention, self._mask, self._rotary = (
+            DynamicCache, sdpa_attention_forward, create_causal_mask, apply_rotary_pos_emb)
         self.base, self.inner, self.config = base, inner, inner.config
         self.head = _product(base.lm_head)
         self.layers = []
@@ -103,46 +110,37 @@ class LeanDecoder:
             return None
         return cls(model, base, inner)
 
-    def _qkv(self, L, x):
-        if L["qkv"] is not None:
-            fn, sizes = L["qkv"]
+    @staticmethod
+    def _group(L, fused: str, members: tuple[str, ...], x):
+        """The group's outputs: one product split by rows where its weights are fused, else one per member."""
+        if L[fused] is not None:
+            fn, sizes = L[fused]
             return fn(x).split(sizes, dim=-1)
-        return L["q"](x), L["k"](x), L["v"](x)
-
-    def _gate_up(self, L, x):
-        if L["gate_up"] is not None:
-            fn, sizes = L["gate_up"]
-            return fn(x).split(sizes, dim=-1)
-        return L["gate"](x), L["up"](x)
+        return tuple(L[m](x) for m in members)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache=None):
-        from transformers.cache_utils import DynamicCache
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.masking_utils import create_causal_mask
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         made = cache is None
         if made:
-            cache = DynamicCache(config=self.config)
+            cache = self._cache_class(config=self.config)
         h = self.inner.embed_tokens.forward(input_ids)
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
-                                  position_ids=position_ids)
+        mask = self._mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
+                          position_ids=position_ids)
         cos, sin = self.inner.rotary_emb.forward(h, position_ids=position_ids)
         shape = h.shape[:-1]
         for i, L in enumerate(self.layers):
             att = L["attn"]
             x = L["in_norm"](h)
-            q, k, v = self._qkv(L, x)
+            q, k, v = self._group(L, "qkv", ("q", "k", "v"), x)
             q, k, v = (t.view(*shape, -1, att.head_dim) for t in (q, k, v))
             if L["q_norm"] is not None:
                 q, k = L["q_norm"](q), L["k_norm"](k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = self._rotary(q, k, cos, sin)
             k, v = cache.update(k, v, i, kwargs={})
-            out, _ = sdpa_attention_forward(att, q, k, v, mask, dropout=0.0, scaling=att.scaling)
+            out, _ = self._attention(att, q, k, v, mask, dropout=0.0, scaling=att.scaling)
             h = h + L["o"](out.reshape(*shape, -1).contiguous())
             x = L["post_norm"](h)
-            gate, up = self._gate_up(L, x)
+            gate, up = self._group(L, "gate_up", ("gate", "up"), x)
             h = h + L["down"](L["act"](gate) * up)
         h = self.inner.norm.forward(h)
         logits = self.head(h[:, -1:, :])

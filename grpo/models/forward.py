@@ -176,10 +176,13 @@ def _shared_prefix_hidden(model, decoder, batch: PackedBatch, device):
     return sel.to(device), local[lmask], sids.to(device)[lmask]
 
 
-def _head_chunk(head, hidden, labels, temperature: float, with_entropy: bool):
+def _tempered_logits(head, hidden, temperature: float):
     logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _head_chunk(head, hidden, labels, temperature: float, with_entropy: bool):
+    logits = _tempered_logits(head, hidden, temperature)
     logp = log_probs_from_logits(logits, labels)
     return (logp, entropy_from_logits(logits)) if with_entropy else (logp,)
 
@@ -222,16 +225,14 @@ def _head_logits(head, hidden, temperature: float):
     requires grad, so the head takes the same kernel (grpo.models.cpu_linear picks by that) in both passes."""
     with torch.enable_grad():
         h = hidden.detach().requires_grad_(True)
-        logits = head(h).float()
-        return h, (logits / temperature if temperature != 1.0 else logits)
+        return h, _tempered_logits(head, h, temperature)
 
 
 def _fused_head_applies(head) -> bool:
     """A plain frozen Linear head of plain tensors (not FSDP2's DTensors, not ZeRO-3's partitions): the head
     `_HeadLogprob` may call again in the backward on its own, outside any wrapper's hooks."""
-    params = list(head.parameters()) if isinstance(head, torch.nn.Module) else []
-    return isinstance(head, torch.nn.Linear) and bool(params) and not any(
-        p.requires_grad or hasattr(p, "ds_id") or type(p.data) is not torch.Tensor for p in params)
+    return isinstance(head, torch.nn.Linear) and not any(
+        p.requires_grad or hasattr(p, "ds_id") or type(p.data) is not torch.Tensor for p in head.parameters())
 
 
 def _full_logits(model, batch: PackedBatch, temperature: float, with_entropy: bool):
