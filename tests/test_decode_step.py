@@ -45,12 +45,12 @@ def _model(tok, kind, *, lora=True, cpu_linear="onednn"):
     return policy
 
 
-def _generate(model, tok, lean, temperature=1.0, top_p=1.0):
+def _generate(model, tok, lean, temperature=1.0, top_p=1.0, lengths=(9, 5, 7)):
     gen.LEAN_DECODE = lean
     try:
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(3)
-        prompts = [torch.randint(10, 200, (n,), generator=g).tolist() for n in (9, 5, 7)]
+        prompts = [torch.randint(10, 200, (n,), generator=g).tolist() for n in lengths]
         logprobs = []
         out = gen.generate(model, tok, prompts, n=4, max_new_tokens=12, temperature=temperature, top_p=top_p,
                            sampler_logprobs=logprobs)
@@ -77,6 +77,40 @@ def test_lean_decoding_of_a_model_without_adapter(tok):
     assert _generate(model, tok, lean=True) == _generate(model, tok, lean=False)
     dec = LeanDecoder.make(model)
     assert dec is not None and dec.layers[0]["qkv"] is None  # separate products: nothing to fuse without a merge
+
+
+def test_lean_decoding_of_prompts_without_padding(tok):
+    model = _model(tok, "qwen3")  # equal lengths: transformers gives no mask at all (SDPA's own path)
+    assert _generate(model, tok, lean=True, lengths=(6, 6)) == _generate(model, tok, lean=False, lengths=(6, 6))
+
+
+@pytest.mark.parametrize("lengths", [(9, 5, 7), (6, 6, 6)])
+def test_each_decode_step_attends_with_the_mask_transformers_builds(tok, lengths):
+    """The decoder extends the previous step's 4D mask by one column instead of rebuilding it: at every step the
+    mask given to attention is the one `create_causal_mask` makes for that step (None without padding)."""
+    from transformers.masking_utils import create_causal_mask
+
+    from grpo.batch import left_pad
+
+    model = _model(tok, "llama").eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = left_pad([torch.randint(10, 200, (n,), generator=g).tolist() for n in lengths], 0)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad(), merged_lora(model):
+        dec = LeanDecoder.make(model)
+        seen = []
+        attention = dec._attention
+        dec._attention = lambda module, q, k, v, m, **kw: (seen.append(m), attention(module, q, k, v, m, **kw))[1]
+        logits, cache = dec(ids, mask, pos)
+        nxt, pos = logits[:, -1].argmax(-1, keepdim=True), mask.sum(1, keepdim=True)
+        for _ in range(5):
+            mask = torch.cat([mask, torch.ones(len(lengths), 1, dtype=mask.dtype)], 1)
+            want = create_causal_mask(config=dec.config, inputs_embeds=dec.inner.embed_tokens(nxt), attention_mask=mask,
+                                      cache=cache, position_ids=pos)
+            seen.clear()
+            nxt, pos = dec(nxt, mask, pos, cache)[:, -1].argmax(-1, keepdim=True), pos + 1
+            assert len(seen) == len(dec.layers) and all(m is None if want is None else torch.equal(m, want) for m in seen)
+        assert (want is None) == (len(set(lengths)) == 1)
 
 
 def test_lean_prefill_and_step_logits_equal_the_model(tok):

@@ -71,7 +71,10 @@ def _sample_shared_prefix(model, chunk: list[list[int]], *, n: int, max_new_toke
             scores = logits.float().log_softmax(dim=-1)
             nxt = scores.argmax(dim=-1)
         else:
-            scores = _top_p_filter(logits.float() / temperature, top_p)
+            scores = logits.float()
+            if temperature != 1.0:  # x / 1 is x: no pass over [rows, vocab] for nothing (as forward.py's head)
+                scores = scores / temperature
+            scores = _top_p_filter(scores, top_p)
             probs = scores.softmax(dim=-1)
             nxt = sample_rows(probs)
         if logprobs is not None:
