@@ -109,7 +109,8 @@ def test_each_decode_step_attends_with_the_mask_transformers_builds(tok, lengths
                                       cache=cache, position_ids=pos)
             seen.clear()
             nxt, pos = dec(nxt, mask, pos, cache)[:, -1].argmax(-1, keepdim=True), pos + 1
-            assert len(seen) == len(dec.layers) and all(m is None if want is None else torch.equal(m, want) for m in seen)
+            assert len(seen) == len(dec.layers)
+            assert all(m is None if want is None else torch.equal(m, want) for m in seen)
         assert (want is None) == (len(set(lengths)) == 1)
 
 
