@@ -124,12 +124,12 @@ class LeanDecoder:
         construction was ~0.5 ms of a 13.8 ms decode step of bench_vs_trl's model here). A one-token decode step
         whose 2D mask is the previous step's with one more column of ones gets the previous 4D mask with one more
         True column: the query is the newest position, so causality allows every key and the mask is the padding
-        mask.
-        Anything else (a prefill, another cache or batch, a padded new column, a float or unexpected mask) asks
-        transformers."""
+        mask. Anything else (a prefill, another cache or batch, a padded new column, a float or unexpected mask)
+        asks transformers."""
         prev, self._step_mask = self._step_mask, None
-        n = attention_mask.shape[-1] if attention_mask is not None and attention_mask.dim() == 2 else None
-        if (prev is not None and prev[3] is cache and n is not None and h.shape[1] == 1 and n == prev[0] + 1
+        step = attention_mask is not None and attention_mask.dim() == 2 and h.shape[1] == 1
+        n = attention_mask.shape[-1] if step else None
+        if (step and prev is not None and prev[3] is cache and n == prev[0] + 1
                 and attention_mask.shape[0] == prev[2] and bool(attention_mask[:, -1].all())):
             mask = prev[1]
             if mask is not None:
@@ -137,7 +137,7 @@ class LeanDecoder:
         else:
             mask = self._mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache,
                               position_ids=position_ids)
-        if n is not None and h.shape[1] == 1 and (mask is None or (
+        if step and (mask is None or (
                 mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-1] == n and mask.shape[-2] == 1)):
             self._step_mask = (n, mask, attention_mask.shape[0], cache)
         return mask
